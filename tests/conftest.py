@@ -1,0 +1,100 @@
+"""Shared fixtures: one Ray instance per test session, free ports, CI-strict skips."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip locally when a component is missing; in CI a missing component fails the test."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required component missing in CI: {why}")
+    pytest.skip(why)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    require(path is not None, f"binary {name!r} not on PATH")
+    return path  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `cond` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - report the last one if we time out
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting one takes ~7 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,  # logical slots: actors use num_cpus=0 anyway; 2 physical cores here
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONHASHSEED": "0"}},
+        )
+    yield ray
+    # Ray is shut down at interpreter exit; other session fixtures may still need it.
+
+
+@pytest.fixture
+def tmp_state(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+POSTGRES_URL = os.environ.get("TRAINGUARD_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path: Path) -> str:
+    """Store tests run on both SQLite and PostgreSQL (a fresh schema per test on PostgreSQL)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'trainguard.db'}"
+    import sqlalchemy as sa
+
+    try:
+        eng = sa.create_engine(POSTGRES_URL)
+        with eng.connect() as c:
+            c.execute(sa.text("select 1"))
+    except Exception as e:  # noqa: BLE001
+        require(False, f"PostgreSQL at {POSTGRES_URL} unreachable: {e}")
+    schema = f"tg_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
+    with eng.begin() as c:
+        c.execute(sa.text(f'drop schema if exists "{schema}" cascade'))
+        c.execute(sa.text(f'create schema "{schema}"'))
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    yield url
+    with eng.begin() as c:
+        c.execute(sa.text(f'drop schema if exists "{schema}" cascade'))
+    eng.dispose()

@@ -1,0 +1,133 @@
+"""The public contract between the workers and the supervisor.
+
+`service` imports from `workers` only what is here, `workers.spec` (the pipeline
+spec) and the entry points in `workers.group`. Change a name only together with
+everything that reads it: dashboards/, deploy/prometheus/ rules, service/.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "M",
+    "WORKER_LABELS",
+    "AnomalyKind",
+    "FaultKind",
+    "StageKind",
+    "ControlKind",
+    "Control",
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA_VERSION",
+]
+
+
+class M:
+    """Metric names (prometheus-client). Worker metrics carry `run`, `stage`, `rank`."""
+
+    STEP = "trainguard_step"
+    TRAIN_LOSS = "trainguard_train_loss"
+    VAL_LOSS = "trainguard_val_loss"
+    GRAD_NORM = "trainguard_grad_norm"
+    LEARNING_RATE = "trainguard_learning_rate"
+    TOKENS = "trainguard_tokens"  # counter: exposed as trainguard_tokens_total
+    STEP_SECONDS = "trainguard_step_seconds"  # histogram
+    LAST_STEP_TS = "trainguard_last_step_timestamp_seconds"
+    ANOMALIES = "trainguard_anomalies"  # counter{kind}: trainguard_anomalies_total
+    SPIKE_SCORE = "trainguard_spike_score"  # gauge: the guard's streaming robust score
+    CHECKPOINT_STEP = "trainguard_checkpoint_step"
+    CHECKPOINT_SECONDS = "trainguard_checkpoint_seconds"  # histogram (write time)
+    CHECKPOINT_BYTES = "trainguard_checkpoint_bytes"
+    MODEL_PARAMETERS = "trainguard_model_parameters"
+    TOKENS_PER_PARAMETER = "trainguard_tokens_per_parameter"
+    REWARD_MEAN = "trainguard_reward_mean"
+    KL = "trainguard_kl"
+    KL_COEF = "trainguard_kl_coef"
+    KL_TARGET = "trainguard_kl_target"
+    PREFERENCE_ACCURACY = "trainguard_preference_accuracy"
+    DPO_REWARD_MARGIN = "trainguard_dpo_reward_margin"
+    DPO_CHOSEN_LOGPROB = "trainguard_dpo_chosen_logprob"
+    GPU_UTILIZATION = "trainguard_gpu_utilization_ratio"
+    GPU_MEMORY_USED = "trainguard_gpu_memory_used_bytes"
+    GPU_XID = "trainguard_gpu_xid_errors"  # counter: trainguard_gpu_xid_errors_total
+    GPU_ECC = "trainguard_gpu_ecc_errors"  # counter: trainguard_gpu_ecc_errors_total
+    WORKER_PAUSED = "trainguard_worker_paused"
+    # supervisor side
+    INCIDENTS = "trainguard_incidents"  # counter{run,stage,kind}
+    ROLLBACKS = "trainguard_rollbacks"  # counter{run,stage}
+    RECOVERY_SECONDS = "trainguard_recovery_seconds"  # histogram{kind}
+    GOODPUT = "trainguard_goodput_ratio"  # gauge{run}
+    RUN_STATE = "trainguard_run_state"  # gauge{run,state} 1 for the current state
+
+
+WORKER_LABELS = ("run", "stage", "rank")
+
+
+class StageKind(str, enum.Enum):
+    PRETRAIN = "pretrain"
+    ANNEAL = "anneal"
+    SFT = "sft"
+    REWARD_MODEL = "reward_model"
+    PPO = "ppo"
+    DPO = "dpo"
+
+
+class FaultKind(str, enum.Enum):
+    LOSS_SPIKE = "loss_spike"
+    NAN = "nan"
+    WORKER_CRASH = "worker_crash"
+    HANG = "hang"
+    SLOW = "slow"
+    CHECKPOINT_CORRUPT = "checkpoint_corrupt"
+    GPU_XID = "gpu_xid"
+
+
+class AnomalyKind(str, enum.Enum):
+    """Values of the `kind` label of trainguard_anomalies_total (the in-step guard)."""
+
+    NONFINITE_LOSS = "nonfinite_loss"
+    NONFINITE_GRAD = "nonfinite_grad"
+    LOSS_SPIKE = "loss_spike"
+    GRAD_SPIKE = "grad_spike"
+
+
+class ControlKind(str, enum.Enum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+    ANNEAL = "anneal"
+    LR_MULTIPLIER = "lr_multiplier"
+    ROLLBACK = "rollback"
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control message, acted on by every rank at the same step boundary.
+
+    `seq` increases per worker group; a rank applies each seq once.
+    Payloads:
+      anneal:        {"steps": int, "final_lr": float, "schedule": "linear"|"cosine"|"exponential",
+                      "mixture": {source: weight} | None}
+      lr_multiplier: {"value": float}
+      rollback:      {"checkpoint": path/URL of a checkpoint dir,
+                      "skip": [[start, end), ...] batch-index ranges to add to the skip list,
+                      "lr_multiplier": float | None}
+    """
+
+    kind: ControlKind
+    seq: int
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Control":
+        return cls(kind=ControlKind(d["kind"]), seq=int(d["seq"]), payload=dict(d.get("payload") or {}))
+
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1

@@ -1,0 +1,228 @@
+"""Pipeline specification: the YAML a user submits, parsed and validated before anything starts.
+
+Errors name the field (pydantic's location, e.g. `stages.1.steps`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.contract import FaultKind
+
+__all__ = [
+    "ModelSpec",
+    "CheckpointSpec",
+    "FaultSpec",
+    "StageSpec",
+    "PipelineSpec",
+    "SpecError",
+    "load_pipeline",
+    "parse_pipeline",
+]
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot run; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """GPT decoder size. Tiny on CPU; the same code scales on GPU."""
+
+    n_layer: int = Field(2, ge=1, le=256)
+    n_head: int = Field(2, ge=1, le=256)
+    d_model: int = Field(64, ge=8, le=65536)
+    seq_len: int = Field(64, ge=8, le=1 << 20)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSpec":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+
+class CheckpointSpec(_Strict):
+    every: int = Field(20, ge=1, description="save every N optimizer steps")
+    keep_last: int = Field(3, ge=1, description="retention: keep the last K (plus any marked keep)")
+    storage: str | None = Field(None, description="local folder or fsspec URL; default: <state>/checkpoints")
+    asynchronous: bool = True
+
+
+class FaultSpec(_Strict):
+    """One injected fault. `at_step` is a batch index in the unskipped data order
+    (equal to the optimizer step while nothing has been skipped)."""
+
+    kind: FaultKind
+    at_step: int = Field(ge=0)
+    rank: int = Field(0, ge=0)
+    duration: int = Field(1, ge=1, description="steps the fault lasts (loss_spike, nan, slow)")
+    mode: Literal["corrupt_batches", "lr_burst"] = Field(
+        "corrupt_batches", description="loss_spike: corrupt the batches (skippable) or burst the LR"
+    )
+    factor: float = Field(0.0, ge=0.0, description="loss_spike lr_burst multiplier / slow seconds per step; 0 = default")
+    once: bool = Field(True, description="fire once per run (hardware faults); False: every time the step is reached")
+
+
+StageKindName = Literal["pretrain", "anneal", "sft", "reward_model", "ppo", "dpo"]
+
+
+class _StageBase(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    steps: int = Field(gt=0, le=10_000_000)
+    world_size: int = Field(1, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=1 << 20)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    eval_every: int = Field(25, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    mixture: dict[str, float] = Field(default_factory=lambda: {"web": 0.7, "curated": 0.3})
+    init_from: str | None = Field(None, description="stage name whose output checkpoint this one starts from; default: the previous stage")
+    checkpoint: CheckpointSpec | None = None
+    faults: list[FaultSpec] = Field(default_factory=list)
+    step_delay: float = Field(0.0, ge=0.0, le=60.0, description="extra seconds per step (demo pacing)")
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("mixture must name at least one source")
+        for k, w in v.items():
+            if w < 0:
+                raise ValueError(f"mixture weight for {k!r} is negative")
+        if sum(v.values()) <= 0:
+            raise ValueError("mixture weights sum to zero")
+        return v
+
+    @model_validator(mode="after")
+    def _faults_in_range(self) -> "_StageBase":
+        for i, f in enumerate(self.faults):
+            if f.at_step >= self.steps:
+                raise ValueError(f"faults.{i}.at_step ({f.at_step}) is past the stage's steps ({self.steps})")
+            if f.rank >= self.world_size:
+                raise ValueError(f"faults.{i}.rank ({f.rank}) is not below world_size ({self.world_size})")
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class PretrainStage(_StageBase):
+    kind: Literal["pretrain"]
+
+
+class AnnealStage(_StageBase):
+    kind: Literal["anneal"]
+    final_lr: float = Field(1e-5, ge=0.0)
+    schedule: Literal["linear", "cosine", "exponential"] = "linear"
+    mixture: dict[str, float] = Field(default_factory=lambda: {"curated": 0.9, "web": 0.1})
+
+
+class SFTStage(_StageBase):
+    kind: Literal["sft"]
+
+
+class RewardModelStage(_StageBase):
+    kind: Literal["reward_model"]
+
+
+class PPOStage(_StageBase):
+    kind: Literal["ppo"]
+    reward_model: str | None = Field(None, description="stage name of the reward model; default: the last reward_model stage before")
+    reference: str | None = Field(None, description="stage name of the frozen reference (SFT); default: the last sft stage before")
+    kl_target: float = Field(0.5, gt=0.0)
+    kl_coef: float = Field(0.1, ge=0.0)
+    kl_horizon: int = Field(50, ge=1)
+    response_len: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class DPOStage(_StageBase):
+    kind: Literal["dpo"]
+    reference: str | None = Field(None, description="stage name of the frozen reference (SFT); default: the last sft stage before")
+    beta: float = Field(0.1, gt=0.0)
+
+
+StageSpec = Annotated[
+    Union[PretrainStage, AnnealStage, SFTStage, RewardModelStage, PPOStage, DPOStage],
+    Field(discriminator="kind"),
+]
+
+
+class PipelineSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    seed: int = Field(0, ge=0, lt=2**31)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    data: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra sources: name -> path of a .txt or .jsonl file ({'text': ...} per line)",
+    )
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> "PipelineSpec":
+        names = [s.name for s in self.stages]
+        seen: set[str] = set()
+        for i, s in enumerate(self.stages):
+            if s.name in seen:
+                raise ValueError(f"stages.{i}.name {s.name!r} is used twice")
+            for attr in ("init_from", "reward_model", "reference"):
+                ref = getattr(s, attr, None)
+                if ref is not None and ref not in seen:
+                    raise ValueError(f"stages.{i}.{attr} {ref!r} names no earlier stage (earlier: {sorted(seen)})")
+            seen.add(s.name)
+            if s.kind != "pretrain" and i == 0 and s.init_from is None:
+                raise ValueError(f"stages.0 ({s.kind}) needs an earlier stage to start from; the first stage must be pretrain")
+            known = {"web", "curated", *self.data}
+            for src in s.mixture:
+                if src not in known:
+                    raise ValueError(f"stages.{i}.mixture names unknown source {src!r} (known: {sorted(known)})")
+        del names
+        return self
+
+    def stage(self, name: str) -> Any:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def checkpoint_for(self, stage: Any) -> CheckpointSpec:
+        return stage.checkpoint or self.checkpoint
+
+
+def _format(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "invalid pipeline spec: " + "; ".join(parts)
+
+
+def parse_pipeline(data: Any) -> PipelineSpec:
+    """Validate a parsed YAML/JSON document; raises SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError("invalid pipeline spec: the top level must be a mapping")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format(e)) from None
+
+
+def load_pipeline(source: str | Path) -> PipelineSpec:
+    """Load from a YAML file path, or from YAML text when `source` is not an existing file."""
+    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+    text = p.read_text() if p is not None and p.exists() else str(source)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid pipeline spec: not valid YAML: {e}") from None
+    return parse_pipeline(data)
