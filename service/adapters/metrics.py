@@ -1,0 +1,191 @@
+"""Metric sources: where the supervisor's watch gets step-aligned training signals.
+
+Two implementations behind one Protocol, so the detectors see the same series:
+- `DirectScrapeSource` (embedded default): reads each worker's `/history?since=SEQ`
+  (every step, never missed) and `/metrics` (counters, heartbeat) itself.
+- `PrometheusSource`: PromQL over the Prometheus HTTP API; one sample per scrape,
+  so series are sparse (gaps between steps) — the detectors accept that.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Target", "Snapshot", "MetricsSource", "DirectScrapeSource", "PrometheusSource"]
+
+# history-record keys the detectors use (the worker's per-step record, docs/internals.md)
+RECORD_KEYS = (
+    "loss", "grad_norm", "lr", "spike_score", "val_loss", "reward_mean", "kl", "kl_coef", "kl_target",
+    "preference_accuracy", "dpo_reward_margin", "dpo_chosen_logprob", "step_seconds",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    run: str
+    stage: str
+    rank: int
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class Snapshot:
+    """What one fetch learned about one worker."""
+
+    reachable: bool
+    records: list[dict] = field(default_factory=list)  # new per-step records, oldest first
+    counters: dict[str, float] = field(default_factory=dict)  # "anomalies:<kind>", "gpu_xid", "gpu_ecc"
+    last_step_time: float | None = None  # heartbeat (unix seconds)
+    step: int | None = None
+    paused: bool = False
+
+
+class MetricsSource(Protocol):
+    def fetch(self, targets: list[Target]) -> dict[Target, Snapshot]: ...
+
+    def forget(self, target: Target) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _counters_from_samples(samples: list[tuple[str, dict[str, str], float]], snap: Snapshot) -> None:
+    for name, labels, value in samples:
+        if name == "trainguard_anomalies_total":
+            snap.counters[f"anomalies:{labels.get('kind', '')}"] = value
+        elif name == "trainguard_gpu_xid_errors_total":
+            snap.counters["gpu_xid"] = snap.counters.get("gpu_xid", 0.0) + value
+        elif name == "trainguard_gpu_ecc_errors_total":
+            snap.counters["gpu_ecc"] = snap.counters.get("gpu_ecc", 0.0) + value
+        elif name == "trainguard_last_step_timestamp_seconds":
+            snap.last_step_time = value if value > 0 else None
+        elif name == "trainguard_step":
+            snap.step = int(value)
+        elif name == "trainguard_worker_paused":
+            snap.paused = value >= 1
+
+
+class DirectScrapeSource:
+    """Scrapes the workers' own endpoints. Keeps a per-target history cursor (`seq`)."""
+
+    def __init__(self, timeout: float = 2.0) -> None:
+        self._client = httpx.Client(timeout=timeout)
+        self._seq: dict[Target, int] = {}
+
+    def fetch(self, targets: list[Target]) -> dict[Target, Snapshot]:
+        return {t: self._fetch_one(t) for t in targets}
+
+    def _fetch_one(self, t: Target) -> Snapshot:
+        base = f"http://{t.address}"
+        try:
+            hist = self._client.get(f"{base}/history", params={"since": self._seq.get(t, -1)})
+            hist.raise_for_status()
+            text = self._client.get(f"{base}/metrics").text
+        except (httpx.HTTPError, ValueError) as e:
+            log.debug("scrape of %s failed: %s", t, e)
+            return Snapshot(reachable=False)
+        snap = Snapshot(reachable=True)
+        records = hist.json()
+        if records:
+            self._seq[t] = max(int(r["seq"]) for r in records)
+        snap.records = records
+        samples = [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+        _counters_from_samples(samples, snap)
+        return snap
+
+    def forget(self, target: Target) -> None:
+        self._seq.pop(target, None)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+_PROM_SELECTOR = (
+    '{__name__=~"trainguard_(step|train_loss|val_loss|grad_norm|learning_rate|spike_score|reward_mean|kl|'
+    'kl_target|kl_coef|preference_accuracy|dpo_reward_margin|dpo_chosen_logprob|last_step_timestamp_seconds|'
+    'worker_paused|anomalies_total|gpu_xid_errors_total|gpu_ecc_errors_total|step_seconds_sum|'
+    'step_seconds_count)",run!=""}'
+)
+_PROM_TO_RECORD = {
+    "trainguard_train_loss": "loss", "trainguard_val_loss": "val_loss", "trainguard_grad_norm": "grad_norm",
+    "trainguard_learning_rate": "lr", "trainguard_spike_score": "spike_score",
+    "trainguard_reward_mean": "reward_mean", "trainguard_kl": "kl", "trainguard_kl_target": "kl_target",
+    "trainguard_kl_coef": "kl_coef", "trainguard_preference_accuracy": "preference_accuracy",
+    "trainguard_dpo_reward_margin": "dpo_reward_margin", "trainguard_dpo_chosen_logprob": "dpo_chosen_logprob",
+}
+
+
+class PrometheusSource:
+    """PromQL over the Prometheus HTTP API: one instant query per cycle for all workers.
+
+    Each cycle yields at most one record per worker (the latest scrape), tagged with
+    the worker's `trainguard_step`; a record is emitted only when the step advanced.
+    """
+
+    def __init__(self, url: str, timeout: float = 3.0) -> None:
+        self._url = url.rstrip("/")
+        self._client = httpx.Client(timeout=timeout)
+        self._last_step: dict[Target, int] = {}
+        self._last_sums: dict[Target, tuple[float, float]] = {}
+
+    def _query(self) -> list[dict]:
+        r = self._client.get(f"{self._url}/api/v1/query", params={"query": _PROM_SELECTOR})
+        r.raise_for_status()
+        body = r.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus query failed: {body.get('error')}")
+        return body["data"]["result"]
+
+    def fetch(self, targets: list[Target]) -> dict[Target, Snapshot]:
+        try:
+            result = self._query()
+        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+            log.warning("Prometheus query failed: %s", e)
+            return {t: Snapshot(reachable=False) for t in targets}
+        by_key: dict[tuple[str, str, str], list[tuple[str, dict[str, str], float, float]]] = {}
+        for series in result:
+            labels = series["metric"]
+            key = (labels.get("run", ""), labels.get("stage", ""), labels.get("rank", ""))
+            ts, val = series["value"]
+            by_key.setdefault(key, []).append((labels["__name__"], labels, float(val), float(ts)))
+        out: dict[Target, Snapshot] = {}
+        for t in targets:
+            rows = by_key.get((t.run, t.stage, str(t.rank)))
+            if not rows:
+                out[t] = Snapshot(reachable=False)
+                continue
+            snap = Snapshot(reachable=True)
+            _counters_from_samples([(n, lab, v) for n, lab, v, _ in rows], snap)
+            if snap.step is not None and snap.step != self._last_step.get(t):
+                rec: dict = {"step": snap.step, "time": max(ts for *_, ts in rows)}
+                sums = {n: v for n, _, v, _ in rows if n.startswith("trainguard_step_seconds_")}
+                for n, _, v, _ in rows:
+                    if n in _PROM_TO_RECORD:  # NaN passes through: the NaN detector needs it
+                        rec[_PROM_TO_RECORD[n]] = v
+                if "trainguard_step_seconds_sum" in sums and "trainguard_step_seconds_count" in sums:
+                    s, c = sums["trainguard_step_seconds_sum"], sums["trainguard_step_seconds_count"]
+                    ps, pc = self._last_sums.get(t, (0.0, 0.0))
+                    if c > pc:
+                        rec["step_seconds"] = (s - ps) / (c - pc)
+                    self._last_sums[t] = (s, c)
+                snap.records = [rec]
+                self._last_step[t] = snap.step
+            out[t] = snap
+        return out
+
+    def forget(self, target: Target) -> None:
+        self._last_step.pop(target, None)
+        self._last_sums.pop(target, None)
+
+    def close(self) -> None:
+        self._client.close()

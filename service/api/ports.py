@@ -1,0 +1,55 @@
+"""What the API needs from the controller (service/controller.py implements it).
+
+Contract: methods raise service.errors.NotFound / Conflict / InvalidRequest for
+requests that will never succeed, Unavailable for ones a retry may fix. `submit`
+has persisted the run (crud.create_run) before it returns the id. Every control
+method writes the action and its outcome to the run's event log with `actor`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from workers.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from service.api.schemas import AlertmanagerPayload
+
+__all__ = ["ControllerPort"]
+
+
+@runtime_checkable
+class ControllerPort(Protocol):
+    def submit(self, spec: PipelineSpec, *, actor: str) -> str: ...
+
+    def pause(self, run_id: str, *, actor: str) -> None: ...
+
+    def resume(self, run_id: str, *, actor: str) -> None: ...
+
+    def stop(self, run_id: str, *, actor: str) -> None: ...
+
+    def anneal(
+        self,
+        run_id: str,
+        *,
+        steps: int,
+        final_lr: float,
+        schedule: str,
+        mixture: dict[str, float] | None,
+        actor: str,
+    ) -> None: ...
+
+    def rollback(self, run_id: str, *, checkpoint_id: int | None, actor: str) -> dict[str, Any]:
+        """Returns at least {"incident_id": int, "target_step": int}."""
+        ...
+
+    def handle_alerts(self, payload: "AlertmanagerPayload", *, actor: str) -> dict[str, int]:
+        """Returns counts {"created", "merged", "resolved", "ignored"}; idempotent per fingerprint."""
+        ...
+
+    def sd_targets(self) -> list[dict[str, Any]]:
+        """Prometheus HTTP SD: [{"targets": ["host:port"], "labels": {"run", "stage", "rank"}}]."""
+        ...
+
+    def metrics_text(self) -> bytes: ...
+
+    def ready(self) -> bool: ...

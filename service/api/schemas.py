@@ -1,0 +1,105 @@
+"""Request and response bodies that are not table shapes (those live in service/db/models.py)."""
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AnnealRequest",
+    "RollbackRequest",
+    "RollbackAccepted",
+    "Alert",
+    "AlertmanagerPayload",
+    "AlertsResult",
+    "Message",
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class AnnealRequest(_Body):
+    """Switch the running stage to a decaying LR (and optionally a new data mixture)."""
+
+    steps: int = Field(ge=1, le=1_000_000, description="optimizer steps the anneal lasts")
+    final_lr: float = Field(ge=0.0, le=1.0, description="learning rate reached at the end")
+    schedule: Literal["linear", "cosine", "exponential"] = "linear"
+    mixture: dict[str, float] | None = Field(None, description="source -> weight (relative); default: unchanged")
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("mixture must name at least one source")
+        for k, w in v.items():
+            if not math.isfinite(w) or w < 0 or w > 1e6:
+                raise ValueError(f"mixture weight for {k!r} must be between 0 and 1e6 (got {w})")
+        if sum(v.values()) <= 0:
+            raise ValueError("mixture weights sum to zero")
+        return v
+
+    def unknown_sources(self, known: set[str]) -> list[str]:
+        return sorted(set(self.mixture or {}) - known)
+
+
+class RollbackRequest(_Body):
+    checkpoint_id: int | None = Field(None, ge=1, description="default: the newest good checkpoint before the last incident")
+
+
+class RollbackAccepted(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    incident_id: int | None = None
+    target_step: int | None = None
+
+
+class Alert(BaseModel):
+    """One alert of an Alertmanager webhook (payload version 4)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: datetime
+    endsAt: datetime | None = None  # "0001-01-01T00:00:00Z" while firing
+    generatorURL: str = ""
+    fingerprint: str = Field(min_length=1)
+
+
+class AlertmanagerPayload(BaseModel):
+    """https://prometheus.io/docs/alerting/latest/configuration/#webhook_config"""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: Literal["4"]
+    groupKey: str
+    truncatedAlerts: int = 0
+    status: Literal["firing", "resolved"]
+    receiver: str
+    groupLabels: dict[str, str] = Field(default_factory=dict)
+    commonLabels: dict[str, str] = Field(default_factory=dict)
+    commonAnnotations: dict[str, str] = Field(default_factory=dict)
+    externalURL: str = ""
+    alerts: list[Alert]
+
+
+class AlertsResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    created: int = 0
+    merged: int = 0
+    resolved: int = 0
+    ignored: int = 0
+
+
+class Message(BaseModel):
+    detail: str
+    errors: list[dict[str, Any]] | None = None

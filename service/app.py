@@ -1,0 +1,30 @@
+"""Wiring: settings → controller → scheduler → FastAPI app (what `trainguard serve` runs)."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+
+def build_app(settings=None, controller=None) -> FastAPI:
+    from service.api import create_app
+    from service.config import Settings
+    from service.controller import Controller
+    from service.scheduler import build_scheduler
+
+    settings = settings or Settings()
+    controller = controller or Controller(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        controller.start()
+        sched = build_scheduler(controller, settings)
+        sched.start()
+        try:
+            yield
+        finally:
+            sched.shutdown(wait=False)
+            controller.shutdown()
+
+    app = create_app(settings, controller, lifespan=lifespan)
+    return app

@@ -1,0 +1,876 @@
+"""The controller: run drivers, the watch cycle, and the executor of recovery decisions.
+
+Threads:
+- one `RunDriver` thread per active run walks the pipeline's stages, owns the
+  stage's `WorkerGroup` (start, restart, shutdown) and notices dead workers;
+- the scheduler's jobs call `watch_once` (fetch signals, evaluate detectors),
+  `checkpoints_once` (register and re-verify checkpoints) and `goodput_once`;
+- API threads call the control methods.
+Every decision about a run happens under that run's lock, so the same problem
+reported twice (watch and alert, or two alerts) leads to one recovery.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service import errors
+from service.adapters.metrics import DirectScrapeSource, MetricsSource, PrometheusSource, Target
+from service.db import crud
+from service.telemetry import SupervisorMetrics
+from service.watch import WatchConfig, alert_finding, evaluate_stage, recovery_decision
+from workers.contract import ControlKind
+from workers.spec import PipelineSpec, parse_pipeline
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("pending", "running", "paused", "recovering")
+SPIKE_FAMILY = ("loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking")
+BUFFER_STEPS = 400
+
+
+@dataclass
+class ActiveStage:
+    """In-memory view of the stage a run is executing now."""
+
+    run_id: str
+    name: str
+    kind: str
+    index: int
+    steps: int
+    group: Any = None  # workers.group.WorkerGroup
+    started_at: float = field(default_factory=time.time)
+    records: dict[int, deque] = field(default_factory=dict)  # rank -> deque of per-step records
+    counters: dict[tuple[int, str], float] = field(default_factory=dict)
+    counter_base: dict[tuple[int, str], float] = field(default_factory=dict)
+    heartbeat: dict[int, float] = field(default_factory=dict)
+    paused_ranks: set[int] = field(default_factory=set)
+    last_step: int = -1
+    first_loss: float | None = None
+    last_loss: float | None = None
+    pending: dict | None = None  # recovery in flight: {"incident", "kind", "target_step", "detected_at"}
+    useful: dict[int, float] = field(default_factory=dict)  # step -> seconds (rank 0), for goodput
+    targets: list[Target] = field(default_factory=list)
+    batch_cursor: int = 0
+
+    def series(self, rank: int) -> deque:
+        return self.records.setdefault(rank, deque(maxlen=BUFFER_STEPS))
+
+
+class RunDriver(threading.Thread):
+    """Walks one run's stages; owns the worker group of the current stage."""
+
+    def __init__(self, ctl: "Controller", run_id: str, spec: PipelineSpec, *, start_paused: bool = False) -> None:
+        super().__init__(name=f"driver-{run_id}", daemon=True)
+        self.ctl = ctl
+        self.run_id = run_id
+        self.spec = spec
+        self.commands: queue.Queue = queue.Queue()
+        self.active: ActiveStage | None = None
+        self.lock = threading.RLock()
+        self.start_paused = start_paused
+        self._halt = threading.Event()
+
+    # ---- requests from other threads -------------------------------------------------------
+    def request_restart(self, *, checkpoint: str | None, incident_id: int | None) -> None:
+        self.commands.put(("restart", {"checkpoint": checkpoint, "incident": incident_id}))
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.commands.put(("halt", {}))
+
+    # ---- thread body -------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run_stages()
+        except Exception as e:  # noqa: BLE001 - a driver failure must mark the run, not vanish
+            log.exception("run %s failed", self.run_id)
+            self.ctl._set_state(self.run_id, "failed", actor="supervisor", reason=f"driver error: {e}")
+        finally:
+            self._shutdown_group()
+            self.ctl._driver_done(self.run_id)
+
+    def _run_stages(self) -> None:
+        ctl = self.ctl
+        while not self._halt.is_set():
+            with ctl.session() as s:
+                run = crud.get_run(s, run_id=self.run_id)
+                stages = crud.list_stages(s, run_id=self.run_id)
+                if run.state in ("stopped", "failed", "completed", "needs_attention"):
+                    return
+                todo = [st for st in stages if st.state != "completed"]
+                outputs = {st.name: Path(st.output_checkpoint) for st in stages if st.output_checkpoint}
+            if not todo:
+                ctl._run_ended[self.run_id] = time.time()
+                ctl.goodput_once(run_ids=[self.run_id])
+                ctl._set_state(self.run_id, "completed", actor="supervisor", reason="all stages completed")
+                return
+            st = todo[0]
+            done = self._run_stage(st.name, st.kind, st.index, st.steps, outputs)
+            if not done:
+                return
+
+    def _stage_inputs(self, stage_spec: Any, outputs: dict[str, Path]) -> tuple[dict[str, Path], Path | None]:
+        names = [s.name for s in self.spec.stages]
+        idx = names.index(stage_spec.name)
+        init = getattr(stage_spec, "init_from", None) or (names[idx - 1] if idx > 0 else None)
+        return outputs, (outputs.get(init) if init else None)
+
+    def _new_group(self, stage_spec: Any, outputs: dict[str, Path], resume_from: str | None) -> Any:
+        from workers.group import WorkerGroup
+
+        skip, lr_mult = self.ctl._accumulated_recovery(self.run_id, stage_spec.name)
+        inputs, _ = self._stage_inputs(stage_spec, outputs)
+        group = WorkerGroup(
+            run_id=self.run_id, spec=self.spec, stage_name=stage_spec.name, state_dir=self.ctl.state_dir,
+            resume_from=Path(resume_from) if resume_from else None, skip=skip, lr_multiplier=lr_mult,
+            inputs=inputs, fired_dir=self.ctl.state_dir / "runs" / self.run_id / "faults",
+        )
+        group.start()
+        return group
+
+    def _run_stage(self, name: str, kind: str, index: int, steps: int, outputs: dict[str, Path]) -> bool:
+        ctl = self.ctl
+        stage_spec = self.spec.stage(name)
+        active = ActiveStage(run_id=self.run_id, name=name, kind=kind, index=index, steps=steps)
+        resume = ctl._resume_checkpoint(self.run_id, name)
+        with ctl.session() as s:
+            crud.update_stage(s, run_id=self.run_id, name=name, state="running", started_at=ctl.now_dt())
+            crud.update_run(s, run=crud.get_run(s, run_id=self.run_id), current_stage=name)
+        with self.lock:
+            active.group = self._new_group(stage_spec, outputs, resume)
+            self.active = active
+            ctl._refresh_targets(active)
+        with ctl.session() as s:
+            run = crud.get_run(s, run_id=self.run_id)
+            state = run.state
+        if state == "pending":
+            ctl._set_state(self.run_id, "running", actor="supervisor", reason=f"stage {name} started")
+        if self.start_paused or state == "paused":
+            self.start_paused = False
+            active.group.control(ControlKind.PAUSE, {})
+        ctl._event(self.run_id, "supervisor", "stage_started", {"stage": name, "resume_from": resume}, "ok")
+        while not self._halt.is_set():
+            try:
+                cmd, arg = self.commands.get(timeout=0.2)
+            except queue.Empty:
+                cmd, arg = None, None
+            if cmd == "halt":
+                return False
+            if cmd == "restart":
+                self._restart(stage_spec, outputs, arg)
+                continue
+            status = self._poll()
+            if status is None:
+                continue
+            state = status["state"]
+            if state == "finished":
+                self._finish_stage(active, status)
+                return True
+            if state == "stopped":
+                ctl._set_state(self.run_id, "stopped", actor="supervisor", reason=f"stage {name} stopped")
+                return False
+            if state == "failed":
+                ctl._worker_lost(self.run_id, active, status)
+        return False
+
+    def _poll(self) -> dict | None:
+        with self.lock:
+            group = self.active.group if self.active else None
+        if group is None:
+            return None
+        try:
+            return group.poll()
+        except Exception as e:  # noqa: BLE001 - Ray errors while polling are worker loss
+            log.warning("poll of %s failed: %s", self.run_id, e)
+            return {"state": "failed", "error": str(e), "failed_rank": None, "ranks": []}
+
+    def _restart(self, stage_spec: Any, outputs: dict[str, Path], arg: dict) -> None:
+        ctl = self.ctl
+        with self.lock:
+            active = self.active
+            assert active is not None
+            old = active.group
+            active.group = None
+        if old is not None:
+            try:
+                old.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("shutdown of old group failed")
+        for t in active.targets:
+            ctl.source.forget(t)
+        checkpoint = arg.get("checkpoint")
+        group = self._new_group(stage_spec, outputs, checkpoint)
+        with self.lock:
+            active.group = group
+            active.records.clear()
+            active.heartbeat.clear()
+            active.counters.clear()
+            active.counter_base.clear()
+            active.started_at = time.time()
+            if active.pending is not None:
+                active.pending["armed"] = True
+            ctl._refresh_targets(active)
+        ctl._event(self.run_id, "supervisor", "group_restarted", {"stage": active.name, "checkpoint": checkpoint}, "ok")
+
+    def _finish_stage(self, active: ActiveStage, status: dict) -> None:
+        ctl = self.ctl
+        ctl.checkpoints_once(run_ids=[self.run_id])
+        ctl._useful_done[self.run_id] = ctl._useful_done.get(self.run_id, 0.0) + sum(active.useful.values())
+        with ctl.session() as s:
+            crud.update_stage(
+                s, run_id=self.run_id, name=active.name, state="completed", finished_at=ctl.now_dt(),
+                output_checkpoint=status.get("output_checkpoint"), step=active.steps,
+                final_loss=active.last_loss,
+            )
+        ctl._event(self.run_id, "supervisor", "stage_completed",
+                   {"stage": active.name, "output_checkpoint": status.get("output_checkpoint")}, "ok")
+        self._shutdown_group()
+
+    def _shutdown_group(self) -> None:
+        with self.lock:
+            active = self.active
+            self.active = None
+        if active is not None and active.group is not None:
+            try:
+                active.group.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("group shutdown failed")
+            for t in active.targets:
+                self.ctl.source.forget(t)
+
+
+class Controller:
+    """Owns the store connection, the run drivers and the recovery executor."""
+
+    def __init__(self, settings: Any, *, engine: Any = None, source: MetricsSource | None = None,
+                 watch_config: WatchConfig | None = None, metrics: SupervisorMetrics | None = None) -> None:
+        from service.db import make_engine, init_db
+
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = engine or make_engine(settings.resolved_database_url())
+        init_db(self.engine)
+        self.source: MetricsSource = source or (
+            PrometheusSource(settings.prometheus_url) if settings.prometheus_url else DirectScrapeSource()
+        )
+        self.watch_config = watch_config or WatchConfig.from_settings(settings)
+        self.metrics = metrics or SupervisorMetrics()
+        self.drivers: dict[str, RunDriver] = {}
+        self._locks: dict[str, threading.RLock] = {}
+        self._glock = threading.Lock()
+        self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) at verification
+        self._paused_since: dict[str, float] = {}
+        self._paused_total: dict[str, float] = {}
+        self._useful_done: dict[str, float] = {}  # run -> productive seconds of its finished stages
+        self._run_started: dict[str, float] = {}
+        self._run_ended: dict[str, float] = {}
+        self._started = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def session(self):
+        from sqlmodel import Session
+
+        return Session(self.engine, expire_on_commit=False)
+
+    @staticmethod
+    def now_dt():
+        from datetime import datetime, timezone
+
+        return datetime.now(timezone.utc)
+
+    def start(self) -> None:
+        """Connect to Ray and pick up every run that was active when the supervisor last stopped."""
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+        self._started = True
+        with self.session() as s:
+            runs = [r for r in crud.list_runs(s, limit=100_000, offset=0) if r.state in ACTIVE_STATES]
+        for run in runs:
+            self._adopt(run)
+
+    def _adopt(self, run: Any) -> None:
+        """A run that was active under a previous supervisor process: its workers are gone with it.
+        Close what was in flight (the restart below carries out those decisions: skip list and LR
+        come from the recorded incidents) and restart the current stage from its newest good checkpoint."""
+        with self.session() as s:
+            for inc in crud.list_incidents(s, run_id=run.id, open_only=True):
+                crud.update_incident(s, incident=inc, outcome="resolved", resolved_at=self.now_dt(),
+                                     action=inc.action or "restart")
+            crud.add_event(s, run_id=run.id, actor="supervisor", kind="adopted",
+                           detail={"state": run.state}, result="restarting current stage from newest good checkpoint")
+        paused = run.state == "paused"
+        if run.state == "recovering":
+            self._set_state(run.id, "running", actor="supervisor", reason="supervisor restarted")
+        self._spawn(run.id, parse_pipeline(json.loads(run.spec)), start_paused=paused)
+
+    def shutdown(self) -> None:
+        for d in list(self.drivers.values()):
+            d.halt()
+        for d in list(self.drivers.values()):
+            d.join(timeout=30)
+        self.source.close()
+
+    def ready(self) -> bool:
+        return self._started
+
+    def _spawn(self, run_id: str, spec: PipelineSpec, *, start_paused: bool = False) -> None:
+        self._run_started.setdefault(run_id, time.time())
+        self._run_ended.pop(run_id, None)
+        d = RunDriver(self, run_id, spec, start_paused=start_paused)
+        with self._glock:
+            self.drivers[run_id] = d
+        d.start()
+
+    def _driver_done(self, run_id: str) -> None:
+        with self._glock:
+            self.drivers.pop(run_id, None)
+
+    def lock(self, run_id: str) -> threading.RLock:
+        with self._glock:
+            return self._locks.setdefault(run_id, threading.RLock())
+
+    # ---- store helpers ----------------------------------------------------------------------
+    def _event(self, run_id: str, actor: str, kind: str, detail: dict, result: str) -> None:
+        with self.session() as s:
+            crud.add_event(s, run_id=run_id, actor=actor, kind=kind, detail=detail, result=result)
+
+    def _set_state(self, run_id: str, state: str, *, actor: str, reason: str) -> None:
+        from service.domain.state import RunState, transition_to
+
+        with self.lock(run_id), self.session() as s:
+            run = crud.get_run(s, run_id=run_id)
+            if run.state == state:
+                return
+            transition_to(RunState(run.state), RunState(state))  # raises on an illegal move
+            crud.set_run_state(s, run=run, state=state, actor=actor, reason=reason)
+        now = time.time()
+        if state == "paused" or state == "needs_attention":
+            self._paused_since.setdefault(run_id, now)
+        elif run_id in self._paused_since:
+            self._paused_total[run_id] = self._paused_total.get(run_id, 0.0) + now - self._paused_since.pop(run_id)
+        self.metrics.set_state(run_id, state)
+
+    def _get_run(self, run_id: str) -> Any:
+        with self.session() as s:
+            run = crud.get_run(s, run_id=run_id)
+        if run is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        return run
+
+    def _accumulated_recovery(self, run_id: str, stage: str) -> tuple[list[tuple[int, int]], float]:
+        """Skip list and LR multiplier a (re)started group must apply: derived from the incidents."""
+        with self.session() as s:
+            incs = [i for i in crud.list_incidents(s, run_id=run_id) if i.stage_name == stage]
+        skip: list[tuple[int, int]] = []
+        lr = 1.0
+        for inc in sorted(incs, key=lambda i: i.id):
+            if inc.action == "rollback":
+                skip.extend((int(a), int(b)) for a, b in (inc.skip or []))
+                if inc.lr_multiplier is not None:
+                    lr = float(inc.lr_multiplier)
+        return skip, lr
+
+    def _good_checkpoints(self, run_id: str, stage: str) -> list[Any]:
+        with self.session() as s:
+            return [c for c in crud.list_checkpoints(s, run_id=run_id, stage_name=stage)
+                    if c.verified and c.healthy and not c.bad_reason]
+
+    def _resume_checkpoint(self, run_id: str, stage: str) -> str | None:
+        """Newest good checkpoint of the stage that still verifies, else None (start the stage afresh)."""
+        self.checkpoints_once(run_ids=[run_id])
+        for c in sorted(self._good_checkpoints(run_id, stage), key=lambda c: c.step, reverse=True):
+            if self._still_valid(c):
+                return c.path
+        return None
+
+    def _still_valid(self, ckpt: Any) -> bool:
+        from workers.runtime.checkpoint import CheckpointError, verify_checkpoint
+
+        try:
+            verify_checkpoint(ckpt.path)
+            return True
+        except (CheckpointError, OSError) as e:
+            self._checkpoint_bad(ckpt.run_id, ckpt.stage_name, ckpt.id, str(e))
+            return False
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
+        """Register new complete checkpoints, re-verify those whose files changed on disk."""
+        from workers.runtime.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+
+        with self._glock:
+            drivers = [d for d in self.drivers.values() if run_ids is None or d.run_id in run_ids]
+        for d in drivers:
+            for stage in d.spec.stages:
+                root = self._stage_root(d.run_id, stage.name, d.spec)
+                try:
+                    found = list_checkpoints(root)
+                except (OSError, CheckpointError, FileNotFoundError):
+                    continue
+                for info in found:
+                    path = str(info["path"])
+                    sig = _stat_sig(path)
+                    if self._verified.get(path) == sig:
+                        continue
+                    verified, reason = True, None
+                    try:
+                        verify_checkpoint(path)
+                    except (CheckpointError, OSError) as e:
+                        verified, reason = False, str(e)
+                    self._verified[path] = sig
+                    with self.session() as s:
+                        row = crud.upsert_checkpoint(
+                            s, run_id=d.run_id, stage_name=stage.name, step=int(info["step"]),
+                            batch_cursor=int(info.get("batch_cursor", info["step"])), path=path,
+                            verified=verified, healthy=bool(info.get("healthy", True)),
+                            metrics=info.get("metrics") or {}, tags=info.get("tags") or [],
+                        )
+                    if not verified:
+                        self._checkpoint_bad(d.run_id, stage.name, row.id, reason or "verification failed")
+
+    def _stage_root(self, run_id: str, stage: str, spec: PipelineSpec) -> str:
+        storage = spec.checkpoint_for(spec.stage(stage)).storage or str(self.state_dir / "checkpoints")
+        return f"{storage.rstrip('/')}/{run_id}/{stage}"
+
+    def _checkpoint_bad(self, run_id: str, stage: str, ckpt_id: int, reason: str) -> None:
+        with self.lock(run_id), self.session() as s:
+            ckpt = crud.get_checkpoint(s, run_id=run_id, checkpoint_id=ckpt_id)
+            if ckpt is None or ckpt.bad_reason:
+                return
+            crud.mark_checkpoint_bad(s, checkpoint=ckpt, reason=reason)
+            inc, created = crud.create_incident(
+                s, run_id=run_id, stage_name=stage, kind="checkpoint_corrupt", onset_step=ckpt.step,
+                detected_at_step=ckpt.step, source="watch", evidence={"path": ckpt.path, "error": reason},
+                dedup_key=f"{run_id}:{stage}:checkpoint_corrupt:{ckpt.id}",
+            )
+            if created:
+                crud.update_incident(s, incident=inc, action="quarantine", outcome="resolved",
+                                     resolved_at=self.now_dt(), recovery_seconds=0.0)
+                self.metrics.incidents.labels(run=run_id, stage=stage, kind="checkpoint_corrupt").inc()
+        log.warning("checkpoint %s of run %s is bad: %s", ckpt_id, run_id, reason)
+
+    # ---- the watch --------------------------------------------------------------------------
+    def _refresh_targets(self, active: ActiveStage) -> None:
+        try:
+            eps = active.group.endpoints()
+        except Exception:  # noqa: BLE001
+            eps = []
+        active.targets = [Target(run=active.run_id, stage=active.name, rank=int(e["rank"]), host=e["host"],
+                                 port=int(e["port"])) for e in eps]
+
+    def active_stages(self) -> list[tuple[RunDriver, ActiveStage]]:
+        with self._glock:
+            drivers = list(self.drivers.values())
+        out = []
+        for d in drivers:
+            with d.lock:
+                if d.active is not None and d.active.group is not None:
+                    out.append((d, d.active))
+        return out
+
+    def watch_once(self, now: float | None = None) -> None:
+        """Fetch every active worker's new signals; with the watch enabled, evaluate the detectors."""
+        pairs = self.active_stages()
+        targets = [t for _, a in pairs for t in a.targets]
+        if not targets:
+            return
+        snaps = self.source.fetch(targets)
+        now = time.time() if now is None else now
+        for driver, active in pairs:
+            with self.lock(driver.run_id):
+                self._ingest(active, {t: snaps[t] for t in active.targets if t in snaps})
+                if not self.settings.watch_enabled:
+                    continue
+                if self._run_state(driver.run_id) in ("paused", "needs_attention", "stopped"):
+                    continue
+                for finding in evaluate_stage(active, self.watch_config, now=now):
+                    self.handle_finding(driver.run_id, active, finding, source="watch")
+
+    def _run_state(self, run_id: str) -> str:
+        with self.session() as s:
+            return crud.get_run(s, run_id=run_id).state
+
+    def _ingest(self, active: ActiveStage, snaps: dict[Target, Any]) -> None:
+        for t, snap in snaps.items():
+            if not snap.reachable:
+                continue
+            for key, v in snap.counters.items():
+                active.counters[(t.rank, key)] = v
+                active.counter_base.setdefault((t.rank, key), v)
+            if snap.last_step_time is not None:
+                active.heartbeat[t.rank] = snap.last_step_time
+            (active.paused_ranks.add if snap.paused else active.paused_ranks.discard)(t.rank)
+            series = active.series(t.rank)
+            for rec in snap.records:
+                step = int(rec["step"])
+                if series and step <= int(series[-1]["step"]):
+                    # the worker went back (rollback applied): drop what it left behind
+                    while series and int(series[-1]["step"]) >= step:
+                        series.pop()
+                series.append(rec)
+                if t.rank == 0:
+                    self._observe_step(active, rec)
+
+    def _observe_step(self, active: ActiveStage, rec: dict) -> None:
+        step = int(rec["step"])
+        loss = rec.get("loss")
+        if loss is not None and active.first_loss is None and _finite(loss):
+            active.first_loss = float(loss)
+            with self.session() as s:
+                crud.update_stage(s, run_id=active.run_id, name=active.name, first_loss=float(loss))
+        if loss is not None and _finite(loss):
+            active.last_loss = float(loss)
+        if active.useful and step <= max(active.useful):  # replayed after a rollback/restart
+            for k in [k for k in active.useful if k >= step]:
+                del active.useful[k]
+        if rec.get("step_seconds") is not None:
+            active.useful[step] = float(rec["step_seconds"])
+        active.last_step = step
+        active.batch_cursor = int(rec.get("batch_index", step))
+        pend = active.pending
+        if pend is not None:
+            if pend.get("restart"):
+                if pend.get("armed"):  # first step of the new group
+                    self._recovered(active, rec)
+            elif pend.get("target_step") is None or step <= pend["target_step"] + 1:
+                self._recovered(active, rec)  # first step after the rollback was applied
+
+    def _recovered(self, active: ActiveStage, rec: dict) -> None:
+        pend = active.pending
+        active.pending = None
+        if pend is None:
+            return
+        secs = max(0.0, float(rec.get("time", time.time())) - pend["detected_at"])
+        with self.session() as s:
+            inc = crud.get_incident(s, incident_id=pend["incident"])
+            if inc is not None and inc.outcome == "recovering":
+                crud.update_incident(s, incident=inc, outcome="resolved", recovery_seconds=secs,
+                                     resolved_at=self.now_dt())
+        self.metrics.recovery_seconds.labels(kind=pend["kind"]).observe(secs)
+        if self._run_state(active.run_id) == "recovering":
+            self._set_state(active.run_id, "running", actor="supervisor", reason=f"recovered from {pend['kind']}")
+        self._event(active.run_id, "supervisor", "recovered",
+                    {"incident": pend["incident"], "step": rec.get("step"), "seconds": round(secs, 3)}, "ok")
+
+    # ---- incidents and recovery -------------------------------------------------------------
+    def _generation(self, run_id: str, stage: str) -> int:
+        with self.session() as s:
+            return sum(1 for i in crud.list_incidents(s, run_id=run_id)
+                       if i.stage_name == stage and i.action in ("rollback", "restart"))
+
+    def handle_finding(self, run_id: str, active: ActiveStage, finding: dict, *, source: str,
+                       fingerprint: str | None = None, actor: str = "supervisor") -> dict:
+        """Record the incident (de-duplicated) and carry out the policy's decision once."""
+        kind = finding["kind"]
+        with self.lock(run_id):
+            if active.pending is not None and (kind in SPIKE_FAMILY or kind == active.pending["kind"]):
+                # a recovery is already in flight for this stage: this is the same problem seen again
+                return self._merge_into(active.pending["incident"], fingerprint, source)
+            gen = self._generation(run_id, active.name)
+            with self.session() as s:
+                open_same = [i for i in crud.list_incidents(s, run_id=run_id, open_only=True)
+                             if i.stage_name == active.name and i.kind == kind]
+            if open_same:
+                return self._merge_into(open_same[0].id, fingerprint, source)
+            key = f"{run_id}:{active.name}:{kind}:g{gen}:s{finding['onset_step'] // 1000}"
+            with self.session() as s:
+                inc, created = crud.create_incident(
+                    s, run_id=run_id, stage_name=active.name, kind=kind, onset_step=int(finding["onset_step"]),
+                    detected_at_step=int(finding.get("detected_at_step", finding["onset_step"])), source=source,
+                    evidence=_jsonable(finding.get("evidence", {})), dedup_key=key,
+                    alert_fingerprints=[fingerprint] if fingerprint else [],
+                )
+            if not created:
+                return self._merge_into(inc.id, fingerprint, source)
+            self.metrics.incidents.labels(run=run_id, stage=active.name, kind=kind).inc()
+            log.warning("incident %s: %s in %s/%s at step %s (%s)", inc.id, kind, run_id, active.name,
+                        finding["onset_step"], source)
+            decision = recovery_decision(self, run_id, active, inc, self.watch_config)
+            self._execute(run_id, active, inc.id, kind, decision, actor=actor)
+            return {"incident": inc.id, "created": True, "action": decision["action"]}
+
+    def _merge_into(self, incident_id: int, fingerprint: str | None, source: str) -> dict:
+        with self.session() as s:
+            inc = crud.get_incident(s, incident_id=incident_id)
+            if inc is not None and fingerprint and fingerprint not in (inc.alert_fingerprints or []):
+                crud.update_incident(s, incident=inc, alert_fingerprints=[*(inc.alert_fingerprints or []), fingerprint])
+        return {"incident": incident_id, "created": False, "merged_from": source}
+
+    def _execute(self, run_id: str, active: ActiveStage, incident_id: int, kind: str, decision: dict,
+                 *, actor: str) -> None:
+        action = decision["action"]
+        now = time.time()
+        fields: dict[str, Any] = {"action": action}
+        if action == "rollback":
+            ckpt = decision.get("checkpoint")
+            fields.update(rollback_to_step=decision.get("checkpoint_step"), skip=decision["skip"],
+                          lr_multiplier=decision["lr_multiplier"], outcome="recovering",
+                          attempt=decision.get("attempt", 1))
+            with self.session() as s:
+                crud.update_incident(s, incident=crud.get_incident(s, incident_id=incident_id), **fields)
+            self._set_state(run_id, "recovering", actor=actor, reason=f"{kind}: rollback")
+            active.pending = {"incident": incident_id, "kind": kind, "detected_at": now,
+                              "target_step": decision.get("checkpoint_step")}
+            self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
+            driver = self.drivers.get(run_id)
+            sent = False
+            if ckpt is not None and active.group is not None:
+                try:
+                    active.group.control(ControlKind.ROLLBACK, {"checkpoint": ckpt, "skip": decision["skip"],
+                                                                 "lr_multiplier": decision["lr_multiplier"]})
+                    sent = True
+                except Exception as e:  # noqa: BLE001 - dead group: restart with the same decision
+                    log.warning("rollback control failed (%s); restarting the group instead", e)
+            if not sent and driver is not None:
+                active.pending["restart"] = True
+                driver.request_restart(checkpoint=ckpt, incident_id=incident_id)
+        elif action == "restart":
+            fields.update(rollback_to_step=decision.get("checkpoint_step"), outcome="recovering")
+            with self.session() as s:
+                crud.update_incident(s, incident=crud.get_incident(s, incident_id=incident_id), **fields)
+            self._set_state(run_id, "recovering", actor=actor, reason=f"{kind}: restart worker group")
+            active.pending = {"incident": incident_id, "kind": kind, "detected_at": now,
+                              "target_step": decision.get("checkpoint_step"), "restart": True}
+            self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
+            driver = self.drivers.get(run_id)
+            if driver is not None:
+                driver.request_restart(checkpoint=decision.get("checkpoint"), incident_id=incident_id)
+        elif action == "needs_attention":
+            with self.session() as s:
+                crud.update_incident(s, incident=crud.get_incident(s, incident_id=incident_id),
+                                     action=action, outcome="needs_attention", attempt=decision.get("attempt", 0))
+            if active.group is not None:
+                try:
+                    active.group.control(ControlKind.PAUSE, {})
+                except Exception:  # noqa: BLE001
+                    log.exception("pause for needs_attention failed")
+            self._set_state(run_id, "needs_attention", actor=actor, reason=decision.get("reason", kind))
+        else:  # notify / ignore: recorded, nothing to carry out
+            with self.session() as s:
+                crud.update_incident(s, incident=crud.get_incident(s, incident_id=incident_id), action=action,
+                                     outcome="resolved", resolved_at=self.now_dt(), recovery_seconds=0.0)
+        self._event(run_id, actor, "recovery_decision",
+                    {"incident": incident_id, "kind": kind, **_jsonable({k: v for k, v in decision.items()})}, action)
+
+    def _worker_lost(self, run_id: str, active: ActiveStage, status: dict) -> None:
+        finding = {"kind": "worker_lost", "onset_step": max(active.last_step, 0),
+                   "detected_at_step": max(active.last_step, 0),
+                   "evidence": {"failed_rank": status.get("failed_rank"), "error": status.get("error")}}
+        with self.lock(run_id):
+            if active.pending is not None and active.pending.get("restart"):
+                return  # already restarting
+            self.handle_finding(run_id, active, finding, source="watch")
+
+    # ---- alerts -----------------------------------------------------------------------------
+    def handle_alerts(self, payload: Any, *, actor: str = "alertmanager") -> dict:
+        counts = {"created": 0, "merged": 0, "resolved": 0, "ignored": 0}
+        for alert in payload.alerts:
+            labels = dict(alert.labels)
+            run_id, kind = labels.get("run"), labels.get("trainguard_kind")
+            fp = alert.fingerprint or json.dumps(labels, sort_keys=True)
+            if alert.status == "resolved":
+                counts["resolved"] += self._alert_resolved(run_id, fp)
+                continue
+            driver = self.drivers.get(run_id or "")
+            active = driver.active if driver else None
+            if active is None or kind is None or (labels.get("stage") and labels["stage"] != active.name):
+                counts["ignored"] += 1
+                continue
+            finding = alert_finding(active, kind, labels, self.watch_config)
+            if finding is None:
+                counts["ignored"] += 1
+                continue
+            res = self.handle_finding(run_id, active, finding, source="alert", fingerprint=fp, actor=actor)
+            counts["created" if res.get("created") else "merged"] += 1
+        return counts
+
+    def _alert_resolved(self, run_id: str | None, fingerprint: str) -> int:
+        if not run_id:
+            return 0
+        n = 0
+        with self.session() as s:
+            for inc in crud.list_incidents(s, run_id=run_id, open_only=True):
+                if inc.source == "alert" and fingerprint in (inc.alert_fingerprints or []) \
+                        and inc.outcome == "open":
+                    crud.update_incident(s, incident=inc, outcome="resolved", resolved_at=self.now_dt())
+                    n += 1
+        return n
+
+    # ---- operator control -------------------------------------------------------------------
+    def submit(self, spec: PipelineSpec, *, actor: str) -> str:
+        with self.session() as s:
+            run = crud.create_run(s, name=spec.name, spec_json=spec.model_dump_json(), actor=actor)
+            run_id = run.id
+        self.metrics.set_state(run_id, "pending")
+        self._spawn(run_id, spec)
+        return run_id
+
+    def _require_active(self, run_id: str, what: str, states: tuple[str, ...]) -> tuple[Any, RunDriver | None]:
+        run = self._get_run(run_id)
+        if run.state not in states:
+            raise errors.Conflict(f"cannot {what} run {run_id} in state {run.state!r}")
+        return run, self.drivers.get(run_id)
+
+    def _control(self, run_id: str, kind: ControlKind, payload: dict, *, actor: str) -> None:
+        driver = self.drivers.get(run_id)
+        if driver is None or driver.active is None or driver.active.group is None:
+            raise errors.Conflict(f"run {run_id} has no running workers")
+        driver.active.group.control(kind, payload)
+
+    def pause(self, run_id: str, *, actor: str) -> None:
+        with self.lock(run_id):
+            self._require_active(run_id, "pause", ("running", "recovering", "pending"))
+            self._control(run_id, ControlKind.PAUSE, {}, actor=actor)
+            self._set_state(run_id, "paused", actor=actor, reason="operator pause")
+
+    def resume(self, run_id: str, *, actor: str) -> None:
+        with self.lock(run_id):
+            run, driver = self._require_active(run_id, "resume", ("paused", "needs_attention"))
+            if run.state == "needs_attention" and driver is None:
+                self._set_state(run_id, "running", actor=actor, reason="operator resume after needs_attention")
+                self._spawn(run_id, parse_pipeline(json.loads(run.spec)))
+                return
+            self._control(run_id, ControlKind.RESUME, {}, actor=actor)
+            self._set_state(run_id, "running", actor=actor, reason="operator resume")
+
+    def stop(self, run_id: str, *, actor: str) -> None:
+        with self.lock(run_id):
+            run, driver = self._require_active(run_id, "stop", ("pending", "running", "paused", "recovering",
+                                                                 "needs_attention"))
+            try:
+                self._control(run_id, ControlKind.STOP, {}, actor=actor)
+            except errors.Conflict:
+                if driver is not None:
+                    driver.halt()
+            self._set_state(run_id, "stopped", actor=actor, reason="operator stop")
+
+    def anneal(self, run_id: str, *, steps: int, final_lr: float, schedule: str,
+               mixture: dict[str, float] | None, actor: str) -> None:
+        with self.lock(run_id):
+            run, _ = self._require_active(run_id, "anneal", ("running", "paused", "recovering"))
+            if mixture:
+                spec = parse_pipeline(json.loads(run.spec))
+                known = {"web", "curated", *spec.data}
+                unknown = sorted(set(mixture) - known)
+                if unknown:
+                    raise errors.InvalidRequest(f"mixture names unknown source(s) {unknown} (known: {sorted(known)})")
+            payload = {"steps": steps, "final_lr": final_lr, "schedule": schedule, "mixture": mixture}
+            self._control(run_id, ControlKind.ANNEAL, payload, actor=actor)
+            self._event(run_id, actor, "anneal", payload, "sent")
+
+    def rollback(self, run_id: str, *, checkpoint_id: int | None, actor: str) -> dict:
+        with self.lock(run_id):
+            run, driver = self._require_active(run_id, "roll back", ("running", "paused", "recovering",
+                                                                     "needs_attention"))
+            active = driver.active if driver else None
+            if active is None:
+                raise errors.Conflict(f"run {run_id} has no running stage to roll back")
+            with self.session() as s:
+                if checkpoint_id is not None:
+                    ckpt = crud.get_checkpoint(s, run_id=run_id, checkpoint_id=checkpoint_id)
+                    if ckpt is None:
+                        raise errors.NotFound(f"checkpoint {checkpoint_id} not found in run {run_id}")
+                    if ckpt.stage_name != active.name:
+                        raise errors.Conflict(f"checkpoint {checkpoint_id} belongs to stage {ckpt.stage_name!r}, "
+                                              f"the run is in stage {active.name!r}")
+                    if ckpt.bad_reason or not ckpt.verified:
+                        raise errors.Conflict(f"checkpoint {checkpoint_id} is not usable: {ckpt.bad_reason}")
+            finding = {"kind": "operator_rollback", "onset_step": max(active.last_step, 0),
+                       "detected_at_step": max(active.last_step, 0),
+                       "evidence": {"requested_checkpoint": checkpoint_id, "by": actor},
+                       "checkpoint_id": checkpoint_id}
+            if run.state in ("paused", "needs_attention") and active.group is not None:
+                active.group.control(ControlKind.RESUME, {})
+            active.pending = None
+            res = self.handle_finding(run_id, active, finding, source="operator", actor=actor)
+            with self.session() as s:
+                inc = crud.get_incident(s, incident_id=res["incident"])
+            return {"incident": inc.id, "action": inc.action, "rollback_to_step": inc.rollback_to_step}
+
+    # ---- discovery, goodput -----------------------------------------------------------------
+    def sd_targets(self) -> list[dict]:
+        groups = [{"targets": [f"{self.settings.host}:{self.settings.port}"],
+                   "labels": {"job": "trainguard-supervisor", "component": "supervisor"}}]
+        for _, active in self.active_stages():
+            for t in active.targets:
+                groups.append({"targets": [t.address], "labels": {"job": "trainguard-workers", "run": t.run,
+                                                                   "stage": t.stage, "rank": str(t.rank)}})
+        return groups
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.text()
+
+    def goodput_of(self, run_id: str) -> float | None:
+        """Productive step time (steps that still count after rollbacks) / wall time not paused."""
+        t0 = self._run_started.get(run_id)
+        if t0 is None:
+            return None
+        d = self.drivers.get(run_id)
+        active = d.active if d else None
+        useful = self._useful_done.get(run_id, 0.0) + (sum(active.useful.values()) if active else 0.0)
+        end = self._run_ended.get(run_id, time.time())
+        wall = end - t0 - self._paused_total.get(run_id, 0.0)
+        if run_id in self._paused_since:
+            wall -= end - self._paused_since[run_id]
+        return min(1.0, useful / wall) if wall > 0 else None
+
+    def goodput_once(self, run_ids: list[str] | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with self._glock:
+            ids = [r for r in self.drivers if run_ids is None or r in run_ids]
+        for run_id in ids:
+            ratio = self.goodput_of(run_id)
+            if ratio is None:
+                continue
+            out[run_id] = ratio
+            self.metrics.goodput.labels(run=run_id).set(ratio)
+            with self.session() as s:
+                crud.update_run(s, run=crud.get_run(s, run_id=run_id), goodput=ratio)
+        return out
+
+
+def _stat_sig(path: str) -> tuple[int, int]:
+    """(total size, newest mtime) of a checkpoint dir: a byte flipped in place changes it."""
+    size, mtime = 0, 0
+    try:
+        for entry in os.scandir(path):
+            st = entry.stat()
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime_ns)
+    except OSError:
+        pass
+    return size, mtime
+
+
+def _finite(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f and f not in (float("inf"), float("-inf"))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Evidence goes into JSON columns: NaN/inf become strings, tuples lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not _finite(obj):
+        return str(obj)
+    if hasattr(obj, "value") and hasattr(obj, "name"):  # enums
+        return obj.value
+    return obj

@@ -1,0 +1,344 @@
+"""Keyword-only store operations. Every write commits: callers get persisted rows back.
+
+Writes that two writers may race on (incident dedup, checkpoint identity) insert
+first and fall back to re-reading the winner's row on IntegrityError, so they are
+safe across processes without locks.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import flag_modified
+from sqlmodel import Session, col, select
+
+from service.db.models import (
+    INCIDENT_OUTCOMES,
+    INCIDENT_SOURCES,
+    OPEN_OUTCOMES,
+    RUN_STATES,
+    STAGE_STATES,
+    Checkpoint,
+    Event,
+    Incident,
+    Run,
+    RunStage,
+    utcnow,
+)
+
+__all__ = [
+    "new_run_id",
+    "create_run",
+    "get_run",
+    "list_runs",
+    "count_runs",
+    "set_run_state",
+    "update_run",
+    "get_stage",
+    "list_stages",
+    "update_stage",
+    "upsert_checkpoint",
+    "list_checkpoints",
+    "get_checkpoint",
+    "mark_checkpoint_bad",
+    "create_incident",
+    "get_incident",
+    "find_incident",
+    "update_incident",
+    "list_incidents",
+    "add_event",
+    "list_events",
+]
+
+
+def _value(v: Any) -> Any:
+    """Accept str enums (RunState, ...) wherever a state string is stored."""
+    return getattr(v, "value", v)
+
+
+def _check_choice(field: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field} {value!r} is not one of {', '.join(choices)}")
+
+
+def _apply(obj: Any, fields: dict[str, Any], *, forbidden: Sequence[str] = ()) -> None:
+    known = type(obj).model_fields
+    for name, value in fields.items():
+        if name not in known or name in forbidden:
+            raise TypeError(f"{type(obj).__name__} has no updatable field {name!r}")
+        setattr(obj, name, _value(value))
+        if isinstance(value, (dict, list)):
+            flag_modified(obj, name)  # JSON columns: also catch a mutated-in-place value
+
+
+def _save(session: Session, obj: Any) -> Any:
+    session.add(obj)
+    session.commit()
+    session.refresh(obj)
+    return obj
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+def new_run_id() -> str:
+    return f"run-{secrets.token_hex(6)}"
+
+
+def create_run(session: Session, *, name: str, spec_json: str, actor: str) -> Run:
+    """Insert a run, one RunStage per spec stage (state pending) and a "submitted" event."""
+    spec = json.loads(spec_json)
+    run = Run(id=new_run_id(), name=name, spec=spec_json)
+    session.add(run)
+    for index, stage in enumerate(spec.get("stages", [])):
+        session.add(
+            RunStage(run_id=run.id, index=index, name=stage["name"], kind=stage["kind"], steps=int(stage["steps"]))
+        )
+    session.add(Event(run_id=run.id, actor=actor, kind="submitted", detail={"name": name}, result="ok"))
+    return _save(session, run)
+
+
+def get_run(session: Session, *, run_id: str) -> Run | None:
+    return session.get(Run, run_id)
+
+
+def list_runs(session: Session, *, limit: int = 100, offset: int = 0, state: str | None = None) -> list[Run]:
+    """Newest first."""
+    q = select(Run)
+    if state is not None:
+        q = q.where(Run.state == _value(state))
+    q = q.order_by(col(Run.created_at).desc(), col(Run.id).desc()).offset(offset).limit(limit)
+    return list(session.exec(q).all())
+
+
+def count_runs(session: Session, *, state: str | None = None) -> int:
+    q = select(func.count()).select_from(Run)
+    if state is not None:
+        q = q.where(Run.state == _value(state))
+    return session.exec(q).one()
+
+
+def set_run_state(session: Session, *, run: Run, state: str, actor: str, reason: str | None = None) -> Run:
+    """Persist a state change and its event. Which transitions are legal is the domain's call."""
+    state = _value(state)
+    _check_choice("run state", state, RUN_STATES)
+    previous = run.state
+    run.state = state
+    run.updated_at = utcnow()
+    session.add(
+        Event(
+            run_id=run.id,
+            actor=actor,
+            kind="state",
+            detail={"from": previous, "to": state, "reason": reason},
+            result="ok",
+        )
+    )
+    return _save(session, run)
+
+
+def update_run(session: Session, *, run: Run, **fields: Any) -> Run:
+    """Set any of Run's fields but id/created_at (use set_run_state for state: it logs)."""
+    _apply(run, fields, forbidden=("id", "created_at"))
+    if "state" in fields:
+        _check_choice("run state", run.state, RUN_STATES)
+    run.updated_at = utcnow()
+    return _save(session, run)
+
+
+# --- stages ---------------------------------------------------------------------------
+
+
+def get_stage(session: Session, *, run_id: str, name: str) -> RunStage | None:
+    return session.exec(select(RunStage).where(RunStage.run_id == run_id, RunStage.name == name)).first()
+
+
+def list_stages(session: Session, *, run_id: str) -> list[RunStage]:
+    return list(session.exec(select(RunStage).where(RunStage.run_id == run_id).order_by(col(RunStage.index))).all())
+
+
+def update_stage(session: Session, *, stage: RunStage, **fields: Any) -> RunStage:
+    _apply(stage, fields, forbidden=("id", "run_id", "index", "name", "kind"))
+    if "state" in fields:
+        _check_choice("stage state", stage.state, STAGE_STATES)
+    return _save(session, stage)
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def _find_checkpoint(session: Session, *, run_id: str, stage_name: str, step: int, path: str) -> Checkpoint | None:
+    q = select(Checkpoint).where(
+        Checkpoint.run_id == run_id, Checkpoint.stage_name == stage_name, Checkpoint.step == step, Checkpoint.path == path
+    )
+    return session.exec(q).first()
+
+
+def upsert_checkpoint(
+    session: Session,
+    *,
+    run_id: str,
+    stage_name: str,
+    step: int,
+    batch_cursor: int,
+    path: str,
+    verified: bool,
+    healthy: bool,
+    metrics: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+) -> Checkpoint:
+    """Insert or update the checkpoint identified by (run, stage, step, path).
+
+    Updating keeps `healthy=False` once a checkpoint was marked bad: a re-scan of
+    the directory must not rehabilitate it."""
+    fields = dict(batch_cursor=batch_cursor, verified=verified, metrics=dict(metrics or {}), tags=list(tags or []))
+    for attempt in range(2):
+        ckpt = _find_checkpoint(session, run_id=run_id, stage_name=stage_name, step=step, path=path)
+        if ckpt is not None:
+            _apply(ckpt, fields)
+            ckpt.healthy = healthy and ckpt.bad_reason is None
+            return _save(session, ckpt)
+        try:
+            new = Checkpoint(run_id=run_id, stage_name=stage_name, step=step, path=path, healthy=healthy, **fields)
+            return _save(session, new)
+        except IntegrityError:
+            session.rollback()  # another writer inserted it first: update theirs
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def list_checkpoints(
+    session: Session, *, run_id: str, stage_name: str | None = None, good_only: bool = False
+) -> list[Checkpoint]:
+    """Oldest first (by step). `good_only`: verified and healthy."""
+    q = select(Checkpoint).where(Checkpoint.run_id == run_id)
+    if stage_name is not None:
+        q = q.where(Checkpoint.stage_name == stage_name)
+    if good_only:
+        q = q.where(col(Checkpoint.verified).is_(True), col(Checkpoint.healthy).is_(True))
+    return list(session.exec(q.order_by(col(Checkpoint.step), col(Checkpoint.id))).all())
+
+
+def get_checkpoint(session: Session, *, run_id: str, checkpoint_id: int) -> Checkpoint | None:
+    """None when the id is unknown or belongs to another run."""
+    ckpt = session.get(Checkpoint, checkpoint_id)
+    if ckpt is None or ckpt.run_id != run_id:
+        return None
+    return ckpt
+
+
+def mark_checkpoint_bad(session: Session, *, checkpoint: Checkpoint, reason: str) -> Checkpoint:
+    checkpoint.healthy = False
+    checkpoint.bad_reason = reason
+    return _save(session, checkpoint)
+
+
+# --- incidents ------------------------------------------------------------------------
+
+
+def find_incident(session: Session, *, dedup_key: str) -> Incident | None:
+    return session.exec(select(Incident).where(Incident.dedup_key == dedup_key)).first()
+
+
+def get_incident(session: Session, *, run_id: str, incident_id: int) -> Incident | None:
+    inc = session.get(Incident, incident_id)
+    if inc is None or inc.run_id != run_id:
+        return None
+    return inc
+
+
+def create_incident(
+    session: Session,
+    *,
+    run_id: str,
+    kind: str,
+    dedup_key: str,
+    stage_name: str | None = None,
+    onset_step: int | None = None,
+    detected_at_step: int | None = None,
+    source: str = "watch",
+    evidence: dict[str, Any] | None = None,
+    action: str | None = None,
+    rollback_to_step: int | None = None,
+    skip: list[list[int]] | None = None,
+    lr_multiplier: float | None = None,
+    attempt: int = 1,
+    outcome: str = "open",
+    alert_fingerprints: list[str] | None = None,
+) -> tuple[Incident, bool]:
+    """The incident for `dedup_key`: (existing, False) or (new, True).
+
+    Idempotent and race-safe: when another session inserts the same key between
+    our read and our commit, the unique constraint rejects ours and we return theirs."""
+    source, outcome = _value(source), _value(outcome)
+    _check_choice("incident source", source, INCIDENT_SOURCES)
+    _check_choice("incident outcome", outcome, INCIDENT_OUTCOMES)
+    existing = find_incident(session, dedup_key=dedup_key)
+    if existing is not None:
+        return existing, False
+    inc = Incident(
+        run_id=run_id,
+        kind=_value(kind),
+        dedup_key=dedup_key,
+        stage_name=stage_name,
+        onset_step=onset_step,
+        detected_at_step=detected_at_step,
+        source=source,
+        evidence=dict(evidence or {}),
+        action=action,
+        rollback_to_step=rollback_to_step,
+        skip=[list(r) for r in (skip or [])],
+        lr_multiplier=lr_multiplier,
+        attempt=attempt,
+        outcome=outcome,
+        alert_fingerprints=list(alert_fingerprints or []),
+    )
+    try:
+        return _save(session, inc), True
+    except IntegrityError:
+        session.rollback()
+        winner = find_incident(session, dedup_key=dedup_key)
+        if winner is None:  # the IntegrityError was something else (e.g. unknown run_id)
+            raise
+        return winner, False
+
+
+def update_incident(session: Session, *, incident: Incident, **fields: Any) -> Incident:
+    _apply(incident, fields, forbidden=("id", "run_id", "dedup_key"))
+    if "outcome" in fields:
+        _check_choice("incident outcome", incident.outcome, INCIDENT_OUTCOMES)
+        if incident.outcome not in OPEN_OUTCOMES and incident.resolved_at is None:
+            incident.resolved_at = utcnow()
+    if "skip" in fields:
+        incident.skip = [list(r) for r in incident.skip]
+    return _save(session, incident)
+
+
+def list_incidents(session: Session, *, run_id: str, open_only: bool = False) -> list[Incident]:
+    """Oldest first. `open_only`: outcome open or recovering."""
+    q = select(Incident).where(Incident.run_id == run_id)
+    if open_only:
+        q = q.where(col(Incident.outcome).in_(OPEN_OUTCOMES))
+    return list(session.exec(q.order_by(col(Incident.id))).all())
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+def add_event(
+    session: Session, *, run_id: str, actor: str, kind: str, detail: dict[str, Any] | None = None, result: str | None = None
+) -> Event:
+    return _save(session, Event(run_id=run_id, actor=actor, kind=kind, detail=dict(detail or {}), result=result))
+
+
+def list_events(session: Session, *, run_id: str, limit: int | None = None, offset: int = 0) -> list[Event]:
+    """Oldest first."""
+    q = select(Event).where(Event.run_id == run_id).order_by(col(Event.id)).offset(offset)
+    if limit is not None:
+        q = q.limit(limit)
+    return list(session.exec(q).all())

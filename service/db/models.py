@@ -1,0 +1,264 @@
+"""SQLModel tables and their API shapes (FastAPI-template families: Base / Public / table).
+
+Times are stored timezone-aware and always read back as UTC (SQLite drops the
+offset; `UTCDateTime` puts it back). JSON columns are replaced, never mutated in
+place, so SQLAlchemy sees every change.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import field_validator
+from sqlmodel import JSON, Field, SQLModel
+
+__all__ = [
+    "RUN_STATES",
+    "STAGE_STATES",
+    "INCIDENT_SOURCES",
+    "INCIDENT_OUTCOMES",
+    "OPEN_OUTCOMES",
+    "RUN_ID_PATTERN",
+    "utcnow",
+    "UTCDateTime",
+    "RunBase",
+    "Run",
+    "RunPublic",
+    "RunCreate",
+    "RunStageBase",
+    "RunStage",
+    "RunStagePublic",
+    "RunDetailPublic",
+    "RunsPublic",
+    "CheckpointBase",
+    "Checkpoint",
+    "CheckpointPublic",
+    "CheckpointsPublic",
+    "IncidentBase",
+    "Incident",
+    "IncidentPublic",
+    "IncidentsPublic",
+    "EventBase",
+    "Event",
+    "EventPublic",
+    "EventsPublic",
+]
+
+RUN_STATES = ("pending", "running", "paused", "recovering", "needs_attention", "completed", "failed", "stopped")
+STAGE_STATES = ("pending", "running", "paused", "recovering", "completed", "failed", "stopped", "skipped")
+INCIDENT_SOURCES = ("watch", "alert", "operator")
+INCIDENT_OUTCOMES = ("open", "recovering", "resolved", "needs_attention", "failed", "ignored")
+OPEN_OUTCOMES = ("open", "recovering")
+RUN_ID_PATTERN = r"^run-[0-9a-f]{12}$"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """DateTime(timezone=True) that never returns a naive value."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC time")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+class RunBase(SQLModel):
+    name: str
+    state: str = "pending"
+    current_stage: str | None = None
+    lr_multiplier: float = 1.0
+    goodput: float | None = None
+    error: str | None = None
+
+
+class Run(RunBase, table=True):
+    __tablename__ = "run"
+
+    id: str = Field(primary_key=True)
+    spec: str = Field(sa_type=sa.Text)  # the validated PipelineSpec as JSON text
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class RunCreate(SQLModel):
+    """POST /runs body: exactly one of a pipeline mapping or its YAML text."""
+
+    spec: dict[str, Any] | None = None
+    yaml: str | None = None
+
+
+class RunPublic(RunBase):
+    id: str
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _spec_from_text(cls, v: Any) -> Any:
+        return json.loads(v) if isinstance(v, str) else v
+
+
+class RunsPublic(SQLModel):
+    data: list[RunPublic]
+    count: int
+
+
+# --- stages ---------------------------------------------------------------------------
+
+
+class RunStageBase(SQLModel):
+    index: int
+    name: str
+    kind: str
+    state: str = "pending"
+    steps: int  # target
+    step: int = 0  # last seen
+    first_loss: float | None = None
+    final_loss: float | None = None
+    output_checkpoint: str | None = None
+    restarts: int = 0
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class RunStage(RunStageBase, table=True):
+    __tablename__ = "run_stage"
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "index", name="uq_run_stage_index"),
+        sa.UniqueConstraint("run_id", "name", name="uq_run_stage_name"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+
+
+class RunStagePublic(RunStageBase):
+    id: int
+    run_id: str
+
+
+class RunDetailPublic(RunPublic):
+    stages: list[RunStagePublic]
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+class CheckpointBase(SQLModel):
+    stage_name: str
+    step: int
+    batch_cursor: int
+    path: str
+    verified: bool = False
+    healthy: bool = True
+    bad_reason: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    tags: list[str] = Field(default_factory=list, sa_type=JSON)
+
+
+class Checkpoint(CheckpointBase, table=True):
+    __tablename__ = "checkpoint"
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "stage_name", "step", "path", name="uq_checkpoint_identity"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class CheckpointPublic(CheckpointBase):
+    id: int
+    run_id: str
+    created_at: datetime
+
+
+class CheckpointsPublic(SQLModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
+# --- incidents ------------------------------------------------------------------------
+
+
+class IncidentBase(SQLModel):
+    stage_name: str | None = None
+    kind: str
+    onset_step: int | None = None
+    detected_at_step: int | None = None
+    detected_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    source: str = "watch"
+    evidence: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    action: str | None = None
+    rollback_to_step: int | None = None
+    skip: list[list[int]] = Field(default_factory=list, sa_type=JSON)  # half-open [a, b) batch ranges
+    lr_multiplier: float | None = None
+    attempt: int = 1
+    outcome: str = "open"
+    recovery_seconds: float | None = None
+    alert_fingerprints: list[str] = Field(default_factory=list, sa_type=JSON)
+    resolved_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Incident(IncidentBase, table=True):
+    __tablename__ = "incident"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    dedup_key: str = Field(unique=True)
+
+
+class IncidentPublic(IncidentBase):
+    id: int
+    run_id: str
+    dedup_key: str
+
+
+class IncidentsPublic(SQLModel):
+    data: list[IncidentPublic]
+    count: int
+
+
+# --- events (the audit log) -------------------------------------------------------------
+
+
+class EventBase(SQLModel):
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    actor: str
+    kind: str
+    detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    result: str | None = None
+
+
+class Event(EventBase, table=True):
+    __tablename__ = "event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+
+
+class EventPublic(EventBase):
+    id: int
+    run_id: str
+
+
+class EventsPublic(SQLModel):
+    data: list[EventPublic]
+    count: int

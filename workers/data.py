@@ -1,0 +1,388 @@
+"""Training data that exists on every machine with Python: no download, no data set.
+
+Sources (each a token stream per split):
+  curated  docstrings of a fixed list of standard-library modules, classes, functions
+  web      raw standard-library source files (code, comments, licence headers: noisier)
+  <name>   user files from the pipeline's `data` mapping (.txt paragraphs, .jsonl {"text"})
+
+Documents go to the validation split by a stable hash of their key (never Python's
+salted `hash`), so the split is the same in every process. Everything is built once
+per process (lru_cache) and takes well under 2 s.
+
+Determinism: every batch is a pure function of (seed, batch_index, rank, mixture,
+...) through `derive_seed`; nothing here touches the global RNGs, so a resumed run
+draws exactly the batches an uninterrupted one would.
+
+Instruction data: SFT pairs ("Explain <qualified name>:" -> first sentence of its
+docstring) and preference pairs (chosen = that sentence; rejected = another entry's
+sentence or a garbled copy) come from the same curated docstrings and the same split.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.tokenizer import BOS, EOS, PAD, SEP, encode
+
+__all__ = [
+    "STDLIB_MODULES",
+    "VAL_FRACTION",
+    "Document",
+    "Corpus",
+    "Mixture",
+    "SFTPair",
+    "PreferencePair",
+    "derive_seed",
+    "is_validation",
+    "curated_documents",
+    "web_documents",
+    "file_documents",
+    "get_mixture",
+    "sft_pairs",
+    "preference_pairs",
+    "garble",
+    "encode_pair",
+    "sft_batch",
+    "preference_batch",
+    "prompt_batch",
+]
+
+# Fixed, import-safe list (no GUI, no deprecated modules that warn on import). The
+# order is part of the data: changing it changes every batch.
+STDLIB_MODULES: tuple[str, ...] = (
+    "abc", "argparse", "ast", "base64", "bisect", "calendar", "collections", "contextlib",
+    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions",
+    "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html",
+    "inspect", "io", "ipaddress", "itertools", "json", "logging", "math", "numbers",
+    "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "sched",
+    "shlex", "shutil", "statistics", "string", "struct", "tarfile", "tempfile", "textwrap",
+    "threading", "time", "timeit", "tokenize", "traceback", "typing", "unittest",
+    "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib",
+)
+VAL_FRACTION = 0.1
+WEB_CHUNK_CHARS = 4096
+WEB_MAX_CHARS_PER_FILE = 64 * 1024
+MAX_RESPONSE_CHARS = 96
+PRINTABLE = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?()[]{}<>@#$%^&*+-=/|~_'\"`", dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str  # stable identity: decides the split
+    text: str
+
+
+@dataclass(frozen=True)
+class SFTPair:
+    name: str  # qualified name, e.g. "json.dumps"
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    name: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def derive_seed(*parts: object) -> int:
+    """64-bit seed from any JSON-able parts; identical in every process and on every machine."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(derive_seed(*parts)))
+
+
+def is_validation(key: str) -> bool:
+    """Held-out documents: a stable hash of the key, about VAL_FRACTION of them."""
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "little")
+    return h % 1000 < VAL_FRACTION * 1000
+
+
+# ---------------------------------------------------------------- documents
+
+
+def _import(name: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(name)
+
+
+def _public(obj: object) -> list[str]:
+    return [n for n in sorted(vars(obj)) if not n.startswith("_")]
+
+
+def _documented(qualname: str, obj: object) -> tuple[str, str] | None:
+    try:
+        doc = inspect.getdoc(obj)
+    except Exception:  # noqa: BLE001 - exotic descriptors
+        return None
+    return (qualname, doc.strip()) if doc and doc.strip() else None
+
+
+def _walk_module(modname: str) -> list[tuple[str, str]]:
+    """(qualified name, docstring) of the module, its public classes/routines and their methods."""
+    module = _import(modname)
+    out = [_documented(modname, module)]
+    for name in _public(module):
+        obj = getattr(module, name, None)
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        out.append(_documented(f"{modname}.{name}", obj))
+        if inspect.isclass(obj):
+            for meth in _public(obj):
+                member = getattr(obj, meth, None)
+                if inspect.isroutine(member):
+                    out.append(_documented(f"{modname}.{name}.{meth}", member))
+    return [x for x in out if x is not None]
+
+
+@functools.lru_cache(maxsize=1)
+def _docstrings() -> tuple[tuple[str, str], ...]:
+    """Every (qualified name, docstring), first occurrence of each docstring text only:
+    re-exports and inherited docs would otherwise put one text in both splits."""
+    seen: set[str] = set()
+    out = []
+    for modname in STDLIB_MODULES:
+        for qualname, doc in _walk_module(modname):
+            if doc not in seen:
+                seen.add(doc)
+                out.append((qualname, doc))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def curated_documents() -> tuple[Document, ...]:
+    return tuple(Document(q, f"{q}\n{doc}") for q, doc in _docstrings())
+
+
+def _chunks(key: str, text: str, size: int) -> list[Document]:
+    return [Document(f"{key}#{i}", text[o : o + size]) for i, o in enumerate(range(0, len(text), size))]
+
+
+@functools.lru_cache(maxsize=1)
+def web_documents() -> tuple[Document, ...]:
+    """Raw source of the pure-Python modules of STDLIB_MODULES, in chunks."""
+    docs: list[Document] = []
+    for modname in STDLIB_MODULES:
+        try:
+            path = inspect.getsourcefile(_import(modname))
+        except TypeError:  # built-in module: no source file
+            continue
+        if path and Path(path).is_file():
+            text = Path(path).read_text(encoding="utf-8", errors="replace")[:WEB_MAX_CHARS_PER_FILE]
+            docs.extend(_chunks(modname, text, WEB_CHUNK_CHARS))
+    return tuple(docs)
+
+
+def file_documents(path: str | Path) -> tuple[Document, ...]:
+    """A user source: .jsonl ({"text": ...} per line) or plain text split into paragraphs."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"data file {str(p)!r} does not exist")
+    if p.suffix == ".jsonl":
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return tuple(Document(f"{p.name}:{i}", str(json.loads(ln)["text"])) for i, ln in enumerate(lines))
+    paragraphs = [t.strip() for t in re.split(r"\n\s*\n", p.read_text(encoding="utf-8", errors="replace"))]
+    return tuple(Document(f"{p.name}:{i}", t) for i, t in enumerate(paragraphs) if t)
+
+
+# ---------------------------------------------------------------- corpora and mixture
+
+
+class Corpus:
+    """One source as two token streams (train, val): BOS text EOS, document after document."""
+
+    def __init__(self, name: str, docs: tuple[Document, ...]) -> None:
+        if not docs:
+            raise ValueError(f"data source {name!r} has no documents")
+        val = [d for d in docs if is_validation(d.key)]
+        train = [d for d in docs if not is_validation(d.key)]
+        if not val:  # tiny user files: hold out the last document anyway
+            val, train = train[-1:], train[:-1] or train[-1:]
+        if not train:
+            train = val
+        self.name = name
+        self.train_keys = frozenset(d.key for d in train)
+        self.val_keys = frozenset(d.key for d in val)
+        self.streams = {"train": _stream(train), "val": _stream(val)}
+
+    def sample(self, rng: np.random.Generator, length: int, split: str) -> np.ndarray:
+        """A random window of `length` tokens (the stream is tiled when shorter)."""
+        s = self.streams[split]
+        if len(s) <= length:
+            s = np.tile(s, length // len(s) + 2)
+        start = int(rng.integers(0, len(s) - length))
+        return s[start : start + length]
+
+
+def _stream(docs: list[Document]) -> np.ndarray:
+    parts = []
+    for d in docs:
+        body = np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8).astype(np.int16)
+        parts += [np.array([BOS], np.int16), body, np.array([EOS], np.int16)]
+    return np.concatenate(parts)
+
+
+class Mixture:
+    """Named corpora and weighted sampling from them."""
+
+    def __init__(self, corpora: dict[str, Corpus]) -> None:
+        self.corpora = corpora
+
+    def batch(
+        self,
+        seed: int,
+        batch_index: int,
+        rank: int,
+        batch_size: int,
+        seq_len: int,
+        mixture: dict[str, float],
+        split: str = "train",
+    ) -> torch.LongTensor:
+        """(B, T+1) token windows; row sources drawn by `mixture` weights. Pure function of the args."""
+        names = sorted(mixture)
+        for n in names:
+            if n not in self.corpora:
+                raise ValueError(f"mixture names unknown source {n!r} (known: {sorted(self.corpora)})")
+        w = np.array([float(mixture[n]) for n in names])
+        if w.sum() <= 0:
+            raise ValueError("mixture weights sum to zero")
+        mix_key = [[n, float(mixture[n])] for n in names]
+        rng = _rng("lm", seed, batch_index, rank, batch_size, seq_len, mix_key, split)
+        rows = []
+        for _ in range(batch_size):
+            src = names[int(rng.choice(len(names), p=w / w.sum()))]
+            rows.append(self.corpora[src].sample(rng, seq_len + 1, split))
+        return torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+
+
+@functools.lru_cache(maxsize=8)
+def _mixture(files: tuple[tuple[str, str], ...]) -> Mixture:
+    corpora = {"curated": Corpus("curated", curated_documents()), "web": Corpus("web", web_documents())}
+    for name, path in files:
+        corpora[name] = Corpus(name, file_documents(path))
+    return Mixture(corpora)
+
+
+def get_mixture(data_files: dict[str, str] | None = None) -> Mixture:
+    """The process-wide cached corpora: curated, web and the pipeline's extra files."""
+    return _mixture(tuple(sorted((data_files or {}).items())))
+
+
+# ---------------------------------------------------------------- instruction data
+
+
+def _first_sentence(doc: str) -> str:
+    para = " ".join(doc.split("\n\n")[0].split())
+    sentence = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0]
+    if len(sentence) > MAX_RESPONSE_CHARS:
+        sentence = sentence[:MAX_RESPONSE_CHARS].rsplit(" ", 1)[0]
+    return sentence
+
+
+@functools.lru_cache(maxsize=2)
+def sft_pairs(split: str) -> tuple[SFTPair, ...]:
+    """"Explain <qualified name>:" -> first sentence of its docstring, for `split` in train/val."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    out = []
+    for qualname, doc in _docstrings():
+        response = _first_sentence(doc)
+        if len(response) >= 8 and is_validation(qualname) == (split == "val"):
+            out.append(SFTPair(qualname, f"Explain {qualname}:", response))
+    return tuple(out)
+
+
+def garble(text: str, key: str) -> str:
+    """Same length, random printable characters: text no docstring reads like."""
+    rng = _rng("garble", key)
+    return bytes(PRINTABLE[rng.integers(0, len(PRINTABLE), len(text.encode()))]).decode()
+
+
+@functools.lru_cache(maxsize=2)
+def preference_pairs(split: str) -> tuple[PreferencePair, ...]:
+    """chosen = the right summary; rejected = a garbled copy (2 in 3) or another entry's
+    summary (1 in 3, the hard case: fluent but wrong)."""
+    pairs = sft_pairs(split)
+    out = []
+    for i, p in enumerate(pairs):
+        if derive_seed("pref", p.name) % 3 == 0 and len(pairs) > 1:
+            j = (i + 1 + derive_seed("other", p.name) % (len(pairs) - 1)) % len(pairs)
+            rejected = pairs[j].response
+        else:
+            rejected = garble(p.response, p.name)
+        out.append(PreferencePair(p.name, p.prompt, p.response, rejected))
+    return tuple(out)
+
+
+def encode_pair(prompt: str, response: str, max_len: int) -> tuple[list[int], list[bool]]:
+    """BOS prompt SEP response EOS, at most `max_len` tokens (the response is cut first);
+    the mask is True on response tokens and EOS, the only ones SFT is trained on."""
+    p = [BOS, *encode(prompt)[: max_len // 2], SEP]
+    r = (encode(response) + [EOS])[: max(1, max_len - len(p))]
+    return p + r, [False] * len(p) + [True] * len(r)
+
+
+def _pad(seqs: list[list[int]], masks: list[list[bool]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    toks = torch.full((len(seqs), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        toks[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(m)] = torch.tensor(m)
+    return toks, mask  # (B, L) right-padded
+
+
+def _pick(n_items: int, *key: object, batch_size: int) -> list[int]:
+    return [int(i) for i in _rng(*key).integers(0, n_items, batch_size)]
+
+
+def sft_batch(
+    seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, L) right-padded with PAD, response mask (B, L); L <= seq_len + 1."""
+    pairs = sft_pairs(split)
+    idx = _pick(len(pairs), "sft", seed, batch_index, rank, split, batch_size=batch_size)
+    enc = [encode_pair(pairs[i].prompt, pairs[i].response, seq_len + 1) for i in idx]
+    return _pad([e[0] for e in enc], [e[1] for e in enc], max(len(e[0]) for e in enc))
+
+
+def preference_batch(
+    seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chosen tokens, chosen mask, rejected tokens, rejected mask: each (B, L), one shared L <= seq_len."""
+    pairs = preference_pairs(split)
+    idx = _pick(len(pairs), "pref", seed, batch_index, rank, split, batch_size=batch_size)
+    ch = [encode_pair(pairs[i].prompt, pairs[i].chosen, seq_len) for i in idx]
+    rj = [encode_pair(pairs[i].prompt, pairs[i].rejected, seq_len) for i in idx]
+    L = max(len(e[0]) for e in ch + rj)
+    return (*_pad([e[0] for e in ch], [e[1] for e in ch], L), *_pad([e[0] for e in rj], [e[1] for e in rj], L))
+
+
+def prompt_batch(
+    seed: int, batch_index: int, rank: int, batch_size: int, max_len: int, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts "BOS Explain X: SEP", left-padded so responses start in one column:
+    tokens (B, P) and valid (B, P); P <= max_len (longer prompts keep their end)."""
+    pairs = sft_pairs(split)
+    idx = _pick(len(pairs), "prompt", seed, batch_index, rank, split, batch_size=batch_size)
+    seqs = [([BOS, *encode(pairs[i].prompt), SEP])[-max_len:] for i in idx]
+    P = max(len(s) for s in seqs)
+    toks = torch.full((batch_size, P), PAD, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        toks[r, P - len(s) :] = torch.tensor(s)
+    return toks, toks != PAD  # (B, P), (B, P)
