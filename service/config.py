@@ -85,6 +85,10 @@ class Settings(BaseSettings):
             raise ValueError("viewer_token, operator_token and webhook_token must differ (the token decides the role)")
         return self
 
+    def resolved_database_url(self) -> str:
+        """The database URL (already derived from state_dir when not set)."""
+        return self.database_url
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -52,7 +52,10 @@ __all__ = [
     "preference_pairs",
     "garble",
     "encode_pair",
+    "collate_sft",
+    "collate_preferences",
     "sft_batch",
+    "garble_responses",
     "preference_batch",
     "prompt_batch",
 ]
@@ -308,26 +311,39 @@ def sft_pairs(split: str) -> tuple[SFTPair, ...]:
     return tuple(out)
 
 
-def garble(text: str, key: str) -> str:
-    """Same length, random printable characters: text no docstring reads like."""
+def garble(text: str, key: str, rate: float = 1.0) -> str:
+    """`text` with a fraction `rate` of its characters replaced by random printable ones:
+    from slightly off to nothing any docstring reads like."""
     rng = _rng("garble", key)
-    return bytes(PRINTABLE[rng.integers(0, len(PRINTABLE), len(text.encode()))]).decode()
+    data = np.frombuffer(text.encode(), dtype=np.uint8).copy()
+    hit = rng.random(len(data)) < rate
+    data[hit] = PRINTABLE[rng.integers(0, len(PRINTABLE), int(hit.sum()))]
+    return data.tobytes().decode("utf-8", errors="replace")
+
+
+def _rejected(pairs: tuple[SFTPair, ...], i: int) -> str:
+    """A worse answer for pair i, one of three kinds by a stable hash of its name:
+    another entry's summary (fluent but wrong), a partly garbled copy (10-100% of the
+    characters), or a truncated copy (under half the words, possibly empty). Graded
+    corruption and truncation teach the reward model a scale a policy's samples fall
+    on, instead of a garbage detector every fluent sample saturates, or one that pays
+    for empty answers."""
+    p = pairs[i]
+    h = derive_seed("pref", p.name)
+    u = (h >> 8) % 1000 / 1000.0
+    if h % 3 == 0 and len(pairs) > 1:
+        return pairs[(i + 1 + (h >> 20) % (len(pairs) - 1)) % len(pairs)].response
+    if h % 3 == 1:
+        return garble(p.response, p.name, rate=0.1 + 0.9 * u)
+    words = p.response.split()
+    return " ".join(words[: int(len(words) * 0.5 * u)])
 
 
 @functools.lru_cache(maxsize=2)
 def preference_pairs(split: str) -> tuple[PreferencePair, ...]:
-    """chosen = the right summary; rejected = a garbled copy (2 in 3) or another entry's
-    summary (1 in 3, the hard case: fluent but wrong)."""
+    """chosen = the right summary; rejected = a worse one (see _rejected)."""
     pairs = sft_pairs(split)
-    out = []
-    for i, p in enumerate(pairs):
-        if derive_seed("pref", p.name) % 3 == 0 and len(pairs) > 1:
-            j = (i + 1 + derive_seed("other", p.name) % (len(pairs) - 1)) % len(pairs)
-            rejected = pairs[j].response
-        else:
-            rejected = garble(p.response, p.name)
-        out.append(PreferencePair(p.name, p.prompt, p.response, rejected))
-    return tuple(out)
+    return tuple(PreferencePair(p.name, p.prompt, p.response, _rejected(pairs, i)) for i, p in enumerate(pairs))
 
 
 def encode_pair(prompt: str, response: str, max_len: int) -> tuple[list[int], list[bool]]:
@@ -351,26 +367,50 @@ def _pick(n_items: int, *key: object, batch_size: int) -> list[int]:
     return [int(i) for i in _rng(*key).integers(0, n_items, batch_size)]
 
 
+def collate_sft(pairs: list[SFTPair], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, L) right-padded with PAD, response mask (B, L); L <= seq_len + 1
+    (the model reads tokens[:, :-1], at most seq_len)."""
+    enc = [encode_pair(p.prompt, p.response, seq_len + 1) for p in pairs]
+    return _pad([e[0] for e in enc], [e[1] for e in enc], max(len(e[0]) for e in enc))
+
+
+def collate_preferences(
+    pairs: list[PreferencePair], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chosen tokens, chosen mask, rejected tokens, rejected mask: each (B, L), one shared
+    L <= seq_len (a reward model reads whole sequences)."""
+    ch = [encode_pair(p.prompt, p.chosen, seq_len) for p in pairs]
+    rj = [encode_pair(p.prompt, p.rejected, seq_len) for p in pairs]
+    L = max(len(e[0]) for e in ch + rj)
+    return (*_pad([e[0] for e in ch], [e[1] for e in ch], L), *_pad([e[0] for e in rj], [e[1] for e in rj], L))
+
+
 def sft_batch(
     seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens (B, L) right-padded with PAD, response mask (B, L); L <= seq_len + 1."""
+    """A random batch of SFT pairs, collated (see collate_sft)."""
     pairs = sft_pairs(split)
     idx = _pick(len(pairs), "sft", seed, batch_index, rank, split, batch_size=batch_size)
-    enc = [encode_pair(pairs[i].prompt, pairs[i].response, seq_len + 1) for i in idx]
-    return _pad([e[0] for e in enc], [e[1] for e in enc], max(len(e[0]) for e in enc))
+    return collate_sft([pairs[i] for i in idx], seq_len)
 
 
 def preference_batch(
     seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """chosen tokens, chosen mask, rejected tokens, rejected mask: each (B, L), one shared L <= seq_len."""
+    """A random batch of preference pairs, collated (see collate_preferences)."""
     pairs = preference_pairs(split)
     idx = _pick(len(pairs), "pref", seed, batch_index, rank, split, batch_size=batch_size)
-    ch = [encode_pair(pairs[i].prompt, pairs[i].chosen, seq_len) for i in idx]
-    rj = [encode_pair(pairs[i].prompt, pairs[i].rejected, seq_len) for i in idx]
-    L = max(len(e[0]) for e in ch + rj)
-    return (*_pad([e[0] for e in ch], [e[1] for e in ch], L), *_pad([e[0] for e in rj], [e[1] for e in rj], L))
+    return collate_preferences([pairs[i] for i in idx], seq_len)
+
+
+def garble_responses(tokens: torch.Tensor, mask: torch.Tensor, *key: object) -> torch.Tensor:
+    """Copy of `tokens` (B, L) with every masked byte replaced by a random printable one
+    (EOS kept): the corrupted-batch fault for preference stages."""
+    out = tokens.clone()
+    where = mask & (tokens < 256)
+    fill = _rng("garble_tokens", *key).integers(0, len(PRINTABLE), int(where.sum()))
+    out[where] = torch.from_numpy(PRINTABLE[fill].astype(np.int64)).to(tokens.device)
+    return out
 
 
 def prompt_batch(

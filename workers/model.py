@@ -29,6 +29,7 @@ __all__ = [
     "build_gpt",
     "build_reward_model",
     "init_weights",
+    "lm_loss",
     "token_logprobs",
     "sequence_logprobs",
     "generate",
@@ -192,6 +193,19 @@ def build_reward_model(spec: ModelSpec, seed: int, device: torch.device | str = 
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (the tied embedding counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def lm_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (float32) of `targets` (B, T) given `inputs` (B, T),
+    over the positions where `mask` (B, T) is True (all when None)."""
+    logits = model(inputs).float()  # (B, T, V)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    if mask is None:
+        return nll.mean()
+    m = mask.reshape(-1).to(nll.dtype)
+    return (nll * m).sum() / m.sum().clamp(min=1.0)
 
 
 def token_logprobs(model: nn.Module, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

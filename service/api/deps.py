@@ -42,8 +42,8 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        """What the event log records as who did it."""
-        return f"api:{self.role}"
+        """What the event log records as who did it: the role the token grants."""
+        return self.role
 
 
 def get_settings(request: Request) -> Settings:

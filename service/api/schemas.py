@@ -5,7 +5,7 @@ import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AnnealRequest",
@@ -58,6 +58,18 @@ class RollbackAccepted(BaseModel):
     run_id: str
     incident_id: int | None = None
     target_step: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        # The controller may name them after the Incident columns; both spellings are answered.
+        if isinstance(data, dict):
+            data = dict(data)
+            if "incident_id" not in data and "incident" in data:
+                data["incident_id"] = data["incident"]
+            if "target_step" not in data and "rollback_to_step" in data:
+                data["target_step"] = data["rollback_to_step"]
+        return data
 
 
 class Alert(BaseModel):

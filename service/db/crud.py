@@ -29,6 +29,7 @@ from service.db.models import (
     RunStage,
     utcnow,
 )
+from service.errors import NotFound
 
 __all__ = [
     "new_run_id",
@@ -94,6 +95,7 @@ def create_run(session: Session, *, name: str, spec_json: str, actor: str) -> Ru
     spec = json.loads(spec_json)
     run = Run(id=new_run_id(), name=name, spec=spec_json)
     session.add(run)
+    session.flush()  # no ORM relationships: the run row must exist before rows pointing at it
     for index, stage in enumerate(spec.get("stages", [])):
         session.add(
             RunStage(run_id=run.id, index=index, name=stage["name"], kind=stage["kind"], steps=int(stage["steps"]))
@@ -161,7 +163,21 @@ def list_stages(session: Session, *, run_id: str) -> list[RunStage]:
     return list(session.exec(select(RunStage).where(RunStage.run_id == run_id).order_by(col(RunStage.index))).all())
 
 
-def update_stage(session: Session, *, stage: RunStage, **fields: Any) -> RunStage:
+def update_stage(
+    session: Session,
+    *,
+    stage: RunStage | None = None,
+    run_id: str | None = None,
+    name: str | None = None,
+    **fields: Any,
+) -> RunStage:
+    """Update a stage given as `stage=` or as `run_id=` + `name=` (NotFound if there is none)."""
+    if stage is None:
+        if run_id is None or name is None:
+            raise TypeError("update_stage() needs stage= or run_id= and name=")
+        stage = get_stage(session, run_id=run_id, name=name)
+        if stage is None:
+            raise NotFound(f"stage {name!r} not found in run {run_id}")
     _apply(stage, fields, forbidden=("id", "run_id", "index", "name", "kind"))
     if "state" in fields:
         _check_choice("stage state", stage.state, STAGE_STATES)
@@ -245,9 +261,10 @@ def find_incident(session: Session, *, dedup_key: str) -> Incident | None:
     return session.exec(select(Incident).where(Incident.dedup_key == dedup_key)).first()
 
 
-def get_incident(session: Session, *, run_id: str, incident_id: int) -> Incident | None:
+def get_incident(session: Session, *, incident_id: int, run_id: str | None = None) -> Incident | None:
+    """None when the id is unknown or (given `run_id`) belongs to another run."""
     inc = session.get(Incident, incident_id)
-    if inc is None or inc.run_id != run_id:
+    if inc is None or (run_id is not None and inc.run_id != run_id):
         return None
     return inc
 

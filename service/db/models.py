@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import field_validator
+from pydantic import ConfigDict, field_validator
 from sqlmodel import JSON, Field, SQLModel
 
 __all__ = [
@@ -98,6 +98,8 @@ class Run(RunBase, table=True):
 
 class RunCreate(SQLModel):
     """POST /runs body: exactly one of a pipeline mapping or its YAML text."""
+
+    model_config = ConfigDict(extra="forbid")
 
     spec: dict[str, Any] | None = None
     yaml: str | None = None

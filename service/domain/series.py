@@ -23,6 +23,7 @@ __all__ = [
     "align",
     "align_many",
     "asof",
+    "finite",
 ]
 
 

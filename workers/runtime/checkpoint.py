@@ -42,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "apply_retention",
     "stage_root",
+    "checkpoint_path",
     "CheckpointWriter",
 ]
 
@@ -127,6 +128,12 @@ def storage_for(url: str | Path) -> tuple[FsspecStorage, str]:
 def stage_root(root: str | Path, run_id: str, stage: str) -> str:
     """Where a stage's checkpoints live, as a URL/path string."""
     return f"{str(root).rstrip('/')}/{run_id}/{stage}"
+
+
+def checkpoint_path(root: str | Path, run_id: str, stage: str, step: int) -> str:
+    """Where the checkpoint of `step` lands (the form list_checkpoints reports)."""
+    st, base = storage_for(stage_root(root, run_id, stage))
+    return st.display(st.join(base, f"step-{step:08d}"))
 
 
 def to_cpu(obj: Any) -> Any:

@@ -1,0 +1,153 @@
+"""/api/v1/runs: reads straight from the store, writes through the controller."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+import yaml
+from fastapi import APIRouter, Body, HTTPException, Query, status
+
+from service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, ViewerDep
+from service.api.schemas import AnnealRequest, RollbackAccepted, RollbackRequest
+from service.db import crud
+from service.db.models import (
+    RUN_STATES,
+    CheckpointsPublic,
+    EventsPublic,
+    IncidentsPublic,
+    Run,
+    RunCreate,
+    RunDetailPublic,
+    RunPublic,
+    RunsPublic,
+)
+from service.errors import InvalidRequest
+from workers.spec import PipelineSpec, SpecError, parse_pipeline
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+RunStateName = Literal[RUN_STATES]  # type: ignore[valid-type]
+
+
+def _detail(session: SessionDep, run: Run) -> RunDetailPublic:
+    session.refresh(run)  # the controller wrote through its own session
+    return RunDetailPublic.model_validate(
+        {**run.model_dump(), "stages": [s.model_dump() for s in crud.list_stages(session, run_id=run.id)]}
+    )
+
+
+def _parse_body(body: RunCreate) -> PipelineSpec:
+    if (body.spec is None) == (body.yaml is None):
+        raise InvalidRequest('give exactly one of "spec" (a pipeline mapping) or "yaml" (its text)')
+    if body.spec is not None:
+        return parse_pipeline(body.spec)
+    # Not load_pipeline: it reads a one-line string as a file path, and a request must not name server files.
+    try:
+        data = yaml.safe_load(body.yaml)
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid pipeline spec: not valid YAML: {e}") from None
+    return parse_pipeline(data)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunDetailPublic)
+def submit_run(principal: OperatorDep, body: RunCreate, session: SessionDep, controller: ControllerDep):
+    """Validate a pipeline spec and start it; 422 names the invalid field."""
+    spec = _parse_body(body)  # SpecError is an InvalidRequest-like ValueError: 422
+    run_id = controller.submit(spec, actor=principal.actor)
+    run = crud.get_run(session, run_id=run_id)
+    assert run is not None, f"controller.submit returned {run_id} without storing it"
+    return _detail(session, run)
+
+
+@router.get("", response_model=RunsPublic)
+def list_runs(
+    _: ViewerDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    state: RunStateName | None = None,
+):
+    runs = crud.list_runs(session, limit=limit, offset=offset, state=state)
+    return RunsPublic(data=[RunPublic.model_validate(r) for r in runs], count=crud.count_runs(session, state=state))
+
+
+@router.get("/{run_id}", response_model=RunDetailPublic)
+def get_run(_: ViewerDep, run: RunDep, session: SessionDep):
+    return _detail(session, run)
+
+
+@router.post("/{run_id}/pause", status_code=status.HTTP_202_ACCEPTED, response_model=RunDetailPublic)
+def pause_run(principal: OperatorDep, run: RunDep, session: SessionDep, controller: ControllerDep):
+    """Pause at the next step boundary (every rank at the same step)."""
+    controller.pause(run.id, actor=principal.actor)
+    return _detail(session, run)
+
+
+@router.post("/{run_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=RunDetailPublic)
+def resume_run(principal: OperatorDep, run: RunDep, session: SessionDep, controller: ControllerDep):
+    controller.resume(run.id, actor=principal.actor)
+    return _detail(session, run)
+
+
+@router.post("/{run_id}/stop", status_code=status.HTTP_202_ACCEPTED, response_model=RunDetailPublic)
+def stop_run(principal: OperatorDep, run: RunDep, session: SessionDep, controller: ControllerDep):
+    controller.stop(run.id, actor=principal.actor)
+    return _detail(session, run)
+
+
+@router.post("/{run_id}/anneal", status_code=status.HTTP_202_ACCEPTED, response_model=RunDetailPublic)
+def anneal_run(principal: OperatorDep, run: RunDep, body: AnnealRequest, session: SessionDep, controller: ControllerDep):
+    """Anneal the running stage: LR decays to `final_lr` over `steps`, optionally on a new mixture."""
+    known = {"web", "curated", *json.loads(run.spec).get("data", {})}
+    unknown = body.unknown_sources(known)
+    if unknown:
+        raise InvalidRequest(f"mixture names unknown source(s) {unknown} (known: {sorted(known)})")
+    controller.anneal(
+        run.id,
+        steps=body.steps,
+        final_lr=body.final_lr,
+        schedule=body.schedule,
+        mixture=body.mixture,
+        actor=principal.actor,
+    )
+    return _detail(session, run)
+
+
+@router.post("/{run_id}/rollback", status_code=status.HTTP_202_ACCEPTED, response_model=RollbackAccepted)
+def rollback_run(
+    principal: OperatorDep,
+    run: RunDep,
+    session: SessionDep,
+    controller: ControllerDep,
+    body: Annotated[RollbackRequest | None, Body()] = None,
+):
+    """Roll back to `checkpoint_id` (one of this run's), or to the newest good checkpoint."""
+    checkpoint_id = body.checkpoint_id if body else None
+    if checkpoint_id is not None and crud.get_checkpoint(session, run_id=run.id, checkpoint_id=checkpoint_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"checkpoint {checkpoint_id} not found in run {run.id}")
+    result = controller.rollback(run.id, checkpoint_id=checkpoint_id, actor=principal.actor)
+    return RollbackAccepted.model_validate({"run_id": run.id, **result})
+
+
+@router.get("/{run_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(_: ViewerDep, run: RunDep, session: SessionDep, stage: str | None = None):
+    rows = crud.list_checkpoints(session, run_id=run.id, stage_name=stage)
+    return CheckpointsPublic(data=rows, count=len(rows))
+
+
+@router.get("/{run_id}/incidents", response_model=IncidentsPublic)
+def list_incidents(_: ViewerDep, run: RunDep, session: SessionDep, open_only: bool = False):
+    rows = crud.list_incidents(session, run_id=run.id, open_only=open_only)
+    return IncidentsPublic(data=rows, count=len(rows))
+
+
+@router.get("/{run_id}/events", response_model=EventsPublic)
+def list_events(
+    _: ViewerDep,
+    run: RunDep,
+    session: SessionDep,
+    limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+):
+    rows = crud.list_events(session, run_id=run.id, limit=limit, offset=offset)
+    return EventsPublic(data=rows, count=len(rows))

@@ -1,0 +1,72 @@
+"""Helpers for supervisor tests: a real Controller + scheduler on a temp state dir, tiny pipelines."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from service.config import Settings
+from service.controller import Controller
+from service.db import crud
+from service.scheduler import build_scheduler
+from workers.spec import parse_pipeline
+
+TERMINAL = ("completed", "failed", "stopped", "needs_attention")
+
+
+def tiny_pipeline(*, name: str = "t", kind: str = "pretrain", steps: int = 120, world_size: int = 1,
+                  faults: list[dict] | None = None, every: int = 10, keep_last: int = 6, extra: dict | None = None,
+                  seed: int = 7) -> Any:
+    stage = {"name": kind, "kind": kind, "steps": steps, "world_size": world_size, "batch_size": 8,
+             "lr": 3e-3, "warmup_steps": 5, "eval_every": 40, "eval_batches": 2, "faults": faults or []}
+    stage.update(extra or {})
+    return parse_pipeline({
+        "name": name, "seed": seed,
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
+        "checkpoint": {"every": every, "keep_last": keep_last},
+        "stages": [stage],
+    })
+
+
+@contextlib.contextmanager
+def running_controller(state_dir: Path, **overrides: Any) -> Iterator[Controller]:
+    opts = dict(state_dir=state_dir, environment="development", watch_interval=0.25, hang_timeout=4.0)
+    opts.update(overrides)
+    settings = Settings(**opts)
+    ctl = Controller(settings)
+    ctl.start()
+    sched = build_scheduler(ctl, settings)
+    sched.start()
+    try:
+        yield ctl
+    finally:
+        sched.shutdown(wait=False)
+        ctl.shutdown()
+
+
+def run_state(ctl: Controller, run_id: str) -> str:
+    with ctl.session() as s:
+        return crud.get_run(s, run_id=run_id).state
+
+
+def wait_state(ctl: Controller, run_id: str, states: tuple[str, ...] = TERMINAL, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = run_state(ctl, run_id)
+        if st in states:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} still {run_state(ctl, run_id)!r} after {timeout}s; wanted {states}")
+
+
+def incidents(ctl: Controller, run_id: str) -> list[Any]:
+    with ctl.session() as s:
+        return crud.list_incidents(s, run_id=run_id)
+
+
+def metrics_log(state_dir: Path, run_id: str, stage: str, rank: int = 0) -> list[dict]:
+    """The worker's per-step JSONL log (every step it trained, in order, across rollbacks/restarts)."""
+    p = state_dir / "runs" / run_id / stage / f"metrics-rank{rank}.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

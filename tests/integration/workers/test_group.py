@@ -1,0 +1,134 @@
+"""WorkerGroup on real Ray: resume across groups, faults, controls, metrics over HTTP."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tests.conftest import wait_for
+from workers.contract import ControlKind, M
+from workers.group import WorkerGroup
+from workers.runtime.checkpoint import list_checkpoints, load_checkpoint, stage_root
+from workers.spec import parse_pipeline
+
+from ._helpers import history, scrape, tiny_pipeline, value
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def groups():
+    made: list[WorkerGroup] = []
+    yield made
+    for g in made:
+        g.shutdown()
+
+
+def _group(groups, state_dir, pipeline, **kw) -> WorkerGroup:
+    g = WorkerGroup(run_id="r1", spec=parse_pipeline(pipeline), stage_name="pretrain", state_dir=state_dir, **kw)
+    groups.append(g)
+    g.start()
+    return g
+
+
+def _until(g: WorkerGroup, states: tuple[str, ...], timeout: float = 25.0) -> dict:
+    return wait_for(lambda: (p := g.poll()) and p["state"] in states and p, timeout, interval=0.2,
+                    what=f"group state in {states}")
+
+
+def _labels(rank: int) -> dict:
+    return {"run": "r1", "stage": "pretrain", "rank": str(rank)}
+
+
+def test_two_rank_group_resumed_from_a_checkpoint_matches_the_uninterrupted_run(ray_session, tmp_path, groups):
+    pipeline = tiny_pipeline(steps=20, world_size=2, checkpoint={"every": 5, "keep_last": 10})
+    full = _group(groups, tmp_path / "a", pipeline, skip=[[2, 4]])
+    done = _until(full, ("finished", "failed"))
+    assert done["state"] == "finished", done
+    ck = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / "a" / "checkpoints", "r1", "pretrain"))}
+    resumed = _group(groups, tmp_path / "b", pipeline, resume_from=ck[10])
+    again = _until(resumed, ("finished", "failed"))
+    assert again["state"] == "finished", again
+    a = load_checkpoint(done["output_checkpoint"])
+    b = load_checkpoint(again["output_checkpoint"])
+    assert b["state"]["skip"] == [[2, 4]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+
+
+def test_worker_crash_kills_the_actor_and_a_restart_does_not_crash_again(ray_session, tmp_path, groups):
+    pipeline = tiny_pipeline(steps=16, world_size=2, checkpoint={"every": 4, "keep_last": 10},
+                             faults=[{"kind": "worker_crash", "at_step": 9, "rank": 1}])
+    g = _group(groups, tmp_path, pipeline)
+    failed = _until(g, ("failed", "finished"))
+    assert failed["state"] == "failed" and failed["failed_rank"] == 1, failed
+    assert failed["ranks"][1]["alive"] is False and "died" in failed["error"]
+    g.shutdown()
+    newest = list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain"))[-1]
+    assert newest["step"] == 8
+    restarted = _group(groups, tmp_path, pipeline, resume_from=newest["path"])
+    assert _until(restarted, ("failed", "finished"))["state"] == "finished"
+
+
+def test_hang_slow_and_gpu_xid_show_on_metrics(ray_session, tmp_path, groups):
+    pipeline = tiny_pipeline(steps=30, faults=[
+        {"kind": "slow", "at_step": 2, "duration": 3, "factor": 0.3},
+        {"kind": "gpu_xid", "at_step": 4},
+        {"kind": "hang", "at_step": 8},
+    ])
+    g = _group(groups, tmp_path, pipeline)
+    (ep,) = g.endpoints()
+    L = _labels(0)
+    m = wait_for(lambda: (s := scrape(ep["host"], ep["port"])) and value(s, M.STEP, **L) == 8 and s, 25, what="step 8")
+    # slow: three steps of >= 0.3 s each
+    assert value(m, "trainguard_step_seconds_sum", **L) >= 0.9
+    assert value(m, "trainguard_step_seconds_bucket", le="0.1", **L) <= 5
+    # gpu_xid through the fake NVML
+    assert value(m, "trainguard_gpu_xid_errors_total", provider="fake-nvml", **L) == 1
+    # hang: the heartbeat stops while the process stays alive and answers
+    beat = value(m, M.LAST_STEP_TS, **L)
+    wait_for(lambda: time.time() - beat > 1.0, 5, what="a second to pass")
+    m2 = scrape(ep["host"], ep["port"])
+    assert value(m2, M.LAST_STEP_TS, **L) == beat and value(m2, M.STEP, **L) == 8
+    p = g.poll()
+    assert p["state"] == "running" and p["ranks"][0]["alive"] and p["ranks"][0]["step"] == 8
+
+
+def test_pause_resume_lr_multiplier_rollback_and_stop_agree_across_ranks(ray_session, tmp_path, groups):
+    pipeline = tiny_pipeline(steps=400, world_size=2, step_delay=0.02, checkpoint={"every": 5, "keep_last": 50})
+    g = _group(groups, tmp_path, pipeline)
+    eps = g.endpoints()
+    step_of = lambda r: value(scrape(eps[r]["host"], eps[r]["port"]), M.STEP, **_labels(r))  # noqa: E731
+    wait_for(lambda: step_of(0) >= 12, 25, what="step 12")
+
+    g.control(ControlKind.PAUSE)
+    wait_for(lambda: all(value(scrape(e["host"], e["port"]), M.WORKER_PAUSED, **_labels(e["rank"])) == 1 for e in eps),
+             10, what="both ranks paused")
+    paused_at = step_of(0)
+    assert step_of(1) == paused_at and g.poll()["state"] == "paused"
+    t = time.monotonic()
+    while time.monotonic() - t < 0.5:  # observe for a while: no rank advances
+        assert step_of(0) == paused_at and step_of(1) == paused_at
+
+    lr_before = value(scrape(eps[0]["host"], eps[0]["port"]), M.LEARNING_RATE, **_labels(0))
+    g.control(ControlKind.LR_MULTIPLIER, {"value": 0.01})
+    g.control(ControlKind.RESUME)
+    wait_for(lambda: step_of(0) > paused_at + 2, 10, what="steps after resume")
+    lr_after = value(scrape(eps[1]["host"], eps[1]["port"]), M.LEARNING_RATE, **_labels(1))
+    assert lr_after < lr_before / 50
+
+    ck = [c for c in list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain")) if c["step"] == 10][0]
+    now = step_of(0)
+    g.control(ControlKind.ROLLBACK, {"checkpoint": ck["path"], "skip": [[10, 20]], "lr_multiplier": 0.5})
+    wait_for(lambda: step_of(0) < now, 10, what="trainguard_step to go back")
+    recs = [r for r in history(eps[1]["host"], eps[1]["port"], since=11) if not r.get("eval")]
+    replay = [r for r in recs if r["batch_index"] >= 20]
+    wait_for(lambda: any(r["step"] == 11 and r["batch_index"] == 20
+                         for r in history(eps[1]["host"], eps[1]["port"], since=11)), 10, what="replay from batch 20")
+    del replay
+
+    g.control(ControlKind.STOP)
+    stopped = _until(g, ("stopped", "failed"), timeout=15)
+    assert stopped["state"] == "stopped", stopped
+    assert {r["step"] for r in stopped["ranks"]} == {list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain"))[-1]["step"]}

@@ -1,0 +1,153 @@
+"""The step loop in-process (no Ray): exact resume, skip list, guard, faults, controls."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from workers.contract import Control, ControlKind, M
+from workers.runtime.checkpoint import CheckpointError, list_checkpoints, stage_root, verify_checkpoint
+from workers.runtime.harness import Harness, make_context, metrics_log_path
+
+from ._tiny import TinyStage, tiny_spec
+
+torch.set_num_threads(1)
+
+
+def _harness(spec, state_dir, **kw) -> Harness:
+    ctx = make_context(spec, "pretrain", run_id="run1", device=torch.device("cpu"))
+    return Harness(TinyStage(ctx), spec=spec, stage_name="pretrain", run_id="run1", state_dir=state_dir, **kw)
+
+
+def _stop_at(k: int):
+    def hook(h: Harness) -> None:
+        if h.step == k:
+            h.inbox.put(Control(ControlKind.STOP, seq=1))
+    return hook
+
+
+def _weights(h: Harness) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in h.stage.model.state_dict().items()}
+
+
+def sample(h: Harness, name: str, **labels) -> float | None:
+    for fam in text_string_to_metric_families(h.exporter.text().decode()):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+@pytest.mark.parametrize("skip", [[], [[5, 9]]])
+def test_resume_from_stop_is_bitwise_equal_to_uninterrupted(tmp_path, skip):
+    spec = tiny_spec(steps=24)
+    full = _harness(spec, tmp_path / "a", skip=skip)
+    assert full.run()["state"] == "finished"
+
+    first = _harness(spec, tmp_path / "b", skip=skip, on_step=_stop_at(11))
+    out = first.run()
+    assert out["state"] == "stopped" and out["step"] == 11 and out["last_checkpoint"].endswith("step-00000011")
+    second = _harness(spec, tmp_path / "b", skip=skip, resume_from=out["last_checkpoint"])
+    assert second.step == 11
+    assert second.run()["state"] == "finished"
+    a, b = _weights(full), _weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(full.optimizer.state_dict()["state"][0]["exp_avg"], second.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_skipped_batches_are_never_trained_on(tmp_path):
+    h = _harness(tiny_spec(steps=10), tmp_path, skip=[[2, 5]])
+    h.run()
+    recs = [json.loads(x) for x in metrics_log_path(tmp_path, "run1", "pretrain", 0).read_text().splitlines()]
+    batches = [r["batch_index"] for r in recs if not r.get("eval")]
+    assert batches == [0, 1, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert [r["step"] for r in recs if not r.get("eval")] == list(range(1, 11))
+
+
+def test_nan_fault_is_rejected_before_the_optimizer(tmp_path):
+    spec = tiny_spec(steps=12, faults=[{"kind": "nan", "at_step": 6, "duration": 2}])
+    h = _harness(spec, tmp_path)
+    h.run()
+    assert sample(h, "trainguard_anomalies_total", kind="nonfinite_loss") == 2.0
+    assert all(torch.isfinite(v).all() for v in h.stage.model.state_dict().values())
+    # the checkpoint at step 10 saw the anomaly within its window (steps 7, 8): unhealthy
+    ck = {m["step"]: m for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))}
+    assert ck[10]["healthy"] is False and ck[10]["anomalies_in_window"] == 2
+    assert ck[5]["healthy"] is True
+
+
+def test_loss_spike_fault_jumps_the_loss_and_counts_a_spike(tmp_path):
+    spec = tiny_spec(steps=40, lr=0.05, faults=[{"kind": "loss_spike", "at_step": 30, "duration": 2}])
+    h = _harness(spec, tmp_path)
+    h.run()
+    recs = [r for r in h.exporter.history(0) if not r.get("eval")]
+    before = sum(r["loss"] for r in recs[25:30]) / 5
+    assert recs[30]["loss"] >= 3 * before
+    assert recs[30]["anomaly"] == "loss_spike" and recs[30]["spike_score"] > 6
+    assert sample(h, "trainguard_anomalies_total", kind="loss_spike") >= 1
+
+
+def test_lr_burst_fault_multiplies_the_learning_rate(tmp_path):
+    spec = tiny_spec(steps=12, faults=[{"kind": "loss_spike", "mode": "lr_burst", "at_step": 8, "factor": 50}])
+    h = _harness(spec, tmp_path)
+    h.run()
+    recs = [r for r in h.exporter.history(0) if not r.get("eval")]
+    assert recs[8]["lr"] == pytest.approx(50 * h.lr_at(8))
+
+
+def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path):
+    spec = tiny_spec(steps=30)
+    seq = iter(range(1, 100))
+    rolled_back = []
+
+    def hook(h: Harness) -> None:
+        if h.step == 6:
+            h.inbox.put(Control(ControlKind.LR_MULTIPLIER, next(seq), {"value": 0.5}))
+        if h.step == 12 and not rolled_back:
+            rolled_back.append(True)
+            h.writer.wait()
+            ck = list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))[-1]["path"]
+            h.inbox.put(Control(ControlKind.ROLLBACK, next(seq), {"checkpoint": ck, "skip": [[10, 14]], "lr_multiplier": 0.25}))
+        if h.step == 20 and h.anneal is None:
+            h.inbox.put(Control(ControlKind.ANNEAL, next(seq), {"steps": 5, "final_lr": 1e-5, "schedule": "cosine"}))
+
+    h = _harness(spec, tmp_path, on_step=hook)
+    h.run()
+    recs = [r for r in h.exporter.history(0) if not r.get("eval")]
+    by_step: dict[int, list] = {}
+    for r in recs:
+        by_step.setdefault(r["step"], []).append(r)
+    assert by_step[7][0]["lr"] == pytest.approx(0.5 * h._base_lr(6))
+    # rollback at step 12 to the step-10 checkpoint: steps 11, 12 replayed on batches 14, 15
+    assert [r["batch_index"] for r in by_step[11]] == [10, 14]
+    assert by_step[11][1]["lr"] == pytest.approx(0.25 * h._base_lr(10))
+    assert h.cursor.skip == [[10, 14]]
+    assert recs[-1]["lr"] == pytest.approx(1e-5)
+    assert h.result()["state"] == "finished"
+
+
+def test_rollback_to_a_corrupt_checkpoint_fails_naming_the_file(tmp_path):
+    spec = tiny_spec(steps=12, faults=[{"kind": "checkpoint_corrupt", "at_step": 4}])
+    h = _harness(spec, tmp_path)
+    h.run()
+    ck = {m["step"]: m["path"] for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))}
+    with pytest.raises(CheckpointError, match="model.pt"):
+        verify_checkpoint(ck[5])
+    verify_checkpoint(ck[10])
+    with pytest.raises(CheckpointError, match="model.pt"):
+        h.rollback(ck[5], [], None)
+
+
+def test_exported_metrics_carry_run_stage_rank(tmp_path):
+    h = _harness(tiny_spec(steps=10), tmp_path)
+    h.run()
+    labels = {"run": "run1", "stage": "pretrain", "rank": "0"}
+    for name in (M.STEP, M.TRAIN_LOSS, M.VAL_LOSS, M.GRAD_NORM, M.LEARNING_RATE, M.LAST_STEP_TS, M.SPIKE_SCORE,
+                 M.CHECKPOINT_STEP, M.CHECKPOINT_BYTES, M.MODEL_PARAMETERS, M.TOKENS_PER_PARAMETER, M.WORKER_PAUSED,
+                 "trainguard_tokens_total", "trainguard_step_seconds_count", "trainguard_checkpoint_seconds_count",
+                 "trainguard_anomalies_total"):
+        assert sample(h, name, **labels) is not None, name
+    assert sample(h, M.STEP, **labels) == 10
+    assert sample(h, M.CHECKPOINT_STEP, **labels) == 10

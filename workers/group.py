@@ -1,0 +1,248 @@
+"""Ray actors for one stage of a run: `TrainWorker` per rank, `WorkerGroup` as the handle.
+
+The supervisor (service/adapters/ray.py) drives a stage through `WorkerGroup`: start it,
+read the workers' metrics endpoints, send control messages, poll for completion or
+failure, shut it down, and start a new group from a checkpoint to recover.
+
+Each actor runs the step loop in one of its threads (`max_concurrency`), so control and
+status calls are served while training runs, and even while a rank hangs.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, Iterable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from workers.contract import Control, ControlKind
+from workers.spec import PipelineSpec
+
+__all__ = ["TrainWorker", "WorkerGroup", "STATE_DIR_ENV"]
+
+STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
+TERMINAL = ("finished", "stopped", "failed")
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class TrainWorker:
+    """One rank. The exporter starts in the constructor so endpoints exist before training."""
+
+    def __init__(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
+                 state_dir: str, resume_from: str | None, skip: list[list[int]], lr_multiplier: float | None,
+                 inputs: dict[str, str], fired_dir: str, bind_host: str | None,
+                 checkpoint_root: str | None) -> None:
+        import torch
+
+        from workers.runtime.control import ControlInbox
+        from workers.runtime.exporter import Exporter
+        from workers.runtime.gpu import make_gpu_health
+
+        torch.set_num_threads(1)  # the CPUs are shared; one intra-op thread per rank
+        self.args = dict(run_id=run_id, spec=spec, stage_name=stage_name, rank=rank, world_size=world_size,
+                         state_dir=state_dir, resume_from=resume_from, skip=skip, lr_multiplier=lr_multiplier,
+                         inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root)
+        self.rank = rank
+        self.gpu = make_gpu_health()
+        self.exporter = Exporter(run_id, stage_name, rank, gpu=self.gpu)
+        self.port = self.exporter.start(bind_host)
+        self.inbox = ControlInbox()
+        self.harness = None
+        self.state = "starting"
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def endpoint(self) -> dict[str, Any]:
+        host = self.exporter.host
+        if host in ("0.0.0.0", "::", ""):
+            host = ray.util.get_node_ip_address()
+        return {"rank": self.rank, "host": host, "port": self.port}
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: the tcp:// address of the process group (this node, a free port)."""
+        from workers.runtime.distributed import free_port
+
+        host = "127.0.0.1" if self.args["world_size"] == 1 else ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def run(self, addr: tuple[str, int]) -> dict[str, Any]:
+        import torch
+
+        from workers.runtime.distributed import Dist
+        from workers.runtime.harness import Harness, make_context
+        from workers.spec import parse_pipeline
+        from workers.stages import STAGES
+
+        a = self.args
+        dist = None
+        try:
+            torch.set_num_threads(1)
+            spec = parse_pipeline(a["spec"])
+            device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist = Dist.init(rank=a["rank"], world_size=a["world_size"], addr=addr[0], port=addr[1], device=device)
+            ctx = make_context(spec, a["stage_name"], run_id=a["run_id"], rank=a["rank"],
+                               world_size=a["world_size"], inputs=a["inputs"], device=device)
+            stage = STAGES[spec.stage(a["stage_name"]).kind](ctx)
+            harness = Harness(stage, spec=spec, stage_name=a["stage_name"], run_id=a["run_id"],
+                              state_dir=Path(a["state_dir"]), dist=dist, exporter=self.exporter, inbox=self.inbox,
+                              resume_from=a["resume_from"], skip=a["skip"], lr_multiplier=a["lr_multiplier"],
+                              fired_dir=Path(a["fired_dir"]), gpu=self.gpu, checkpoint_root=a["checkpoint_root"])
+            with self._lock:
+                self.harness = harness
+                self.state = "running"
+            result = harness.run()
+            self.state = result["state"]
+            return result
+        except BaseException:
+            self.state = "failed"
+            self.error = traceback.format_exc(limit=20)
+            raise
+        finally:
+            if dist is not None and self.state != "failed":
+                dist.close()
+
+    def control(self, msg: dict[str, Any]) -> None:
+        self.inbox.put(Control.from_dict(msg))
+
+    def status(self) -> dict[str, Any]:
+        h = self.harness
+        if h is None:
+            return {"rank": self.rank, "step": 0, "state": self.state, "error": self.error,
+                    "output_checkpoint": None, "last_checkpoint": None}
+        st = h.status()
+        if self.state == "failed":
+            st["state"] = "failed"
+        st["error"] = self.error
+        return st
+
+
+class WorkerGroup:
+    """Handle on one stage's worker actors (one per rank). See docs/internals.md."""
+
+    def __init__(self, *, run_id: str, spec: PipelineSpec, stage_name: str, state_dir: Path | str | None = None,
+                 resume_from: Path | str | None = None, skip: Iterable[Iterable[int]] = (),
+                 lr_multiplier: float | None = None, inputs: dict[str, Path | str] | None = None,
+                 fired_dir: Path | str | None = None, bind_host: str | None = None,
+                 checkpoint_root: str | None = None) -> None:
+        """`state_dir` defaults to $TRAINGUARD_STATE_DIR. `lr_multiplier` None keeps the
+        checkpoint's (or 1.0); a value replaces it. `skip` is added to the checkpoint's skip list."""
+        state_dir = state_dir or os.environ.get(STATE_DIR_ENV)
+        if not state_dir:
+            raise ValueError(f"state_dir is required (argument or ${STATE_DIR_ENV})")
+        self.run_id = run_id
+        self.spec = spec
+        self.stage_name = stage_name
+        self.stage_spec = spec.stage(stage_name)  # KeyError for an unknown stage
+        self.world_size = self.stage_spec.world_size
+        self.state_dir = Path(state_dir)
+        self.fired_dir = Path(fired_dir) if fired_dir else self.state_dir / "runs" / run_id / "faults-fired"
+        self._kwargs = dict(
+            run_id=run_id, spec=spec.model_dump(mode="json"), stage_name=stage_name, world_size=self.world_size,
+            state_dir=str(self.state_dir), resume_from=str(resume_from) if resume_from else None,
+            skip=[[int(a), int(b)] for a, b in skip], lr_multiplier=lr_multiplier,
+            inputs={k: str(v) for k, v in (inputs or {}).items()}, fired_dir=str(self.fired_dir),
+            bind_host=bind_host, checkpoint_root=checkpoint_root)
+        self._actors: list[Any] = []
+        self._run_refs: list[Any] = []
+        self._endpoint_refs: list[Any] = []
+        self._endpoints: list[dict[str, Any]] | None = None
+        self._seq = 0
+        self._closed = False
+        self._last: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        """Create the actors and start their loops; returns without waiting for either."""
+        assert not self._actors, "start() called twice"
+        gpus = ray.cluster_resources().get("GPU", 0)
+        opts = {"num_gpus": 1} if gpus >= self.world_size else {}
+        self._actors = [TrainWorker.options(**opts).remote(rank=r, **self._kwargs) for r in range(self.world_size)]
+        addr = self._actors[0].rendezvous.remote()  # an ObjectRef: each run() starts once it resolves
+        self._run_refs = [a.run.remote(addr) for a in self._actors]
+        self._endpoint_refs = [a.endpoint.remote() for a in self._actors]
+
+    def endpoints(self, timeout: float = 120.0) -> list[dict[str, Any]]:
+        if self._endpoints is None:
+            self._endpoints = ray.get(self._endpoint_refs, timeout=timeout)
+        return list(self._endpoints)
+
+    def control(self, kind: ControlKind | str, payload: dict[str, Any] | None = None, timeout: float = 10.0) -> int:
+        """Deliver a control message to every live rank; they apply it at one agreed step."""
+        self._seq += 1
+        msg = Control(ControlKind(kind), self._seq, dict(payload or {})).to_dict()
+        refs = [a.control.remote(msg) for a in self._actors]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=timeout)
+            except (RayActorError, GetTimeoutError):
+                pass  # a dead rank: poll() reports it
+        return self._seq
+
+    def poll(self, timeout: float = 5.0) -> dict[str, Any]:
+        ranks: list[dict[str, Any]] = []
+        status_refs = [a.status.remote() for a in self._actors]
+        for r, (ref, sref) in enumerate(zip(self._run_refs, status_refs)):
+            info: dict[str, Any] = {"rank": r, "step": None, "state": "running", "alive": True, "error": None,
+                                    "output_checkpoint": None}
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    res = ray.get(ref)
+                    info.update(state=res["state"], step=res["step"], output_checkpoint=res["output_checkpoint"])
+                except RayActorError as e:
+                    info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
+                except Exception as e:  # noqa: BLE001 - the loop raised: report, do not re-raise
+                    info.update(state="failed", error=f"rank {r}: {_short(e)}")
+            if info["alive"]:
+                try:
+                    st = ray.get(sref, timeout=timeout)
+                    info["step"] = st["step"]
+                    if not done:
+                        info["state"] = st["state"]
+                except RayActorError as e:
+                    info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
+                except GetTimeoutError:
+                    info["error"] = f"rank {r}: status timed out"
+            ranks.append(info)
+        dead = [i for i in ranks if not i["alive"]]
+        failed = dead or [i for i in ranks if i["state"] == "failed"]
+        states = {i["state"] for i in ranks}
+        if failed:
+            state = "failed"
+        elif states == {"finished"}:
+            state = "finished"
+        elif states <= {"stopped", "finished"}:
+            state = "stopped"
+        elif "paused" in states:
+            state = "paused"
+        else:
+            state = "running"
+        out = {
+            "state": state,
+            "ranks": [{k: i[k] for k in ("rank", "step", "state", "alive", "error")} for i in ranks],
+            "output_checkpoint": ranks[0]["output_checkpoint"] if state == "finished" else None,
+            "failed_rank": failed[0]["rank"] if failed else None,
+            "error": failed[0]["error"] if failed else None,
+        }
+        self._last = out
+        return out
+
+    def shutdown(self) -> None:
+        """Kill every actor (idempotent). Training state lives in checkpoints, not here."""
+        if self._closed:
+            return
+        self._closed = True
+        for a in self._actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _short(e: BaseException, limit: int = 2000) -> str:
+    s = str(e).strip()
+    return s if len(s) <= limit else s[:limit] + " ..."

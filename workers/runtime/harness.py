@@ -1,0 +1,482 @@
+"""The step loop (per rank). See docs/internals.md "Harness step loop".
+
+The harness owns everything around a stage's objective: data cursor and skip list,
+backward, gradient all-reduce, clipping, the guard, AdamW and the LR schedule,
+checkpoints, metrics, faults and control. Read `Harness.run` top to bottom.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from workers.contract import AnomalyKind, Control, ControlKind, M, StageKind
+from workers.runtime.checkpoint import (CheckpointWriter, Snapshot, WriteResult, checkpoint_path, load_checkpoint,
+                                        to_cpu)
+from workers.runtime.control import ControlInbox
+from workers.runtime.distributed import Dist
+from workers.runtime.exporter import CHECKPOINT_STALL, Exporter
+from workers.runtime.faults import FaultInjector
+from workers.runtime.gpu import GpuHealth
+from workers.runtime.guard import Guard
+from workers.stages.base import Stage, StageContext
+
+__all__ = [
+    "Harness",
+    "DataCursor",
+    "schedule_lr",
+    "anneal_lr",
+    "merge_ranges",
+    "make_context",
+    "metrics_log_path",
+    "default_checkpoint_root",
+]
+
+PAUSE_POLL_S = 0.1  # paused ranks re-agree ~10x/s so resume/stop apply promptly
+
+
+# -- pure pieces ----------------------------------------------------------------------------
+def schedule_lr(step: int, *, base: float, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from `base` to `base * min_ratio` at `total`."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
+    return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def anneal_lr(step: int, ov: dict[str, Any]) -> float:
+    """The anneal override: from `start_lr` at `start_step` to `final_lr` over `steps`, then hold."""
+    t = min(max((step - ov["start_step"]) / max(1, ov["steps"]), 0.0), 1.0)
+    a, b = float(ov["start_lr"]), float(ov["final_lr"])
+    kind = ov.get("schedule", "linear")
+    if kind == "cosine":
+        return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if kind == "exponential" and a > 0 and b > 0:
+        return a * (b / a) ** t
+    return a + (b - a) * t
+
+
+def merge_ranges(ranges: Iterable[Iterable[int]]) -> list[list[int]]:
+    """Sorted, merged half-open [start, end) ranges; empty ones dropped."""
+    rs = sorted((int(a), int(b)) for a, b in ranges if int(b) > int(a))
+    out: list[list[int]] = []
+    for a, b in rs:
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+@dataclass
+class DataCursor:
+    """`next_index` is the next batch index to consider; `skip` ranges are never trained on."""
+
+    next_index: int = 0
+    skip: list[list[int]] = field(default_factory=list)
+
+    def add_skip(self, ranges: Iterable[Iterable[int]]) -> None:
+        self.skip = merge_ranges([*self.skip, *ranges])
+
+    def take(self) -> int:
+        idx = self.next_index
+        for a, b in self.skip:  # sorted and merged: one pass suffices
+            if a <= idx < b:
+                idx = b
+        self.next_index = idx + 1
+        return idx
+
+
+def metrics_log_path(state_dir: Path, run_id: str, stage: str, rank: int) -> Path:
+    return Path(state_dir) / "runs" / run_id / stage / f"metrics-rank{rank}.jsonl"
+
+
+def default_checkpoint_root(state_dir: Path) -> str:
+    return str(Path(state_dir) / "checkpoints")
+
+
+def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, world_size: int = 1,
+                 inputs: dict[str, Path] | None = None, device: torch.device | None = None) -> StageContext:
+    """The StageContext for `stage_name` of pipeline `spec` (init checkpoint from `inputs`)."""
+    st = spec.stage(stage_name)
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+    autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    inputs = {k: Path(v) if "://" not in str(v) else v for k, v in (inputs or {}).items()}
+    init = None
+    if st.kind != StageKind.PRETRAIN.value:
+        names = [s.name for s in spec.stages]
+        i = names.index(stage_name)
+        src = st.init_from or (names[i - 1] if i > 0 else None)
+        init = inputs.get(src) if src is not None else None
+    return StageContext(run_id=run_id, rank=rank, world_size=world_size, seed=spec.seed, device=device,
+                        autocast_dtype=autocast, model_spec=spec.model, stage=st, inputs=inputs,
+                        init_checkpoint=init, data_files=dict(spec.data))
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Harness:
+    """One rank's training loop for one stage.
+
+    `run()` returns {"state": finished|stopped, "step", "output_checkpoint", "last_checkpoint"}.
+    `on_step(harness)` runs after every step (tests use it to inject controls at exact steps).
+    """
+
+    def __init__(self, stage: Stage, *, spec: Any, stage_name: str, run_id: str, state_dir: Path,
+                 dist: Dist | None = None, exporter: Exporter | None = None, inbox: ControlInbox | None = None,
+                 resume_from: str | Path | None = None, skip: Iterable[Iterable[int]] = (),
+                 lr_multiplier: float | None = None, fired_dir: Path | None = None, gpu: GpuHealth | None = None,
+                 checkpoint_root: str | None = None, health_window: int = 10,
+                 on_step: Callable[["Harness"], None] | None = None) -> None:
+        self.stage = stage
+        self.spec = spec
+        self.sspec = spec.stage(stage_name)
+        self.stage_name = stage_name
+        self.run_id = run_id
+        self.state_dir = Path(state_dir)
+        self.dist = dist or Dist(rank=stage.ctx.rank, world_size=stage.ctx.world_size, device=stage.ctx.device)
+        self.rank = self.dist.rank
+        self.exporter = exporter or Exporter(run_id, stage_name, self.rank, gpu=gpu)
+        self.inbox = inbox or ControlInbox()
+        self.faults = FaultInjector(self.sspec.faults, rank=self.rank, run_id=run_id, stage=stage_name,
+                                    fired_dir=fired_dir, gpu=gpu)
+        self.guard = Guard()
+        self.health_window = health_window
+        self.on_step = on_step
+        ck = spec.checkpoint_for(self.sspec)
+        self.ckpt_every = ck.every
+        root = checkpoint_root or ck.storage or default_checkpoint_root(self.state_dir)
+        self.writer = CheckpointWriter(root, asynchronous=ck.asynchronous, keep_last=ck.keep_last,
+                                       on_written=self._on_written)
+
+        model = stage.model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.sspec.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.sspec.lr, betas=(0.9, 0.95))
+        self.n_params = sum(p.numel() for p in self.params)
+
+        # training state (all of it goes into the checkpoint)
+        self.step = 0
+        self.cursor = DataCursor()
+        self.lr_multiplier = 1.0
+        self.anneal: dict[str, Any] | None = None
+        self.mixture: dict[str, float] | None = None  # override from an anneal control
+        self.best_metric: float | None = None
+        self.best_path: str | None = None
+        self.tokens_seen = 0  # all ranks
+        if self.sspec.kind == StageKind.ANNEAL.value:
+            self.anneal = {"start_step": 0, "start_lr": self.sspec.lr, "final_lr": self.sspec.final_lr,
+                           "steps": self.sspec.steps, "schedule": self.sspec.schedule}
+
+        # bookkeeping (not checkpointed)
+        self.state = "starting"
+        self.paused = False
+        self.stopped = False
+        self.last_loss = float("nan")
+        self.last_grad_norm = float("nan")
+        self.last_spike = 0.0
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
+        self.anomaly_steps: list[int] = []
+        self.last_checkpoint: str | None = None
+        self.final_checkpoint: str | None = None
+        self._written_lock = threading.Lock()
+        self._log = None
+
+        if resume_from is not None:
+            self.load(resume_from)
+        self.cursor.add_skip(skip)
+        if lr_multiplier is not None:
+            self.lr_multiplier = float(lr_multiplier)
+        self.exporter.set(M.MODEL_PARAMETERS, self.n_params)
+        self.exporter.set(M.STEP, self.step)
+
+    # -- LR ------------------------------------------------------------------------------------
+    def _base_lr(self, step: int) -> float:
+        """LR before the multiplier: the anneal override when set, else warmup+cosine."""
+        if self.anneal is not None and step >= self.anneal["start_step"]:
+            return anneal_lr(step, self.anneal)
+        s = self.sspec
+        return schedule_lr(step, base=s.lr, total=s.steps, warmup=s.warmup_steps, min_ratio=s.min_lr_ratio)
+
+    def lr_at(self, step: int) -> float:
+        return self._base_lr(step) * self.lr_multiplier
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        log_path = metrics_log_path(self.state_dir, self.run_id, self.stage_name, self.rank)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "a", buffering=1)
+        self.state = "running"
+        try:
+            while self.step < self.sspec.steps:
+                if not self._boundary():
+                    break
+                self._train_step()
+                if self.on_step is not None:
+                    self.on_step(self)
+                if self.step % self.sspec.eval_every == 0 and self.step < self.sspec.steps:
+                    self._evaluate()
+                if self.step % self.ckpt_every == 0 and self.step < self.sspec.steps:
+                    self._checkpoint()
+            if not self.stopped:
+                self._evaluate()
+                self._checkpoint(final=True)
+                self.writer.wait()
+                self.state = "finished"
+            return self.result()
+        finally:
+            self._log.close()
+
+    def result(self) -> dict[str, Any]:
+        return {"state": self.state, "step": self.step, "output_checkpoint": self.output_checkpoint(),
+                "last_checkpoint": self.last_checkpoint}
+
+    def status(self) -> dict[str, Any]:
+        return {"rank": self.rank, "step": self.step, "state": "paused" if self.paused and self.state == "running"
+                else self.state, "output_checkpoint": self.output_checkpoint(),
+                "last_checkpoint": self.last_checkpoint}
+
+    def output_checkpoint(self) -> str | None:
+        if self.state != "finished":
+            return None
+        if self.stage.output_metric() is not None and self.best_path is not None:
+            return self.best_path
+        return self.final_checkpoint
+
+    def _boundary(self) -> bool:
+        """Apply the control messages all ranks agree on; stay here while paused.
+        Returns False when the loop must end (stop)."""
+        self._apply(self.inbox.agree(self.dist.min_int))
+        while self.paused and not self.stopped:
+            self.exporter.set(M.WORKER_PAUSED, 1)
+            time.sleep(PAUSE_POLL_S)  # pacing of the agreement rounds, not synchronisation
+            self._apply(self.inbox.agree(self.dist.min_int))
+        self.exporter.set(M.WORKER_PAUSED, 0)
+        if self.stopped:
+            self._checkpoint(sync=True)
+            self.state = "stopped"
+            return False
+        return True
+
+    def _apply(self, msgs: list[Control]) -> None:
+        for m in msgs:
+            p = m.payload
+            if m.kind == ControlKind.PAUSE:
+                self.paused = True
+            elif m.kind == ControlKind.RESUME:
+                self.paused = False
+            elif m.kind == ControlKind.STOP:
+                self.stopped = True
+            elif m.kind == ControlKind.LR_MULTIPLIER:
+                self.lr_multiplier = float(p["value"])
+            elif m.kind == ControlKind.ANNEAL:
+                self._start_anneal(int(p["steps"]), float(p["final_lr"]), p.get("schedule", "linear"), p.get("mixture"))
+            elif m.kind == ControlKind.ROLLBACK:
+                self.rollback(p["checkpoint"], p.get("skip") or [], p.get("lr_multiplier"))
+
+    def _start_anneal(self, steps: int, final_lr: float, schedule: str, mixture: dict[str, float] | None) -> None:
+        # stored without the multiplier, so a later lr_multiplier still scales the anneal
+        m = self.lr_multiplier if self.lr_multiplier > 0 else 1.0
+        self.anneal = {"start_step": self.step, "start_lr": self._base_lr(self.step), "final_lr": final_lr / m,
+                       "steps": max(1, steps), "schedule": schedule}
+        if mixture:
+            self.mixture = dict(mixture)
+
+    def rollback(self, checkpoint: str | Path, skip: Iterable[Iterable[int]], lr_multiplier: float | None) -> None:
+        """In-process rollback: load (verified), add skip ranges, set the LR multiplier."""
+        keep_skip, keep_mult = list(self.cursor.skip), self.lr_multiplier
+        self.writer.wait()  # retention must not delete what we are about to load
+        self.load(checkpoint)
+        self.cursor.add_skip([*keep_skip, *skip])
+        self.lr_multiplier = keep_mult if lr_multiplier is None else float(lr_multiplier)
+        self.anomaly_steps = [s for s in self.anomaly_steps if s <= self.step]
+        self.faults.rewound()
+        self.exporter.set(M.STEP, self.step)
+
+    def _train_step(self) -> None:
+        t0 = time.perf_counter()
+        step = self.step
+        batch_index = self.cursor.take()
+        effects = self.faults.before_step(batch_index)
+        lr = self.lr_at(step) * effects.lr_factor
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        mixture = self.mixture or dict(self.sspec.mixture)
+        ctx = self.stage.ctx
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = (torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
+                    if ctx.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            result = self.stage.step(batch_index, step, mixture, corrupt=effects.corrupt)
+        loss = result.loss.float()
+        if effects.nan:
+            loss = loss * float("nan")  # the NaN flows into every gradient, as a real one would
+        loss_value = float(loss.detach())
+        loss.backward()
+        nonfinite_votes = self.dist.all_reduce_grads(self.params, 0.0 if math.isfinite(loss_value) else 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.sspec.grad_clip))
+        # the guard decides before the optimizer: a non-finite step never reaches the weights
+        verdict = self.guard.check(loss_value, grad_norm, any_rank_nonfinite=nonfinite_votes > 0)
+        if verdict.apply_update:
+            self.optimizer.step()
+            self.stage.after_step(result, step)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.sspec.step_delay:
+            time.sleep(self.sspec.step_delay)  # demo pacing
+        self.step = step + 1
+        self.tokens_seen += result.tokens * self.dist.world_size
+        seconds = time.perf_counter() - t0
+        self.last_loss, self.last_grad_norm, self.last_spike = loss_value, grad_norm, verdict.spike_score
+        if verdict.anomaly is not None:
+            self.anomaly_steps.append(self.step)
+            self.exporter.count_anomaly(verdict.anomaly)
+        self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
+
+    def _publish(self, batch_index: int, lr: float, seconds: float, tokens: int, metrics: dict[str, float],
+                 anomaly: AnomalyKind | None) -> None:
+        e = self.exporter
+        e.set(M.STEP, self.step)
+        e.set(M.TRAIN_LOSS, self.last_loss)
+        e.set(M.GRAD_NORM, self.last_grad_norm)
+        e.set(M.LEARNING_RATE, lr)
+        e.set(M.SPIKE_SCORE, self.last_spike)
+        e.set(M.TOKENS_PER_PARAMETER, self.tokens_seen / max(1, self.n_params))
+        e.set_stage_metrics(metrics)
+        e.observe_step(seconds, tokens)
+        rec: dict[str, Any] = {"step": self.step, "batch_index": batch_index, "time": time.time(),
+                               "loss": self.last_loss, "grad_norm": self.last_grad_norm, "lr": lr,
+                               "spike_score": self.last_spike, "anomaly": anomaly.value if anomaly else None,
+                               "step_seconds": seconds, "rank": self.rank}
+        rec.update({k: float(v) for k, v in metrics.items() if v is not None})
+        self._write_record(rec)
+        # the heartbeat goes last: a step counts as finished once everything above is out
+        e.set(M.LAST_STEP_TS, time.time())
+
+    def _write_record(self, rec: dict[str, Any]) -> None:
+        self.exporter.record(rec)
+        if self._log is not None:
+            self._log.write(json.dumps(rec) + "\n")
+
+    def _evaluate(self) -> None:
+        if self.last_eval_step == self.step:
+            return
+        model = self.stage.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.stage.evaluate()
+        finally:
+            model.train(was_training)
+        self.last_eval = {k: float(v) for k, v in metrics.items()}
+        self.last_eval_step = self.step
+        self.exporter.set_stage_metrics(self.last_eval)
+        rec: dict[str, Any] = {"step": self.step, "batch_index": self.cursor.next_index - 1, "time": time.time(),
+                               "eval": True, "rank": self.rank, **self.last_eval}
+        self._write_record(rec)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint(self, final: bool = False, sync: bool = False) -> None:
+        t0 = time.perf_counter()
+        tags: list[str] = ["final"] if final else []
+        metric = self.stage.output_metric()
+        if metric is not None:
+            self._evaluate()  # the best checkpoint is picked on weights that were evaluated
+            value = self.last_eval.get(metric)
+            if value is not None and math.isfinite(value) and (self.best_metric is None or value < self.best_metric):
+                self.best_metric = value
+                tags.append("best")
+        rng = {**_rng_state(), "guard": self.guard.state()}
+        gathered = self.dist.gather_to_rank0(rng)  # collective: every rank checkpoints at the same step
+        if self.rank != 0:
+            return
+        window_lo = self.step - self.health_window
+        anomalies = sum(1 for s in self.anomaly_steps if window_lo < s <= self.step)
+        metrics = {"train_loss": self.last_loss, "grad_norm": self.last_grad_norm, "spike_score": self.last_spike}
+        if "val_loss" in self.last_eval:
+            metrics["val_loss"] = self.last_eval["val_loss"]
+        if metric is not None and metric in self.last_eval:
+            metrics[metric] = self.last_eval[metric]
+        state = self._state_dict()
+        if "best" in tags:  # this checkpoint becomes the best one once it lands
+            state["best_path"] = checkpoint_path(self.writer.root, self.run_id, self.stage_name, self.step)
+        snap = Snapshot(
+            run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
+            batch_cursor=self.cursor.next_index,
+            model=to_cpu(self.stage.model.state_dict()), optimizer=to_cpu(self.optimizer.state_dict()),
+            extra=to_cpu(self.stage.extra_state()), rng={r: s for r, s in enumerate(gathered or [])},
+            state=state, metrics=metrics,
+            healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
+            anomalies_in_window=anomalies, model_config=self.spec.model.model_dump(), tags=tags)
+        stalled = self.writer.submit(snap)
+        if sync or final:
+            self.writer.wait()
+        self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
+        del stalled
+
+    def _on_written(self, res: WriteResult) -> None:
+        """Writer thread: the checkpoint is in place (manifest last) and retention ran."""
+        self.exporter.observe_checkpoint(res.step, res.seconds, res.bytes)
+        with self._written_lock:
+            self.last_checkpoint = res.path
+            if "best" in res.tags:
+                self.best_path = res.path
+            if "final" in res.tags:
+                self.final_checkpoint = res.path
+        self.faults.after_checkpoint(res.path, res.step)
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "batch_cursor": self.cursor.next_index, "skip": self.cursor.skip,
+                "lr_multiplier": self.lr_multiplier, "anneal": self.anneal, "mixture": self.mixture,
+                "best_metric": self.best_metric, "best_path": self.best_path, "tokens_seen": self.tokens_seen,
+                "world_size": self.dist.world_size}
+
+    def load(self, path: str | Path) -> None:
+        """Restore the full training state from a checkpoint (checksums verified first)."""
+        ck = load_checkpoint(path, map_location=self.stage.ctx.device)
+        self.stage.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.stage.load_extra_state(ck["extra"])
+        st = ck["state"]
+        self.step = int(st["step"])
+        self.cursor = DataCursor(int(st["batch_cursor"]), merge_ranges(st.get("skip", [])))
+        self.lr_multiplier = float(st.get("lr_multiplier", 1.0))
+        self.anneal = st.get("anneal")
+        self.mixture = st.get("mixture")
+        self.best_metric = st.get("best_metric")
+        self.best_path = st.get("best_path")
+        self.tokens_seen = int(st.get("tokens_seen", 0))
+        rng = ck["rng"].get(self.rank, ck["rng"].get(0))
+        if rng is not None:
+            _set_rng_state(rng)
+            self.guard.load_state(rng.get("guard", {}))
+        self.last_eval_step = -1
