@@ -26,5 +26,5 @@ def build_app(settings=None, controller=None) -> FastAPI:
             sched.shutdown(wait=False)
             controller.shutdown()
 
-    app = create_app(settings, controller, lifespan=lifespan)
+    app = create_app(settings, controller, engine=controller.engine, lifespan=lifespan)
     return app

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     watch_enabled: bool = True
     """False: the supervisor does not watch on its own; only alerts drive recovery."""
 
+    hang_timeout: float = Field(60.0, gt=0.0, le=86400.0)
+    """Seconds without a finished step (not paused) before a rank counts as hung."""
+    startup_grace: float = Field(120.0, gt=0.0, le=86400.0)
+    """Seconds a freshly started worker group may take to its first step before a hang is declared."""
+
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=0, le=65535)
 

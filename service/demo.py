@@ -133,7 +133,7 @@ def run_demo(args: argparse.Namespace) -> int:
     settings = Settings(state_dir=state_dir, environment="development", port=args.port or _free_port(),
                         hang_timeout=6.0)
     print(f"trainguard demo: state in {state_dir}, API on http://{settings.host}:{settings.port}/api/v1 "
-          f"(operator token {settings.operator_token!r})", file=sys.stderr)
+          f"(operator token {settings.operator_token.get_secret_value()!r})", file=sys.stderr)
     ctl = Controller(settings)
     server = _serve(settings, ctl)
     t0 = time.time()
@@ -184,7 +184,7 @@ def _serve(settings: Any, ctl: Any):
 
     from service.api import create_app
 
-    app = create_app(settings, ctl)
+    app = create_app(settings, ctl, engine=ctl.engine)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True, name="api").start()
     return server

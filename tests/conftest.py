@@ -80,7 +80,8 @@ POSTGRES_URL = os.environ.get("TRAINGUARD_TEST_POSTGRES_URL", "postgresql+psycop
 def database_url(request, tmp_path: Path) -> str:
     """Store tests run on both SQLite and PostgreSQL (a fresh schema per test on PostgreSQL)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'trainguard.db'}"
+        yield f"sqlite:///{tmp_path / 'trainguard.db'}"
+        return
     import sqlalchemy as sa
 
     try:

@@ -18,10 +18,12 @@ Shared conventions:
   the threshold it crossed, and "end_step" (last step of the episode, None while
   it is still going on).
 
-Defaults are tuned on simulated healthy curves (power-law decay, lognormal noise,
-warmup bumps, single-step outliers, LR-decay plateaus): zero loss_spike or
-divergence findings in 100,000 steps, and injected 2-10x spikes found at their
-first step (tests/unit/service/test_detectors.py measures both).
+Defaults are tuned on simulated healthy curves (power-law decay, lognormal noise
+of 2-12% per step, warmup bumps, single-step 1.5-4x outliers, LR-decay plateaus;
+tests/unit/service/curves.py): no loss_spike or divergence finding in 1,000,000
+steps (none either at 15-20% noise), and of 800 injected 2-10x spikes lasting 2-200
+steps 99% are found with the onset exact and 99.5% within 2 steps; the few misses are
+2x spikes of 2-5 steps on the noisiest curves.
 """
 from __future__ import annotations
 

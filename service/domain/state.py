@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["RunState", "RunEvent", "InvalidTransition", "transition", "TRANSITIONS"]
+__all__ = ["RunState", "RunEvent", "InvalidTransition", "transition", "transition_to", "TRANSITIONS"]
 
 
 class RunState(str, enum.Enum):
@@ -52,21 +52,22 @@ class RunEvent(str, enum.Enum):
 
 
 class InvalidTransition(ValueError):
-    """An event that is not allowed in the run's current state."""
+    """An event (or a target state) that is not allowed in the run's current state."""
 
-    def __init__(self, current: RunState, event: RunEvent) -> None:
+    def __init__(self, current: RunState, event: RunEvent | None = None, target: RunState | None = None) -> None:
         allowed = sorted(e.value for e in TRANSITIONS.get(current, {}))
+        what = f"{event.value} a run" if event is not None else f"move a run to {target.value if target else '?'} when it"
         super().__init__(
-            f"cannot {event.value} a run that is {current.value}"
-            + (f" (allowed: {', '.join(allowed)})" if allowed else " (it is finished)")
+            f"cannot {what} that is {current.value}" + (f" (allowed: {', '.join(allowed)})" if allowed else " (it is finished)")
         )
         self.current = current
         self.event = event
+        self.target = target
 
 
 S, E = RunState, RunEvent
 TRANSITIONS: dict[RunState, dict[RunEvent, RunState]] = {
-    S.PENDING: {E.START: S.RUNNING, E.STOP: S.STOPPED, E.FAIL: S.FAILED},
+    S.PENDING: {E.START: S.RUNNING, E.PAUSE: S.PAUSED, E.STOP: S.STOPPED, E.FAIL: S.FAILED},
     S.RUNNING: {
         E.PAUSE: S.PAUSED,
         E.STOP: S.STOPPED,
@@ -75,8 +76,23 @@ TRANSITIONS: dict[RunState, dict[RunEvent, RunState]] = {
         E.COMPLETE: S.COMPLETED,
         E.FAIL: S.FAILED,
     },
-    S.PAUSED: {E.RESUME: S.RUNNING, E.STOP: S.STOPPED, E.RECOVER: S.RECOVERING, E.ATTENTION: S.NEEDS_ATTENTION, E.FAIL: S.FAILED},
-    S.RECOVERING: {E.RECOVERED: S.RUNNING, E.ATTENTION: S.NEEDS_ATTENTION, E.STOP: S.STOPPED, E.FAIL: S.FAILED},
+    # A run can finish while a pause or a recovery is being applied (the last step raced it).
+    S.PAUSED: {
+        E.RESUME: S.RUNNING,
+        E.STOP: S.STOPPED,
+        E.RECOVER: S.RECOVERING,
+        E.ATTENTION: S.NEEDS_ATTENTION,
+        E.COMPLETE: S.COMPLETED,
+        E.FAIL: S.FAILED,
+    },
+    S.RECOVERING: {
+        E.RECOVERED: S.RUNNING,
+        E.PAUSE: S.PAUSED,
+        E.ATTENTION: S.NEEDS_ATTENTION,
+        E.COMPLETE: S.COMPLETED,
+        E.STOP: S.STOPPED,
+        E.FAIL: S.FAILED,
+    },
     # An operator resumes as is, or rolls back (recover), or gives up (stop).
     S.NEEDS_ATTENTION: {E.RESUME: S.RUNNING, E.RECOVER: S.RECOVERING, E.STOP: S.STOPPED, E.FAIL: S.FAILED},
     S.COMPLETED: {},
@@ -86,13 +102,17 @@ TRANSITIONS: dict[RunState, dict[RunEvent, RunState]] = {
 del S, E
 
 
+def _state(value: RunState | str) -> RunState:
+    try:
+        return RunState(value)
+    except ValueError:
+        raise ValueError(f"unknown run state {value!r} (known: {', '.join(s.value for s in RunState)})") from None
+
+
 def transition(current: RunState | str, event: RunEvent | str) -> RunState:
     """The state after `event`; raises InvalidTransition (a ValueError) when it is not allowed.
     Strings are accepted for both (the values stored in the database / sent by the API)."""
-    try:
-        cur = RunState(current)
-    except ValueError:
-        raise ValueError(f"unknown run state {current!r} (known: {', '.join(s.value for s in RunState)})") from None
+    cur = _state(current)
     try:
         ev = RunEvent(event)
     except ValueError:
@@ -101,3 +121,12 @@ def transition(current: RunState | str, event: RunEvent | str) -> RunState:
     if nxt is None:
         raise InvalidTransition(cur, ev)
     return nxt
+
+
+def transition_to(current: RunState | str, target: RunState | str) -> RunState:
+    """`target` when some event leads there from `current` in one move; raises
+    InvalidTransition otherwise (for callers that record states rather than events)."""
+    cur, tgt = _state(current), _state(target)
+    if tgt not in TRANSITIONS[cur].values():
+        raise InvalidTransition(cur, target=tgt)
+    return tgt

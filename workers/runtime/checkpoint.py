@@ -41,6 +41,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "apply_retention",
+    "discard_after",
     "stage_root",
     "checkpoint_path",
     "CheckpointWriter",
@@ -336,6 +337,20 @@ def apply_retention(root: str | Path, keep_last: int) -> list[str]:
             st, p = storage_for(c["path"])
             # delete the manifest first: a half-deleted checkpoint must not look complete
             st.remove_tree(st.join(p, MANIFEST_NAME))
+            st.remove_tree(p)
+            removed.append(c["path"])
+    return removed
+
+
+def discard_after(root: str | Path, step: int) -> list[str]:
+    """Delete the checkpoints of steps after `step`: after a rollback they belong to an
+    abandoned timeline (trained on batches now skipped) and must never be picked as
+    "newest good". Returns what was deleted."""
+    removed = []
+    for c in list_checkpoints(root):
+        if c["step"] > step:
+            st, p = storage_for(c["path"])
+            st.remove_tree(st.join(p, MANIFEST_NAME))  # incomplete first, then gone
             st.remove_tree(p)
             removed.append(c["path"])
     return removed

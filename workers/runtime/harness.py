@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from workers.contract import AnomalyKind, Control, ControlKind, M, StageKind
-from workers.runtime.checkpoint import (CheckpointWriter, Snapshot, WriteResult, checkpoint_path, load_checkpoint,
-                                        to_cpu)
+from workers.runtime.checkpoint import (CheckpointWriter, Snapshot, WriteResult, checkpoint_path, discard_after,
+                                        load_checkpoint, stage_root, to_cpu)
 from workers.runtime.control import ControlInbox
 from workers.runtime.distributed import Dist
 from workers.runtime.exporter import CHECKPOINT_STALL, Exporter
@@ -212,6 +212,7 @@ class Harness:
 
         if resume_from is not None:
             self.load(resume_from)
+            self._discard_abandoned()
         self.cursor.add_skip(skip)
         if lr_multiplier is not None:
             self.lr_multiplier = float(lr_multiplier)
@@ -315,11 +316,16 @@ class Harness:
         keep_skip, keep_mult = list(self.cursor.skip), self.lr_multiplier
         self.writer.wait()  # retention must not delete what we are about to load
         self.load(checkpoint)
+        self._discard_abandoned()
         self.cursor.add_skip([*keep_skip, *skip])
         self.lr_multiplier = keep_mult if lr_multiplier is None else float(lr_multiplier)
         self.anomaly_steps = [s for s in self.anomaly_steps if s <= self.step]
         self.faults.rewound()
         self.exporter.set(M.STEP, self.step)
+
+    def _discard_abandoned(self) -> None:
+        if self.rank == 0:
+            discard_after(stage_root(self.writer.root, self.run_id, self.stage_name), self.step)
 
     def _train_step(self) -> None:
         t0 = time.perf_counter()
