@@ -26,6 +26,7 @@ from service import errors
 from service.adapters.metrics import DirectScrapeSource, MetricsSource, PrometheusSource, Target
 from service.db import crud
 from service.telemetry import SupervisorMetrics
+from service.domain.policy import dedup_key
 from service.watch import WatchConfig, alert_finding, evaluate_stage, recovery_decision
 from workers.contract import ControlKind
 from workers.spec import PipelineSpec, parse_pipeline
@@ -60,6 +61,11 @@ class ActiveStage:
     useful: dict[int, float] = field(default_factory=dict)  # step -> seconds (rank 0), for goodput
     targets: list[Target] = field(default_factory=list)
     batch_cursor: int = 0
+    after: dict[str, int] = field(default_factory=dict)  # kind -> step of the last handled episode
+
+    def reset_episodes(self) -> None:
+        """The workers went back (rollback/restart): old episodes are gone from the buffers."""
+        self.after.clear()
 
     def series(self, rank: int) -> deque:
         return self.records.setdefault(rank, deque(maxlen=BUFFER_STEPS))
@@ -215,6 +221,7 @@ class RunDriver(threading.Thread):
             active.heartbeat.clear()
             active.counters.clear()
             active.counter_base.clear()
+            active.reset_episodes()
             active.started_at = time.time()
             if active.pending is not None:
                 active.pending["armed"] = True
@@ -520,6 +527,7 @@ class Controller:
                     # the worker went back (rollback applied): drop what it left behind
                     while series and int(series[-1]["step"]) >= step:
                         series.pop()
+                    active.reset_episodes()
                 series.append(rec)
                 if t.rank == 0:
                     self._observe_step(active, rec)
@@ -579,13 +587,16 @@ class Controller:
             if active.pending is not None and (kind in SPIKE_FAMILY or kind == active.pending["kind"]):
                 # a recovery is already in flight for this stage: this is the same problem seen again
                 return self._merge_into(active.pending["incident"], fingerprint, source)
+            active.after[kind] = int(finding.get("detected_at_step", finding["onset_step"]))
             gen = self._generation(run_id, active.name)
             with self.session() as s:
                 open_same = [i for i in crud.list_incidents(s, run_id=run_id, open_only=True)
                              if i.stage_name == active.name and i.kind == kind]
             if open_same:
                 return self._merge_into(open_same[0].id, fingerprint, source)
-            key = f"{run_id}:{active.name}:{kind}:g{gen}:s{finding['onset_step'] // 1000}"
+            key = dedup_key(run_id, active.name, kind, int(finding["onset_step"]), generation=gen)
+            if source == "operator":
+                key += f"/op{time.time_ns()}"  # every operator request is its own incident
             with self.session() as s:
                 inc, created = crud.create_incident(
                     s, run_id=run_id, stage_name=active.name, kind=kind, onset_step=int(finding["onset_step"]),
@@ -598,9 +609,24 @@ class Controller:
             self.metrics.incidents.labels(run=run_id, stage=active.name, kind=kind).inc()
             log.warning("incident %s: %s in %s/%s at step %s (%s)", inc.id, kind, run_id, active.name,
                         finding["onset_step"], source)
-            decision = recovery_decision(self, run_id, active, inc, self.watch_config)
+            decision = self._decide_with_valid_checkpoint(run_id, active, inc)
             self._execute(run_id, active, inc.id, kind, decision, actor=actor)
             return {"incident": inc.id, "created": True, "action": decision["action"]}
+
+    def _decide_with_valid_checkpoint(self, run_id: str, active: ActiveStage, inc: Any) -> dict:
+        """The policy's decision, re-taken while its checkpoint fails verification right before use
+        (a corrupted checkpoint is quarantined and the next older one considered)."""
+        for _ in range(10):
+            decision = recovery_decision(self, run_id, active, inc, self.watch_config)
+            path = decision.get("checkpoint")
+            if path is None or decision["action"] not in ("rollback", "restart"):
+                return decision
+            with self.session() as s:
+                row = next((c for c in crud.list_checkpoints(s, run_id=run_id, stage_name=active.name)
+                            if c.path == path), None)
+            if row is None or self._still_valid(row):
+                return decision
+        return decision
 
     def _merge_into(self, incident_id: int, fingerprint: str | None, source: str) -> dict:
         with self.session() as s:
@@ -788,10 +814,13 @@ class Controller:
                                               f"the run is in stage {active.name!r}")
                     if ckpt.bad_reason or not ckpt.verified:
                         raise errors.Conflict(f"checkpoint {checkpoint_id} is not usable: {ckpt.bad_reason}")
+                    wanted_step = ckpt.step
+                else:
+                    wanted_step = None
             finding = {"kind": "operator_rollback", "onset_step": max(active.last_step, 0),
                        "detected_at_step": max(active.last_step, 0),
-                       "evidence": {"requested_checkpoint": checkpoint_id, "by": actor},
-                       "checkpoint_id": checkpoint_id}
+                       "evidence": {"requested_checkpoint": checkpoint_id, "requested_checkpoint_step": wanted_step,
+                                    "by": actor}}
             if run.state in ("paused", "needs_attention") and active.group is not None:
                 active.group.control(ControlKind.RESUME, {})
             active.pending = None

@@ -160,11 +160,13 @@ def _docstrings() -> tuple[tuple[str, str], ...]:
     re-exports and inherited docs would otherwise put one text in both splits."""
     seen: set[str] = set()
     out = []
-    for modname in STDLIB_MODULES:
-        for qualname, doc in _walk_module(modname):
-            if doc not in seen:
-                seen.add(doc)
-                out.append((qualname, doc))
+    with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn when touched
+        warnings.simplefilter("ignore")
+        walked = [item for modname in STDLIB_MODULES for item in _walk_module(modname)]
+    for qualname, doc in walked:
+        if doc not in seen:
+            seen.add(doc)
+            out.append((qualname, doc))
     return tuple(out)
 
 

@@ -6,7 +6,7 @@ so every decision can be unit-tested on plain data.
 from service.domain.detectors import Finding, IncidentKind
 from service.domain.policy import Action, Attempt, CheckpointInfo, Decision, RecoveryConfig, RunSnapshot, decide, dedup_key
 from service.domain.series import Sample, SeriesKey, Window
-from service.domain.state import InvalidTransition, RunEvent, RunState, transition
+from service.domain.state import InvalidTransition, RunEvent, RunState, transition, transition_to
 
 __all__ = [
     "Action",
@@ -26,4 +26,5 @@ __all__ = [
     "decide",
     "dedup_key",
     "transition",
+    "transition_to",
 ]

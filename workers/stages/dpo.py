@@ -61,9 +61,9 @@ class DPOStage(Stage):
         margin, pol_ch = self._margins(ch, chm, rj, rjm)
         loss = -F.logsigmoid(margin).mean()
         metrics = {
-            "dpo_reward_margin": float(margin.mean()),
-            "preference_accuracy": float((margin > 0).float().mean()),
-            "dpo_chosen_logprob": float(pol_ch.mean()),
+            "dpo_reward_margin": float(margin.detach().mean()),
+            "preference_accuracy": float((margin.detach() > 0).float().mean()),
+            "dpo_chosen_logprob": float(pol_ch.detach().mean()),
         }
         return StepResult(loss=loss, tokens=int((ch != PAD).sum() + (rj != PAD).sum()), metrics=metrics)
 

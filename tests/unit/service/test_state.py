@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from service.domain.state import TRANSITIONS, InvalidTransition, RunEvent, RunState, transition
+from service.domain.state import TRANSITIONS, InvalidTransition, RunEvent, RunState, transition, transition_to
 
 LEGAL = [
     ("pending", "start", "running"),
@@ -32,7 +32,7 @@ def test_legal_transitions(cur, event, nxt):
     assert transition(RunState(cur), RunEvent(event)) is RunState(nxt)
 
 
-@pytest.mark.parametrize("cur, event", [("pending", "pause"), ("paused", "pause"), ("running", "start"), ("recovering", "resume"), ("running", "recovered")])
+@pytest.mark.parametrize("cur, event", [("pending", "resume"), ("paused", "pause"), ("running", "start"), ("recovering", "resume"), ("running", "recovered")])
 def test_illegal_transitions_raise(cur, event):
     with pytest.raises(InvalidTransition, match=f"cannot {event} a run that is {cur}"):
         transition(cur, event)
@@ -67,3 +67,15 @@ def test_every_state_has_a_row_and_non_terminal_states_can_stop_or_fail():
         if not s.is_terminal:
             assert TRANSITIONS[s][RunEvent.FAIL] is RunState.FAILED
             assert TRANSITIONS[s][RunEvent.STOP] is RunState.STOPPED
+
+
+@pytest.mark.parametrize("cur, target", [("pending", "running"), ("running", "recovering"), ("recovering", "running"),
+                                         ("needs_attention", "running"), ("pending", "paused"), ("recovering", "paused")])
+def test_transition_to_target_state(cur, target):
+    assert transition_to(cur, target) is RunState(target)
+
+
+@pytest.mark.parametrize("cur, target", [("completed", "running"), ("pending", "recovering"), ("stopped", "stopped")])
+def test_transition_to_illegal_target_raises(cur, target):
+    with pytest.raises(InvalidTransition, match=f"cannot move a run to {target}"):
+        transition_to(cur, target)

@@ -151,3 +151,18 @@ def test_exported_metrics_carry_run_stage_rank(tmp_path):
         assert sample(h, name, **labels) is not None, name
     assert sample(h, M.STEP, **labels) == 10
     assert sample(h, M.CHECKPOINT_STEP, **labels) == 10
+
+
+def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
+    root = "memory://tg-harness-resume"
+    spec = tiny_spec(steps=12)
+    full = _harness(spec, tmp_path / "a")
+    full.run()
+    first = _harness(spec, tmp_path / "b", checkpoint_root=root, on_step=_stop_at(7))
+    out = first.run()
+    assert out["last_checkpoint"] == f"memory:///tg-harness-resume/run1/pretrain/step-00000007"
+    second = _harness(spec, tmp_path / "b", checkpoint_root=root, resume_from=out["last_checkpoint"])
+    second.run()
+    assert second.result()["output_checkpoint"].startswith("memory://")
+    a, b = _weights(full), _weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
