@@ -200,8 +200,14 @@ def file_documents(path: str | Path) -> tuple[Document, ...]:
     if not p.is_file():
         raise ValueError(f"data file {str(p)!r} does not exist")
     if p.suffix == ".jsonl":
-        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        return tuple(Document(f"{p.name}:{i}", str(json.loads(ln)["text"])) for i, ln in enumerate(lines))
+        docs = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    docs.append(Document(f"{p.name}:{i}", str(json.loads(line)["text"])))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f'{p}:{i + 1}: expected a JSON object with a "text" field') from None
+        return tuple(docs)
     paragraphs = [t.strip() for t in re.split(r"\n\s*\n", p.read_text(encoding="utf-8", errors="replace"))]
     return tuple(Document(f"{p.name}:{i}", t) for i, t in enumerate(paragraphs) if t)
 

@@ -12,6 +12,7 @@ at the first real token — the model then sees exactly what it saw unpadded.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "sequence_logprobs",
     "generate",
     "load_model_state",
+    "read_checkpoint_file",
     "load_weights",
     "count_parameters",
 ]
@@ -253,12 +255,24 @@ def generate(
     return tokens
 
 
-def load_model_state(ckpt_dir: Path, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+def read_checkpoint_file(ckpt_dir: Path | str, name: str) -> bytes:
+    """One file of a checkpoint directory: a local path or any fsspec URL (e.g. s3://...)."""
+    url = str(ckpt_dir)
+    if "://" not in url:
+        return (Path(ckpt_dir) / name).read_bytes()
+    import fsspec  # only remote storage needs it
+
+    with fsspec.open(url.rstrip("/") + "/" + name, "rb") as f:
+        return f.read()
+
+
+def load_model_state(ckpt_dir: Path | str, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
     """The `model.pt` state dict of a checkpoint directory (GPT, or RewardModel for reward_model stages)."""
-    return torch.load(Path(ckpt_dir) / "model.pt", map_location=map_location, weights_only=True)
+    data = io.BytesIO(read_checkpoint_file(ckpt_dir, "model.pt"))
+    return torch.load(data, map_location=map_location, weights_only=True)
 
 
-def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
+def load_weights(model: nn.Module, ckpt_dir: Path | str) -> None:
     """Load a checkpoint into `model`, converting between GPT and RewardModel state dicts:
     a RewardModel takes a GPT checkpoint as its backbone (head stays 0), and a GPT takes
     a RewardModel checkpoint's backbone."""

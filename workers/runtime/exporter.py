@@ -1,8 +1,10 @@
 """Per-worker metrics: a private CollectorRegistry, an HTTP server on port 0.
 
-Serves `/metrics` (Prometheus text format) and `/history?since=STEP` (JSON list of
-the per-step records in the ring buffer, `step >= STEP`). Every series carries
-`run`, `stage`, `rank`; the anomaly counter adds `kind`.
+Serves `/metrics` (Prometheus text format) and `/history?since=N` (JSON list of the
+per-step records in the ring buffer with `seq > N`). Every record carries `seq`, which
+only increases within a worker process and equals `step` until a rollback sends the
+step back (replayed steps then get fresh seqs, so a reader's cursor never misses them).
+Every series carries `run`, `stage`, `rank`; the anomaly counter adds `kind`.
 """
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ class Exporter:
             r.register(_GpuCollector(gpu, self.labels))
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._hlock = threading.Lock()
+        self._seq = 0
         self._server: ThreadingHTTPServer | None = None
         self.host: str | None = None
         self.port: int | None = None
@@ -137,13 +140,18 @@ class Exporter:
         self.set(M.CHECKPOINT_STEP, step)
         self.set(M.CHECKPOINT_BYTES, nbytes)
 
-    def record(self, rec: dict[str, Any]) -> None:
+    def record(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """Append a per-step record, assigning its `seq`; returns it."""
         with self._hlock:
+            self._seq = max(self._seq + 1, int(rec["step"]))
+            rec["seq"] = self._seq
             self._history.append(rec)
+        return rec
 
     def history(self, since: int = 0) -> list[dict[str, Any]]:
+        """Records with seq > since, oldest first."""
         with self._hlock:
-            return [r for r in self._history if r["step"] >= since]
+            return [r for r in self._history if r["seq"] > since]
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

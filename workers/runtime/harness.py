@@ -240,11 +240,12 @@ class Harness:
             while self.step < self.sspec.steps:
                 if not self._boundary():
                     break
-                self._train_step()
+                rec = self._train_step()
+                if self._eval_due():
+                    rec.update(self._evaluate())
+                self._finish_step(rec)
                 if self.on_step is not None:
                     self.on_step(self)
-                if self.step % self.sspec.eval_every == 0 and self.step < self.sspec.steps:
-                    self._evaluate()
                 if self.step % self.ckpt_every == 0 and self.step < self.sspec.steps:
                     self._checkpoint()
             if not self.stopped:
@@ -253,6 +254,9 @@ class Harness:
                 self.writer.wait()
                 self.state = "finished"
             return self.result()
+        except BaseException:
+            self.state = "failed"
+            raise
         finally:
             self._log.close()
 
@@ -314,7 +318,9 @@ class Harness:
     def rollback(self, checkpoint: str | Path, skip: Iterable[Iterable[int]], lr_multiplier: float | None) -> None:
         """In-process rollback: load (verified), add skip ranges, set the LR multiplier."""
         keep_skip, keep_mult = list(self.cursor.skip), self.lr_multiplier
-        self.writer.wait()  # retention must not delete what we are about to load
+        # rank 0's background write (and its retention) must finish before any rank reads
+        self.writer.wait()
+        self.dist.barrier()
         self.load(checkpoint)
         self._discard_abandoned()
         self.cursor.add_skip([*keep_skip, *skip])
@@ -327,7 +333,7 @@ class Harness:
         if self.rank == 0:
             discard_after(stage_root(self.writer.root, self.run_id, self.stage_name), self.step)
 
-    def _train_step(self) -> None:
+    def _train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         step = self.step
         batch_index = self.cursor.take()
@@ -365,10 +371,17 @@ class Harness:
         if verdict.anomaly is not None:
             self.anomaly_steps.append(self.step)
             self.exporter.count_anomaly(verdict.anomaly)
-        self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
+        return self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
+
+    def _eval_due(self) -> bool:
+        s = self.step
+        return (s % self.sspec.eval_every == 0 or s == self.sspec.steps
+                # stages that output their best checkpoint evaluate every checkpoint
+                or (self.stage.output_metric() is not None and s % self.ckpt_every == 0))
 
     def _publish(self, batch_index: int, lr: float, seconds: float, tokens: int, metrics: dict[str, float],
-                 anomaly: AnomalyKind | None) -> None:
+                 anomaly: AnomalyKind | None) -> dict[str, Any]:
+        """Gauges now; the history record is returned for eval metrics to join it."""
         e = self.exporter
         e.set(M.STEP, self.step)
         e.set(M.TRAIN_LOSS, self.last_loss)
@@ -383,18 +396,18 @@ class Harness:
                                "spike_score": self.last_spike, "anomaly": anomaly.value if anomaly else None,
                                "step_seconds": seconds, "rank": self.rank}
         rec.update({k: float(v) for k, v in metrics.items() if v is not None})
-        self._write_record(rec)
-        # the heartbeat goes last: a step counts as finished once everything above is out
-        e.set(M.LAST_STEP_TS, time.time())
+        return rec
 
-    def _write_record(self, rec: dict[str, Any]) -> None:
+    def _finish_step(self, rec: dict[str, Any]) -> None:
         self.exporter.record(rec)
         if self._log is not None:
             self._log.write(json.dumps(rec) + "\n")
+        # the heartbeat goes last: a step counts as finished once its record is out
+        self.exporter.set(M.LAST_STEP_TS, time.time())
 
-    def _evaluate(self) -> None:
+    def _evaluate(self) -> dict[str, float]:
         if self.last_eval_step == self.step:
-            return
+            return dict(self.last_eval)
         model = self.stage.model
         was_training = model.training
         model.eval()
@@ -406,9 +419,7 @@ class Harness:
         self.last_eval = {k: float(v) for k, v in metrics.items()}
         self.last_eval_step = self.step
         self.exporter.set_stage_metrics(self.last_eval)
-        rec: dict[str, Any] = {"step": self.step, "batch_index": self.cursor.next_index - 1, "time": time.time(),
-                               "eval": True, "rank": self.rank, **self.last_eval}
-        self._write_record(rec)
+        return dict(self.last_eval)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self, final: bool = False, sync: bool = False) -> None:
@@ -443,11 +454,10 @@ class Harness:
             state=state, metrics=metrics,
             healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
             anomalies_in_window=anomalies, model_config=self.spec.model.model_dump(), tags=tags)
-        stalled = self.writer.submit(snap)
+        self.writer.submit(snap)  # waits only if the previous write is still running
         if sync or final:
             self.writer.wait()
         self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
-        del stalled
 
     def _on_written(self, res: WriteResult) -> None:
         """Writer thread: the checkpoint is in place (manifest last) and retention ran."""

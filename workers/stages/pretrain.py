@@ -16,7 +16,7 @@ from torch import nn
 
 from workers.contract import MANIFEST_NAME
 from workers.data import derive_seed, get_mixture
-from workers.model import GPT, build_gpt, lm_loss, load_weights
+from workers.model import GPT, build_gpt, lm_loss, load_weights, read_checkpoint_file
 from workers.stages.base import Stage, StageContext, StepResult
 from workers.tokenizer import RARE_BYTE
 
@@ -57,23 +57,26 @@ def evaluating(ctx: StageContext, *modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _stage_kind(ckpt: Path) -> str | None:
+def _stage_kind(ckpt: Path | str) -> str | None:
     try:
-        return json.loads((Path(ckpt) / MANIFEST_NAME).read_text()).get("stage_kind")
+        return json.loads(read_checkpoint_file(ckpt, MANIFEST_NAME)).get("stage_kind")
     except (OSError, ValueError):
         return None
 
 
-def find_input(ctx: StageContext, name: str | None, kind: str) -> Path:
+def find_input(ctx: StageContext, name: str | None, kind: str) -> Path | str:
     """Checkpoint of the earlier stage `name`, or (name None) of the last earlier stage of
-    `kind` — ctx.inputs is in pipeline order and each manifest names its stage_kind."""
+    `kind` — ctx.inputs is in pipeline order and each manifest names its stage_kind.
+    Local paths and fsspec URLs both pass through unchanged."""
     if name is not None:
         if name not in ctx.inputs:
-            raise ValueError(f"stage {ctx.stage.name!r} needs the output of stage {name!r}, which is not among its inputs {sorted(ctx.inputs)}")
-        return Path(ctx.inputs[name])
+            raise ValueError(
+                f"stage {ctx.stage.name!r} needs the output of stage {name!r}, which is not among its inputs {sorted(ctx.inputs)}"
+            )
+        return ctx.inputs[name]
     for path in reversed(list(ctx.inputs.values())):
-        if _stage_kind(Path(path)) == kind:
-            return Path(path)
+        if _stage_kind(path) == kind:
+            return path
     raise ValueError(f"stage {ctx.stage.name!r} needs an earlier {kind} stage's output; inputs: {sorted(ctx.inputs)}")
 
 

@@ -42,12 +42,12 @@ def _labels(rank: int) -> dict:
 
 
 def test_two_rank_group_resumed_from_a_checkpoint_matches_the_uninterrupted_run(ray_session, tmp_path, groups):
-    pipeline = tiny_pipeline(steps=20, world_size=2, checkpoint={"every": 5, "keep_last": 10})
+    pipeline = tiny_pipeline(steps=12, world_size=2, checkpoint={"every": 4, "keep_last": 10})
     full = _group(groups, tmp_path / "a", pipeline, skip=[[2, 4]])
     done = _until(full, ("finished", "failed"))
     assert done["state"] == "finished", done
     ck = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / "a" / "checkpoints", "r1", "pretrain"))}
-    resumed = _group(groups, tmp_path / "b", pipeline, resume_from=ck[10])
+    resumed = _group(groups, tmp_path / "b", pipeline, resume_from=ck[8])
     again = _until(resumed, ("finished", "failed"))
     assert again["state"] == "finished", again
     a = load_checkpoint(done["output_checkpoint"])
@@ -58,7 +58,7 @@ def test_two_rank_group_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
 
 
 def test_worker_crash_kills_the_actor_and_a_restart_does_not_crash_again(ray_session, tmp_path, groups):
-    pipeline = tiny_pipeline(steps=16, world_size=2, checkpoint={"every": 4, "keep_last": 10},
+    pipeline = tiny_pipeline(steps=10, world_size=2, checkpoint={"every": 4, "keep_last": 10},
                              faults=[{"kind": "worker_crash", "at_step": 9, "rank": 1}])
     g = _group(groups, tmp_path, pipeline)
     failed = _until(g, ("failed", "finished"))

@@ -38,8 +38,9 @@ def test_data_faults_show_their_symptoms_on_metrics(tmp_path):
     assert value(m, "trainguard_anomalies_total", kind="nonfinite_loss", **L) == 2
     assert value(m, "trainguard_anomalies_total", kind="loss_spike", **L) >= 1
     assert all(torch.isfinite(p).all() for p in before)
-    recs = [r for r in history("127.0.0.1", port, since=28) if not r.get("eval")]
-    assert [r["step"] for r in recs] == list(range(28, 41))
+    recs = [r for r in history("127.0.0.1", port, since=28)]
+    assert [r["step"] for r in recs] == [r["seq"] for r in recs] == list(range(29, 41))
+    assert "val_loss" in recs[-1] and "val_loss" not in recs[-2]  # eval joins its step's record
     spike = next(r for r in recs if r["batch_index"] == 32)
     assert spike["loss"] >= 3 * min(r["loss"] for r in recs if r["batch_index"] < 32)
     # checkpoint_corrupt: the first checkpoint at/after batch 25 is step 30; it no longer verifies

@@ -61,9 +61,9 @@ def test_skipped_batches_are_never_trained_on(tmp_path):
     h = _harness(tiny_spec(steps=10), tmp_path, skip=[[2, 5]])
     h.run()
     recs = [json.loads(x) for x in metrics_log_path(tmp_path, "run1", "pretrain", 0).read_text().splitlines()]
-    batches = [r["batch_index"] for r in recs if not r.get("eval")]
+    batches = [r["batch_index"] for r in recs]
     assert batches == [0, 1, 5, 6, 7, 8, 9, 10, 11, 12]
-    assert [r["step"] for r in recs if not r.get("eval")] == list(range(1, 11))
+    assert [r["step"] for r in recs] == list(range(1, 11))
 
 
 def test_nan_fault_is_rejected_before_the_optimizer(tmp_path):
@@ -82,7 +82,7 @@ def test_loss_spike_fault_jumps_the_loss_and_counts_a_spike(tmp_path):
     spec = tiny_spec(steps=40, lr=0.05, faults=[{"kind": "loss_spike", "at_step": 30, "duration": 2}])
     h = _harness(spec, tmp_path)
     h.run()
-    recs = [r for r in h.exporter.history(0) if not r.get("eval")]
+    recs = [r for r in h.exporter.history(0)]
     before = sum(r["loss"] for r in recs[25:30]) / 5
     assert recs[30]["loss"] >= 3 * before
     assert recs[30]["anomaly"] == "loss_spike" and recs[30]["spike_score"] > 6
@@ -93,7 +93,7 @@ def test_lr_burst_fault_multiplies_the_learning_rate(tmp_path):
     spec = tiny_spec(steps=12, faults=[{"kind": "loss_spike", "mode": "lr_burst", "at_step": 8, "factor": 50}])
     h = _harness(spec, tmp_path)
     h.run()
-    recs = [r for r in h.exporter.history(0) if not r.get("eval")]
+    recs = [r for r in h.exporter.history(0)]
     assert recs[8]["lr"] == pytest.approx(50 * h.lr_at(8))
 
 
@@ -115,7 +115,7 @@ def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path):
 
     h = _harness(spec, tmp_path, on_step=hook)
     h.run()
-    recs = [r for r in h.exporter.history(0) if not r.get("eval")]
+    recs = [r for r in h.exporter.history(0)]
     by_step: dict[int, list] = {}
     for r in recs:
         by_step.setdefault(r["step"], []).append(r)
@@ -124,6 +124,8 @@ def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path):
     assert [r["batch_index"] for r in by_step[11]] == [10, 14]
     assert by_step[11][1]["lr"] == pytest.approx(0.25 * h._base_lr(10))
     assert h.cursor.skip == [[10, 14]]
+    seqs = [r["seq"] for r in recs]
+    assert seqs == sorted(set(seqs))  # replayed steps get fresh seqs: a /history cursor misses nothing
     assert recs[-1]["lr"] == pytest.approx(1e-5)
     assert h.result()["state"] == "finished"
 

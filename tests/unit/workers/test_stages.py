@@ -60,11 +60,12 @@ def save(stage: Stage, root: Path) -> Path:
     return d
 
 
-def corrupt_ratio(stage: Stage, batch_index: int = 1000) -> float:
+def corrupt_ratio(stage: Stage, batches: range = range(1000, 1004)) -> float:
+    """Loss on corrupted batches over loss on the same batches clean."""
     mixture = dict(stage.ctx.stage.mixture)
     with torch.no_grad():
-        clean = stage.step(batch_index, batch_index, mixture).loss.item()
-        bad = stage.step(batch_index, batch_index, mixture, corrupt=True).loss.item()
+        clean = sum(stage.step(i, i, mixture).loss.item() for i in batches)
+        bad = sum(stage.step(i, i, mixture, corrupt=True).loss.item() for i in batches)
     return bad / clean
 
 
@@ -94,7 +95,7 @@ def sft(root, pretrained):
 def reward_model(root, pretrained, sft):
     inputs = {"pretrain": pretrained["path"], "sft": sft["path"]}
     stage = make_stage("reward_model", inputs, sft["path"])
-    train(stage, 30, lr=2e-3)
+    train(stage, 40, lr=3e-3)
     return {"stage": stage, "eval": stage.evaluate(), "path": save(stage, root), "inputs": inputs}
 
 

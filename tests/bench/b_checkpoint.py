@@ -1,0 +1,97 @@
+"""checkpoint_stall: how long the step loop is blocked per checkpoint, and write throughput.
+
+Ours: the real `Harness` step loop (in-process, one rank) with asynchronous checkpoints;
+each non-final `Harness._checkpoint` call is timed from the loop's side (snapshot to
+memory + hand-off to the writer thread, plus any wait for the previous write).
+Baseline: a synchronous `torch.save` of the same state (model, optimizer, RNG) to the
+same disk, as a plain training script does.
+
+Throughput, ours: checkpoint bytes / the background writer's time (serialisation,
+sha256 of every file, writes, manifest, rename). Baseline: writing the same bytes
+(already serialised) with plain `open().write()` into a fresh directory.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.bench.core import Context, Measurement, benchmark, log
+from tests.bench.workload import pipeline
+
+
+def _harness(state_dir: Path, *, size: str, steps: int, every: int):
+    from workers.runtime.harness import Harness, make_context
+    from workers.stages import STAGES
+
+    spec = pipeline(size=size, steps=steps, world_size=1, batch_size=8, every=every, keep_last=2)
+    ctx = make_context(spec, "pretrain", run_id="bench-ckpt")
+    stage = STAGES["pretrain"](ctx)
+    return Harness(stage, spec=spec, stage_name="pretrain", run_id="bench-ckpt", state_dir=state_dir,
+                   checkpoint_root=str(state_dir / "checkpoints"))
+
+
+@benchmark("checkpoint_stall", reps=3, smoke_reps=1)
+def checkpoint_stall(ctx: Context) -> dict[str, Measurement]:
+    """Step-loop stall per checkpoint (async snapshot vs sync torch.save) and write throughput."""
+    torch.set_num_threads(1)
+    size = "tiny" if ctx.smoke else "medium"
+    n_ckpt = 2 if ctx.smoke else 4
+    every = 3 if ctx.smoke else 4
+    d = ctx.sub("checkpoint")
+    h = _harness(d, size=size, steps=every * (n_ckpt + 1), every=every)
+    stalls: list[float] = []
+    inner = h._checkpoint
+
+    def timed(final: bool = False, sync: bool = False) -> None:
+        t0 = time.perf_counter()
+        inner(final=final, sync=sync)
+        if not final and not sync:
+            stalls.append(time.perf_counter() - t0)
+
+    h._checkpoint = timed  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    h.run()
+    log(f"  {len(stalls)} async checkpoints over {h.step} steps in {time.perf_counter() - t0:.1f}s "
+        f"({h.n_params:,} parameters)")
+    results = [r for r in h.writer.results if "final" not in r.tags]
+    nbytes = results[-1].bytes
+
+    # baseline 1: synchronous torch.save of the same state, same disk
+    state = {"model": h.stage.model.state_dict(), "optimizer": h.optimizer.state_dict(),
+             "extra": h.stage.extra_state(),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+    sync_dir = d / "sync"
+    sync_dir.mkdir()
+    sync_times = []
+    for i in range(len(stalls)):
+        t0 = time.perf_counter()
+        torch.save(state, sync_dir / f"state-{i}.pt")
+        sync_times.append(time.perf_counter() - t0)
+
+    # baseline 2: the same bytes through plain file I/O
+    src = Path(results[-1].path)
+    blobs = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file()}
+    plain_rates = []
+    for i in range(len(results)):
+        out = d / f"plain-{i}"
+        out.mkdir()
+        t0 = time.perf_counter()
+        for name, data in blobs.items():
+            with open(out / name, "wb") as f:
+                f.write(data)
+        plain_rates.append(sum(len(b) for b in blobs.values()) / (time.perf_counter() - t0) / 1e6)
+    ours_rates = [r.bytes / r.seconds / 1e6 for r in results]
+
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {
+        "checkpoint_stall": Measurement(
+            med(stalls), med(sync_times), "s", "synchronous torch.save",
+            extra={"checkpoint_mb": nbytes / 1e6, "write_s_background": med([r.seconds for r in results]),
+                   "stall_max_s": max(stalls)}),
+        "checkpoint_stall_throughput": Measurement(
+            med(ours_rates), med(plain_rates), "MB/s", "plain file write of the same bytes", higher_is_better=True),
+    }

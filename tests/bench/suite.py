@@ -1,0 +1,35 @@
+"""The benchmarks, in the order a full run executes them (cheap, in-process ones first)."""
+from __future__ import annotations
+
+import importlib
+
+ORDER = [
+    "checkpoint_stall",
+    "monitoring_overhead",
+    "supervisor_scale",
+    "api_latency",
+    "recovery_loss_spike",
+    "recovery_worker_crash",
+    "detection_latency",
+    "goodput",
+]
+
+MODULES = [
+    "tests.bench.b_checkpoint",
+    "tests.bench.b_overhead",
+    "tests.bench.b_scale",
+    "tests.bench.b_api",
+    "tests.bench.b_recovery",
+    "tests.bench.b_detection",
+    "tests.bench.b_goodput",
+]
+
+
+def load_all() -> None:
+    for m in MODULES:
+        try:
+            importlib.import_module(m)
+        except ModuleNotFoundError as e:
+            if e.name != m:
+                raise
+
