@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ACTIVE_STATES = ("pending", "running", "paused", "recovering")
 SPIKE_FAMILY = ("loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking")
 BUFFER_STEPS = 400
+GONE = "deleted by retention"
 
 
 @dataclass
@@ -275,6 +276,7 @@ class Controller:
         self.drivers: dict[str, RunDriver] = {}
         self._locks: dict[str, threading.RLock] = {}
         self._glock = threading.Lock()
+        self._ckpt_lock = threading.Lock()
         self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) at verification
         self._paused_since: dict[str, float] = {}
         self._paused_total: dict[str, float] = {}
@@ -404,14 +406,24 @@ class Controller:
         return None
 
     def _still_valid(self, ckpt: Any) -> bool:
-        from workers.runtime.checkpoint import CheckpointError, verify_checkpoint
+        from workers.runtime.checkpoint import CheckpointError, storage_for, verify_checkpoint
 
         try:
             verify_checkpoint(ckpt.path)
             return True
         except (CheckpointError, OSError) as e:
-            self._checkpoint_bad(ckpt.run_id, ckpt.stage_name, ckpt.id, str(e))
+            store, path = storage_for(ckpt.path)
+            if not store.exists(path):
+                self._checkpoint_gone(ckpt)  # retention removed it: gone, not corrupt
+            else:
+                self._checkpoint_bad(ckpt.run_id, ckpt.stage_name, ckpt.id, str(e))
             return False
+
+    def _checkpoint_gone(self, ckpt: Any) -> None:
+        with self.session() as s:
+            row = crud.get_checkpoint(s, run_id=ckpt.run_id, checkpoint_id=ckpt.id)
+            if row is not None and not row.bad_reason:
+                crud.mark_checkpoint_bad(s, checkpoint=row, reason=GONE)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
@@ -420,6 +432,10 @@ class Controller:
 
         with self._glock:
             drivers = [d for d in self.drivers.values() if run_ids is None or d.run_id in run_ids]
+        with self._ckpt_lock:  # the scan job and a decision may both scan
+            self._scan_checkpoints(drivers, CheckpointError, list_checkpoints, verify_checkpoint)
+
+    def _scan_checkpoints(self, drivers, CheckpointError, list_checkpoints, verify_checkpoint) -> None:  # noqa: N803
         for d in drivers:
             for stage in d.spec.stages:
                 root = self._stage_root(d.run_id, stage.name, d.spec)
@@ -427,6 +443,7 @@ class Controller:
                     found = list_checkpoints(root)
                 except (OSError, CheckpointError, FileNotFoundError):
                     continue
+                self._forget_vanished(d.run_id, stage.name, {str(i["path"]) for i in found})
                 for info in found:
                     path = str(info["path"])
                     sig = _stat_sig(path)
@@ -447,6 +464,14 @@ class Controller:
                         )
                     if not verified:
                         self._checkpoint_bad(d.run_id, stage.name, row.id, reason or "verification failed")
+
+    def _forget_vanished(self, run_id: str, stage: str, present: set[str]) -> None:
+        """Registered checkpoints that retention (or a rollback) removed: mark them gone."""
+        with self.session() as s:
+            for row in crud.list_checkpoints(s, run_id=run_id, stage_name=stage):
+                if row.path not in present and not row.bad_reason:
+                    crud.mark_checkpoint_bad(s, checkpoint=row, reason=GONE)
+                    self._verified.pop(row.path, None)
 
     def _stage_root(self, run_id: str, stage: str, spec: PipelineSpec) -> str:
         storage = spec.checkpoint_for(spec.stage(stage)).storage or str(self.state_dir / "checkpoints")
@@ -616,6 +641,7 @@ class Controller:
     def _decide_with_valid_checkpoint(self, run_id: str, active: ActiveStage, inc: Any) -> dict:
         """The policy's decision, re-taken while its checkpoint fails verification right before use
         (a corrupted checkpoint is quarantined and the next older one considered)."""
+        self.checkpoints_once(run_ids=[run_id])  # the periodic scan may lag behind fast steps
         for _ in range(10):
             decision = recovery_decision(self, run_id, active, inc, self.watch_config)
             path = decision.get("checkpoint")

@@ -38,6 +38,9 @@ def guarded(name: str, fn: Callable[[], object], *, max_backoff: float = 30.0) -
 
 
 def build_scheduler(controller, settings) -> BackgroundScheduler:
+    # A cycle that outlasts its interval is coalesced on purpose (max_instances=1); APScheduler
+    # would log a warning for every skipped run.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5})
     sched.add_job(guarded("watch", controller.watch_once), "interval", seconds=settings.watch_interval, id="watch")
     sched.add_job(guarded("checkpoints", controller.checkpoints_once), "interval", seconds=1.0, id="checkpoints")

@@ -107,7 +107,10 @@ def evaluate_stage(active: Any, cfg: WatchConfig, *, now: float) -> list[dict]:
             add(D.detect_dpo_collapse(_samples(r0, "dpo_chosen_logprob"), _samples(r0, "dpo_reward_margin"),
                                       cfg.dpo_collapse, after=after.get("dpo_collapse")))
     if len(ranks) > 1:
-        f = D.detect_straggler({r: _samples(recs[r], "step_seconds") for r in ranks}, cfg.straggler)
+        # compute time (before the gradient all-reduce): wall-clock step time is equal on all ranks,
+        # since the fast ones wait for the straggler in the collective
+        key = "compute_seconds" if any("compute_seconds" in r for r in recs[ranks[0]][-3:]) else "step_seconds"
+        f = D.detect_straggler({r: _samples(recs[r], key) for r in ranks}, cfg.straggler)
         if f is not None and f.onset_step > after.get("straggler", -1):
             add(f)
     add(_gpu(active))

@@ -56,8 +56,9 @@ class CheckpointSpec(_Strict):
 
 
 class FaultSpec(_Strict):
-    """One injected fault. `at_step` is a batch index in the unskipped data order
-    (equal to the optimizer step while nothing has been skipped)."""
+    """One injected fault. `at_step` is a batch index in the unskipped data order (equal to
+    the optimizer step while nothing has been skipped) — except for a loss_spike in
+    `lr_burst` mode, which is keyed on the optimizer step (a schedule problem, not bad data)."""
 
     kind: FaultKind
     at_step: int = Field(ge=0)

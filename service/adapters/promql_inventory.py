@@ -21,6 +21,7 @@ __all__ = [
     "DASHBOARD_DIR",
     "RULES_DIR",
     "iter_dashboard_queries",
+    "iter_dashboard_variables",
     "iter_rule_exprs",
     "recording_rule_names",
     "render_expr",
@@ -53,6 +54,27 @@ def iter_dashboard_queries(dashboard_dir: str | Path = DASHBOARD_DIR) -> list[tu
             for target in panel.get("targets") or []:
                 if target.get("expr"):
                     out.append((path.stem, panel.get("title", ""), target["expr"]))
+    return out
+
+
+_LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(?P<selector>.+?)\s*,\s*)?(?P<label>[A-Za-z_]\w*)\s*\)\s*$")
+
+
+def iter_dashboard_variables(dashboard_dir: str | Path = DASHBOARD_DIR) -> list[tuple[str, str, str, str]]:
+    """(dashboard file stem, variable name, selector, label) for every `label_values(selector, label)`
+    query variable (Grafana's Prometheus variable syntax); the selector may be "" (all series)."""
+    out: list[tuple[str, str, str, str]] = []
+    for path in sorted(Path(dashboard_dir).glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        for var in (dashboard.get("templating") or {}).get("list") or []:
+            if var.get("type") != "query":
+                continue
+            query = var.get("query")
+            text = query.get("query", "") if isinstance(query, dict) else str(query or var.get("definition", ""))
+            m = _LABEL_VALUES.match(text)
+            if m is None:
+                raise ValueError(f"{path.name}: variable {var.get('name')!r}: not a label_values() query: {text!r}")
+            out.append((path.stem, var["name"], m.group("selector") or "", m.group("label")))
     return out
 
 

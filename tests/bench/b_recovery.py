@@ -36,98 +36,84 @@ def first_after_kill(records: list[dict], kill: float) -> dict | None:
     return None
 
 
-def _ours_crash(ctx: Context, at: int, steps: int) -> tuple[float, int]:
-    from tests.integration.supervisor.harness import running_controller, wait_state
-
-    state = ctx.sub("crash-ours")
-    spec = pipeline(name="crash", size=size_for(ctx.smoke), steps=steps, world_size=2, every=10,
-                    faults=[{"kind": "worker_crash", "at_step": at, "rank": 1}])
-    with running_controller(state) as ctl:
-        run_id = ctl.submit(spec, actor="bench")
-        st = wait_state(ctl, run_id, timeout=300)
-    if st != "completed":
-        raise RuntimeError(f"ours: run ended {st!r}, not completed")
-    kill = fired_time(state / "runs" / run_id / "faults", "worker_crash")
+def _crash_figures(records: list[dict], kill: float | None, at: int, who: str) -> tuple[float, int]:
     if kill is None:
-        raise RuntimeError("ours: the crash never fired")
-    rec = first_after_kill(read_jsonl(metrics_log(state, run_id)), kill)
+        raise RuntimeError(f"{who}: the crash never fired")
+    rec = first_after_kill(records, kill)
     if rec is None:
-        raise RuntimeError("ours: no step after the kill")
-    return rec["time"] - kill, at - (int(rec["step"]) - 1)
-
-
-def _raytrain_crash(ctx: Context, at: int, steps: int) -> tuple[float, int]:
-    from tests.bench.raytrain import run_raytrain
-
-    d = ctx.sub("crash-raytrain")
-    spec = pipeline(name="crash", size=size_for(ctx.smoke), steps=steps, world_size=2, every=10)
-    res = run_raytrain(spec, d, crashes=[(at, 1)], every=10, max_failures=1)
-    kill = fired_time(res["fired_dir"], "worker_crash")
-    if kill is None:
-        raise RuntimeError(f"Ray Train: the crash never fired ({res['error']})")
-    rec = first_after_kill(read_jsonl(res["log"]), kill)
-    if rec is None:
-        raise RuntimeError(f"Ray Train: no step after the kill ({res['error']})")
+        raise RuntimeError(f"{who}: no step completed after the kill")
     return rec["time"] - kill, at - (int(rec["step"]) - 1)
 
 
 @benchmark("recovery_worker_crash", reps=2, smoke_reps=1, uses_ray=True)
 def recovery_worker_crash(ctx: Context) -> dict[str, Measurement]:
     """Kill -> first step after recovery, 2-rank group (ours: supervisor restart; Ray Train FailureConfig)."""
-    ensure_ray()
-    at, steps = (25, 35) if ctx.smoke else (45, 70)
-    o, o_lost = _ours_crash(ctx, at, steps)
+    from tests.bench.shared import SMOKE_CRASH, raytrain_run, smoke_runs, supervised_run
+
+    if ctx.smoke:
+        ours, base = smoke_runs(ctx)
+        at = SMOKE_CRASH[0]
+    else:
+        at, steps = 45, 70
+        spec = pipeline(name="crash", size=size_for(False), steps=steps, world_size=2, every=10,
+                        faults=[{"kind": "worker_crash", "at_step": at, "rank": 1}])
+        ours = supervised_run(ctx, "crash-ours", spec)
+        base = raytrain_run(ctx, "crash-raytrain", pipeline(name="crash", size=size_for(False), steps=steps,
+                                                            world_size=2, every=10), crashes=[(at, 1)], every=10)
+    o, o_lost = _crash_figures(ours.log(), ours.fired("worker_crash"), at, "ours")
     log(f"  ours: {o:.2f}s, {o_lost} steps lost")
-    b, b_lost = _raytrain_crash(ctx, at, steps)
+    b, b_lost = _crash_figures(base["records"], fired_time(base["fired_dir"], "worker_crash"), at, "Ray Train")
     log(f"  Ray Train: {b:.2f}s, {b_lost} steps lost")
     return {"recovery_worker_crash": Measurement(o, b, "s", "Ray Train TorchTrainer FailureConfig(max_failures=1)",
                                                  extra={"ours_steps_lost": o_lost, "baseline_steps_lost": b_lost})}
 
 
-def _spike_once(ctx: Context, *, in_process: bool, at: int) -> tuple[float, int]:
+def _spike_pair(ctx: Context, at: int) -> tuple[tuple[float, int], tuple[float, int]]:
+    """One run: the spike, an in-process rollback (ours); replay to the same step, then the same
+    rollback done by stopping the group and starting a new one (baseline)."""
     from workers.contract import ControlKind
     from workers.group import WorkerGroup
     from workers.runtime.checkpoint import list_checkpoints, stage_root
 
-    name = "spike-ours" if in_process else "spike-restart"
-    state = ctx.sub(name)
+    state = ctx.sub("spike")
     dur = 3
-    spec = pipeline(name=name, size=size_for(ctx.smoke), steps=5000, world_size=2, every=10, keep_last=100,
+    spec = pipeline(name="spike", size=size_for(ctx.smoke), steps=5000, world_size=2, every=10, keep_last=100,
                     faults=[{"kind": "loss_spike", "at_step": at, "duration": dur}])
-    run_id = f"bench-{name}"
-    group = WorkerGroup(run_id=run_id, spec=spec, stage_name="pretrain", state_dir=state)
-    group.start()
-    new = None
+    run_id = "bench-spike"
+    logp = metrics_log(state, run_id)
+    groups = [WorkerGroup(run_id=run_id, spec=spec, stage_name="pretrain", state_dir=state)]
+    groups[0].start()
+
+    def steps() -> list[dict]:
+        return step_records(read_jsonl(logp))
+
+    def first_back(decided: float, step: int) -> dict | None:
+        return next((r for r in steps() if r["time"] > decided and int(r["step"]) == step + 1), None)
+
     try:
-        logp = metrics_log(state, run_id)
-        wait_until(lambda: any(int(r["step"]) >= at + dur for r in step_records(read_jsonl(logp))), 180,
-                   what="the spike to be trained")
-        root = stage_root(state / "checkpoints", run_id, "pretrain")
-        good = [c for c in list_checkpoints(root) if c["step"] <= at]
-        ck = good[-1]
-        payload = {"checkpoint": ck["path"], "skip": [[at, at + dur + 2]], "lr_multiplier": 0.5}
+        wait_until(lambda: any(int(r["step"]) >= at + dur for r in steps()), 180, what="the spike to be trained")
+        ck = [c for c in list_checkpoints(stage_root(state / "checkpoints", run_id, "pretrain")) if c["step"] <= at][-1]
+        skip = [[at, at + dur + 2]]
+        # ours: one control message, applied in the same processes
         decided = time.time()
-        at_decision = max(int(r["step"]) for r in step_records(read_jsonl(logp)))
-        if in_process:
-            group.control(ControlKind.ROLLBACK, payload)
-        else:
-            group.shutdown()
-            new = WorkerGroup(run_id=run_id, spec=spec, stage_name="pretrain", state_dir=state,
-                              resume_from=ck["path"], skip=payload["skip"], lr_multiplier=0.5)
-            new.start()
-
-        def back() -> dict | None:
-            for r in step_records(read_jsonl(logp)):
-                if r["time"] > decided and int(r["step"]) == ck["step"] + 1:
-                    return r
-            return None
-
-        rec = wait_until(back, 180, what="the first step after the rollback")
-        return rec["time"] - decided, at_decision - ck["step"]
+        reached = max(int(r["step"]) for r in steps())
+        groups[0].control(ControlKind.ROLLBACK, {"checkpoint": ck["path"], "skip": skip, "lr_multiplier": 0.5})
+        rec = wait_until(lambda: first_back(decided, ck["step"]), 180, what="the first step after the rollback")
+        ours = (rec["time"] - decided, reached - ck["step"])
+        # replay to the same step, then the baseline: stop the group, start a new one from the checkpoint
+        wait_until(lambda: max(int(r["step"]) for r in steps() if r["time"] > rec["time"] - 1e-6) >= reached, 180,
+                   what="the replay to reach the decision step again")
+        decided = time.time()
+        reached2 = max(int(r["step"]) for r in steps())
+        groups[0].shutdown()
+        groups.append(WorkerGroup(run_id=run_id, spec=spec, stage_name="pretrain", state_dir=state,
+                                  resume_from=ck["path"], skip=skip, lr_multiplier=0.5))
+        groups[1].start()
+        rec = wait_until(lambda: first_back(decided, ck["step"]), 180, what="the first step of the new group")
+        return ours, (rec["time"] - decided, reached2 - ck["step"])
     finally:
-        group.shutdown()
-        if new is not None:
-            new.shutdown()
+        for g in groups:
+            g.shutdown()
 
 
 @benchmark("recovery_loss_spike", reps=3, smoke_reps=1, uses_ray=True)
@@ -135,9 +121,7 @@ def recovery_loss_spike(ctx: Context) -> dict[str, Measurement]:
     """Decision -> first step after the rollback (ours: in-process ROLLBACK control; baseline: stop + new group)."""
     ensure_ray()
     at = 25 if ctx.smoke else 45
-    o, o_lost = _spike_once(ctx, in_process=True, at=at)
-    log(f"  ours: {o:.3f}s ({o_lost} steps rolled back)")
-    b, b_lost = _spike_once(ctx, in_process=False, at=at)
-    log(f"  restart: {b:.3f}s ({b_lost} steps rolled back)")
+    (o, o_lost), (b, b_lost) = _spike_pair(ctx, at)
+    log(f"  ours: {o:.3f}s ({o_lost} steps rolled back); restart: {b:.3f}s ({b_lost} steps rolled back)")
     return {"recovery_loss_spike": Measurement(o, b, "s", "stop the worker group + start a new one from the checkpoint",
                                                extra={"ours_steps_lost": o_lost, "baseline_steps_lost": b_lost})}

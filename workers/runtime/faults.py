@@ -102,7 +102,10 @@ class FaultInjector:
         self._firing.clear()
 
     # -- hooks --------------------------------------------------------------------------
-    def before_step(self, batch_index: int) -> FaultEffects:
+    def before_step(self, batch_index: int, step: int | None = None) -> FaultEffects:
+        """Effects for the step about to run. Faults are keyed on the batch index (bad data is
+        skippable), except the LR burst, which is keyed on the optimizer step (`step`, 0-based):
+        a schedule bug comes back after a rollback however much data is skipped."""
         corrupt = nan = False
         lr_factor = 1.0
         for i, f in self._faults:
@@ -110,7 +113,8 @@ class FaultInjector:
                 continue
             if f.kind not in DATA_FAULTS and f.rank != self.rank:
                 continue
-            if not self._should_fire(i, f, batch_index):
+            lr_burst = f.kind == FaultKind.LOSS_SPIKE and f.mode == "lr_burst" and step is not None
+            if not self._should_fire(i, f, step if lr_burst else batch_index):
                 continue
             if f.kind == FaultKind.WORKER_CRASH:
                 os._exit(1)  # the real thing: no cleanup, no exception, the process is gone

@@ -337,7 +337,7 @@ class Harness:
         t0 = time.perf_counter()
         step = self.step
         batch_index = self.cursor.take()
-        effects = self.faults.before_step(batch_index)
+        effects = self.faults.before_step(batch_index, step=step)
         lr = self.lr_at(step) * effects.lr_factor
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -353,6 +353,9 @@ class Harness:
             loss = loss * float("nan")  # the NaN flows into every gradient, as a real one would
         loss_value = float(loss.detach())
         loss.backward()
+        # this rank's own work, before it waits for the others in the all-reduce: a straggler
+        # shows here, while the wall-clock step time is the same on every rank
+        compute = time.perf_counter() - t0
         nonfinite_votes = self.dist.all_reduce_grads(self.params, 0.0 if math.isfinite(loss_value) else 1.0)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.sspec.grad_clip))
         # the guard decides before the optimizer: a non-finite step never reaches the weights
@@ -371,7 +374,9 @@ class Harness:
         if verdict.anomaly is not None:
             self.anomaly_steps.append(self.step)
             self.exporter.count_anomaly(verdict.anomaly)
-        return self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
+        rec = self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
+        rec["compute_seconds"] = compute
+        return rec
 
     def _eval_due(self) -> bool:
         s = self.step

@@ -106,9 +106,9 @@ def test_corrupted_checkpoint_is_quarantined_and_never_used(ray_session, tmp_sta
 
 
 def test_spike_that_keeps_coming_back_ends_in_needs_attention(ray_session, tmp_state):
-    # an LR burst tied to the step, not the data: skipping batches cannot cure it
-    spec = tiny_pipeline(steps=200, faults=[{"kind": "loss_spike", "at_step": 60, "duration": 8,
-                                             "mode": "lr_burst", "once": False}])
+    # a long stretch of bad data: every widened skip still lands inside it
+    spec = tiny_pipeline(steps=150, keep_last=20, faults=[{"kind": "loss_spike", "at_step": 60, "duration": 400,
+                                                           "once": False}])
     with running_controller(tmp_state) as ctl:
         run_id = ctl.submit(spec, actor="test")
         assert wait_state(ctl, run_id, timeout=180) == "needs_attention"

@@ -1,0 +1,128 @@
+"""Runs several benchmarks read: a supervised run under the real Controller, and the Ray Train run.
+
+At smoke size recovery_worker_crash, detection_latency and goodput read the same two
+runs (one supervised run with a crash then a spike, one Ray Train run with the crash),
+cached for the process, so the smoke suite starts each expensive thing once.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from datetime import timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from tests.bench.core import Context, ensure_ray, log, read_jsonl
+from tests.bench.workload import fired_time, metrics_log, pipeline, size_for
+
+_CACHE: dict[Any, Any] = {}
+
+# smoke: one supervised run, crash first, then a loss spike; Ray Train gets the crash only
+SMOKE_STEPS = 45
+SMOKE_CRASH = (15, 1)  # (batch index, rank)
+SMOKE_SPIKE = 32
+
+
+@dataclass
+class SupervisedRun:
+    state_dir: Path
+    run_id: str
+    state: str
+    submitted: float
+    ended: float
+    incidents: list[Any]
+    watch_interval: float
+
+    def log(self, rank: int = 0) -> list[dict]:
+        return read_jsonl(metrics_log(self.state_dir, self.run_id, rank))
+
+    def fired(self, kind: str) -> float | None:
+        return fired_time(self.state_dir / "runs" / self.run_id / "faults", kind)
+
+
+def ts(dt: Any) -> float:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+@contextlib.contextmanager
+def controller(state_dir: Path, **overrides: Any) -> Iterator[Any]:
+    """The real supervisor: Controller + APScheduler jobs, embedded scrape path unless prometheus_url."""
+    from service.config import Settings
+    from service.controller import Controller
+    from service.scheduler import build_scheduler
+
+    opts: dict[str, Any] = dict(state_dir=state_dir, environment="development", watch_interval=0.5,
+                                hang_timeout=5.0)
+    opts.update(overrides)
+    settings = Settings(**opts)
+    ensure_ray()
+    ctl = Controller(settings)
+    ctl.start()
+    sched = build_scheduler(ctl, settings)
+    sched.start()
+    try:
+        yield ctl
+    finally:
+        sched.shutdown(wait=False)
+        ctl.shutdown()
+
+
+def supervised_run(ctx: Context, name: str, spec: Any, *, timeout: float = 600, **settings: Any) -> SupervisedRun:
+    from service.db import crud
+
+    key = ("ours", name, spec.model_dump_json(), tuple(sorted(settings.items())))
+    if ctx.smoke and key in _CACHE:
+        return _CACHE[key]
+    state = ctx.sub(name)
+    with controller(state, **settings) as ctl:
+        t0 = time.time()
+        run_id = ctl.submit(spec, actor="bench")
+        deadline = time.monotonic() + timeout
+        st = "pending"
+        while time.monotonic() < deadline:
+            with ctl.session() as s:
+                st = crud.get_run(s, run_id=run_id).state
+            if st in ("completed", "failed", "stopped", "needs_attention"):
+                break
+            time.sleep(0.1)
+        t1 = time.time()
+        with ctl.session() as s:
+            incs = crud.list_incidents(s, run_id=run_id)
+        interval = float(ctl.settings.watch_interval)
+    if st != "completed":
+        raise RuntimeError(f"supervised run {name} ended {st!r} (incidents: {[(i.kind, i.action) for i in incs]})")
+    res = SupervisedRun(state, run_id, st, t0, t1, incs, interval)
+    if ctx.smoke:
+        _CACHE[key] = res
+    return res
+
+
+def raytrain_run(ctx: Context, name: str, spec: Any, *, crashes: list[tuple[int, int]], every: int) -> dict:
+    from tests.bench.raytrain import run_raytrain
+
+    key = ("raytrain", name, spec.model_dump_json(), tuple(crashes), every)
+    if ctx.smoke and key in _CACHE:
+        return _CACHE[key]
+    ensure_ray()
+    res = run_raytrain(spec, ctx.sub(name), crashes=crashes, every=every, max_failures=len(crashes))
+    res["records"] = read_jsonl(res["log"])
+    if ctx.smoke:
+        _CACHE[key] = res
+    return res
+
+
+def smoke_runs(ctx: Context) -> tuple[SupervisedRun, dict]:
+    """The two shared smoke runs (see the module docstring)."""
+    at, rank = SMOKE_CRASH
+    spec = pipeline(name="smoke", size=size_for(True), steps=SMOKE_STEPS, world_size=2, every=10,
+                    faults=[{"kind": "worker_crash", "at_step": at, "rank": rank},
+                            {"kind": "loss_spike", "at_step": SMOKE_SPIKE, "duration": 4}])
+    log("  smoke: supervised run (crash, then a loss spike)")
+    ours = supervised_run(ctx, "smoke-ours", spec)
+    base_spec = pipeline(name="smoke", size=size_for(True), steps=SMOKE_STEPS, world_size=2, every=10)
+    log("  smoke: Ray Train run (the crash)")
+    base = raytrain_run(ctx, "smoke-raytrain", base_spec, crashes=[SMOKE_CRASH], every=10)
+    return ours, base
