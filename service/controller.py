@@ -428,14 +428,14 @@ class Controller:
     # ---- checkpoints ------------------------------------------------------------------------
     def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
         """Register new complete checkpoints, re-verify those whose files changed on disk."""
-        from workers.runtime.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
-
         with self._glock:
             drivers = [d for d in self.drivers.values() if run_ids is None or d.run_id in run_ids]
         with self._ckpt_lock:  # the scan job and a decision may both scan
-            self._scan_checkpoints(drivers, CheckpointError, list_checkpoints, verify_checkpoint)
+            self._scan_checkpoints(drivers)
 
-    def _scan_checkpoints(self, drivers, CheckpointError, list_checkpoints, verify_checkpoint) -> None:  # noqa: N803
+    def _scan_checkpoints(self, drivers: list[RunDriver]) -> None:
+        from workers.runtime.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+
         for d in drivers:
             for stage in d.spec.stages:
                 root = self._stage_root(d.run_id, stage.name, d.spec)
