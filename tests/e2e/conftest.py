@@ -19,7 +19,9 @@ rules (RULE_OVERRIDES, the only threshold changes)
     seconds before it is rolled back; with the shipped 10 s the condition would have to hold
     through ten 1 s evaluations. Every expression is used unchanged.
 alertmanager.yml
-  - every route's group_wait / group_interval -> 1s (repeat_interval unchanged);
+  - every route's group_wait -> 0s and group_interval -> 1s (repeat_interval unchanged): the
+    alert of a spike that the rollback ends within a second fires for one or two evaluations;
+    Alertmanager drops a group whose alerts all resolved before its first notification;
   - receiver trainguard-supervisor: url -> the test supervisor's /api/v1/alerts,
     credentials_file -> a file holding the test webhook token;
   - receiver pager: url -> `PagerSink`, a local HTTP server that records what it gets.
@@ -246,7 +248,7 @@ def derive_alertmanager_config(*, webhook_url: str, token_file: Path, pager_url:
     cfg = copy.deepcopy(yaml.safe_load(AM_CONFIG.read_text()))
 
     def shorten(route: dict[str, Any]) -> None:
-        route["group_wait"] = "1s"
+        route["group_wait"] = "0s"
         route["group_interval"] = "1s"
         for child in route.get("routes") or []:
             shorten(child)
