@@ -304,6 +304,9 @@ class Controller:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                      log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+        from workers.group import warm_pool
+
+        warm_pool().refill()  # spare workers import torch now, not when the first stage starts
         self._started = True
         with self.session() as s:
             runs = [r for r in crud.list_runs(s, limit=100_000, offset=0) if r.state in ACTIVE_STATES]

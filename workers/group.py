@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from workers.contract import Control, ControlKind
 from workers.spec import PipelineSpec
 
-__all__ = ["TrainWorker", "WorkerGroup", "STATE_DIR_ENV"]
+__all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "STATE_DIR_ENV"]
 
 STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
 TERMINAL = ("finished", "stopped", "failed")
@@ -29,19 +29,47 @@ TERMINAL = ("finished", "stopped", "failed")
 
 @ray.remote(num_cpus=0, max_concurrency=8)
 class TrainWorker:
-    """One rank. The exporter starts in the constructor so endpoints exist before training."""
+    """One rank. Created bare (imports only, so it can wait warm in the pool), then
+    `configure`d for a stage — which starts the exporter, so endpoints exist before training."""
 
-    def __init__(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
-                 state_dir: str, resume_from: str | None, skip: list[list[int]], lr_multiplier: float | None,
-                 inputs: dict[str, str], fired_dir: str, bind_host: str | None,
-                 checkpoint_root: str | None) -> None:
+    def __init__(self) -> None:
         import torch
 
+        import workers.runtime.harness  # noqa: F401 - the heavy imports happen here, once
+        import workers.stages  # noqa: F401
         from workers.runtime.control import ControlInbox
+
+        torch.set_num_threads(1)  # the CPUs are shared; one intra-op thread per rank
+        self.args: dict[str, Any] = {}
+        self.rank = -1
+        self.exporter = None
+        self.inbox = ControlInbox()
+        self.harness = None
+        self.state = "starting"
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def warm(self) -> int:
+        """Pay the one-time costs every stage has; called on pool spares: the default corpora,
+        and the first optimizer step (constructing AdamW imports torch._dynamo: seconds)."""
+        import torch
+
+        from workers.data import get_mixture
+
+        get_mixture()
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.AdamW([p], lr=1e-3)
+        (p * p).sum().backward()
+        opt.step()
+        return os.getpid()
+
+    def configure(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
+                  state_dir: str, resume_from: str | None, skip: list[list[int]], lr_multiplier: float | None,
+                  inputs: dict[str, str], fired_dir: str, bind_host: str | None,
+                  checkpoint_root: str | None) -> dict[str, Any]:
         from workers.runtime.exporter import Exporter
         from workers.runtime.gpu import make_gpu_health
 
-        torch.set_num_threads(1)  # the CPUs are shared; one intra-op thread per rank
         self.args = dict(run_id=run_id, spec=spec, stage_name=stage_name, rank=rank, world_size=world_size,
                          state_dir=state_dir, resume_from=resume_from, skip=skip, lr_multiplier=lr_multiplier,
                          inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root)
@@ -49,11 +77,7 @@ class TrainWorker:
         self.gpu = make_gpu_health()
         self.exporter = Exporter(run_id, stage_name, rank, gpu=self.gpu)
         self.port = self.exporter.start(bind_host)
-        self.inbox = ControlInbox()
-        self.harness = None
-        self.state = "starting"
-        self.error: str | None = None
-        self._lock = threading.Lock()
+        return self.endpoint()
 
     def endpoint(self) -> dict[str, Any]:
         host = self.exporter.host
@@ -61,14 +85,16 @@ class TrainWorker:
             host = ray.util.get_node_ip_address()
         return {"rank": self.rank, "host": host, "port": self.port}
 
-    def rendezvous(self) -> tuple[str, int]:
+    def rendezvous(self, world_size: int) -> tuple[str, int]:
         """Rank 0: the tcp:// address of the process group (this node, a free port)."""
         from workers.runtime.distributed import free_port
 
-        host = "127.0.0.1" if self.args["world_size"] == 1 else ray.util.get_node_ip_address()
+        host = "127.0.0.1" if world_size == 1 else ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def run(self, addr: tuple[str, int]) -> dict[str, Any]:
+    def run(self, addr: tuple[str, int], configured: dict[str, Any]) -> dict[str, Any]:
+        """`configured` is `configure`'s result: passing its ObjectRef orders run() after it
+        (a threaded actor may otherwise run the two calls concurrently)."""
         import torch
 
         from workers.runtime.distributed import Dist
@@ -156,14 +182,17 @@ class WorkerGroup:
         self._last: dict[str, Any] | None = None
 
     def start(self) -> None:
-        """Create the actors and start their loops; returns without waiting for either."""
+        """Take warm actors (or create them) and start their loops; returns without waiting."""
         assert not self._actors, "start() called twice"
         gpus = ray.cluster_resources().get("GPU", 0)
-        opts = {"num_gpus": 1} if gpus >= self.world_size else {}
-        self._actors = [TrainWorker.options(**opts).remote(rank=r, **self._kwargs) for r in range(self.world_size)]
-        addr = self._actors[0].rendezvous.remote()  # an ObjectRef: each run() starts once it resolves
-        self._run_refs = [a.run.remote(addr) for a in self._actors]
-        self._endpoint_refs = [a.endpoint.remote() for a in self._actors]
+        if gpus >= self.world_size:
+            # one GPU per rank; spares would hold GPUs idle, so GPU ranks never come from the pool
+            self._actors = [TrainWorker.options(num_gpus=1).remote() for _ in range(self.world_size)]
+        else:
+            self._actors = warm_pool().take(self.world_size)
+        self._endpoint_refs = [a.configure.remote(rank=r, **self._kwargs) for r, a in enumerate(self._actors)]
+        addr = self._actors[0].rendezvous.remote(self.world_size)  # each run() starts once it resolves
+        self._run_refs = [a.run.remote(addr, ep) for a, ep in zip(self._actors, self._endpoint_refs)]
 
     def endpoints(self, timeout: float = 120.0) -> list[dict[str, Any]]:
         if self._endpoints is None:
@@ -241,6 +270,53 @@ class WorkerGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+class WarmPool:
+    """Spare CPU worker actors with torch imported and the corpora built, so a new or restarted
+    worker group starts in about a second instead of paying a process start and the imports.
+
+    Size from $TRAINGUARD_WARM_WORKERS (default 2; 0 turns the pool off). Used actors are
+    never returned: a process that trained (process group, allocator state) is not reused."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[Any]:
+        with self._lock:
+            got, self._idle = self._idle[:n], self._idle[n:]
+        got += [TrainWorker.remote() for _ in range(n - len(got))]
+        self.refill()
+        return got
+
+    def refill(self) -> None:
+        with self._lock:
+            while len(self._idle) < self.size:
+                a = TrainWorker.remote()
+                a.warm.remote()
+                self._idle.append(a)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for a in idle:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+_POOL: WarmPool | None = None
+
+
+def warm_pool() -> WarmPool:
+    """The process's pool (created on first use, after ray.init)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = WarmPool(int(os.environ.get("TRAINGUARD_WARM_WORKERS", "2")))
+    return _POOL
 
 
 def _short(e: BaseException, limit: int = 2000) -> str:

@@ -87,6 +87,7 @@ def _setup(ctx: Context, n: int, tag: str):
     from service.controller import ActiveStage, Controller, RunDriver
     from service.db import crud
     from tests.bench.workload import pipeline
+    import workers.runtime.checkpoint  # noqa: F401 - a one-time import (torch), not a cost of the cycle
 
     state = ctx.sub(f"scale-{tag}")
     settings = Settings(state_dir=state, environment="development")

@@ -109,6 +109,11 @@ def raytrain_run(ctx: Context, name: str, spec: Any, *, crashes: list[tuple[int,
     ensure_ray()
     res = run_raytrain(spec, ctx.sub(name), crashes=crashes, every=every, max_failures=len(crashes))
     res["records"] = read_jsonl(res["log"])
+    if not res["records"]:
+        raise RuntimeError(f"Ray Train run {name} trained no step (error: {res['error']!r}; "
+                           f"work dir {ctx.sub(name)})")
+    if res["error"] is not None:
+        log(f"  Ray Train run {name} ended with an error: {res['error']!r}")
     if ctx.smoke:
         _CACHE[key] = res
     return res

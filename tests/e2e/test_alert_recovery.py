@@ -125,6 +125,7 @@ def test_alert_and_watch_together_recover_a_loss_spike_once(stack, tmp_path):
     with stack.supervisor(state, watch_enabled=True, prometheus_url=stack.prom_url) as (ctl, client):
         _, inc = _run_spike_scenario(stack, ctl, client, state, "e2e-watch-and-alert",
                                      spike_at=130, spike_len=20, step_delay=0.15)
+    print("incident:", _describe([inc]))
     assert inc.source in ("watch", "alert")
 
 
@@ -135,3 +136,41 @@ def test_alert_alone_recovers_a_loss_spike_with_the_watch_off(stack, tmp_path):
         _, inc = _run_spike_scenario(stack, ctl, client, state, "e2e-alert-only",
                                      spike_at=60, spike_len=20, step_delay=0.15)
     assert inc.source == "alert", inc
+
+
+def test_alertmanager_pages_needs_attention_and_inhibits_that_runs_recovery_alerts(stack, tmp_path):
+    """The derived Alertmanager (deploy/alertmanager/alertmanager.yml routes and inhibition):
+    a needs_attention page goes to the pager, not the supervisor, and silences the same run's
+    recovery alerts; another run's recovery alert still reaches the supervisor."""
+    from datetime import datetime, timedelta, timezone
+
+    def alert(name: str, kind: str, severity: str, run: str, ends: datetime) -> dict:
+        return {"labels": {"alertname": name, "severity": severity, "trainguard_kind": kind, "run": run,
+                           "stage": "pretrain"},
+                "annotations": {"summary": f"{name} for {run} (posted by the e2e test)"},
+                "startsAt": datetime.now(timezone.utc).isoformat(), "endsAt": ends.isoformat()}
+
+    later = datetime.now(timezone.utc) + timedelta(minutes=5)
+    held, other = "e2e-run-held-by-a-human", "e2e-run-unknown-to-the-supervisor"
+    batch = [alert("TrainguardNeedsAttention", "needs_attention", "page", held, later),
+             alert("TrainguardLossSpike", "loss_spike", "recover", held, later),
+             alert("TrainguardLossSpike", "loss_spike", "recover", other, later)]
+    with stack.supervisor(tmp_path / "state") as (ctl, _client):
+        r = httpx.post(f"{stack.am_url}/api/v2/alerts", json=batch, timeout=5)
+        assert r.status_code == 200, r.text
+        try:
+            paged = stack.wait(lambda: [a for a in stack.pager.alerts() if a["labels"].get("run") == held], 30,
+                               "the needs_attention page to reach the pager")
+            assert {a["labels"]["alertname"] for a in paged} == {"TrainguardNeedsAttention"}, paged
+            (spike,) = stack.am_alerts(alertname="TrainguardLossSpike", run=held)
+            assert spike["status"]["state"] == "suppressed" and spike["status"]["inhibitedBy"], spike["status"]
+            got = stack.wait(lambda: stack.tap.alerts(run=other), 30,
+                             "the other run's recovery alert to reach the supervisor")
+            assert all(a["_http_status"] == 200 for a in got), got  # unknown run: accepted, nothing to do
+            assert not stack.tap.alerts(run=held), "an inhibited / paging alert reached the supervisor"
+            assert not [a for a in stack.pager.alerts() if a["labels"].get("run") == other]
+            assert incidents(ctl, other) == []
+        finally:
+            now = datetime.now(timezone.utc)
+            httpx.post(f"{stack.am_url}/api/v2/alerts", timeout=5,
+                       json=[{**a, "endsAt": now.isoformat()} for a in batch])
