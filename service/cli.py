@@ -296,8 +296,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import build_app  # the wiring with the real controller and scheduler
     from service.config import Settings
 
-    settings = Settings()
-    uvicorn.run(build_app(), host=args.host or settings.host, port=args.port or settings.port, log_level=args.log_level)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+    settings = Settings(**overrides)  # the supervisor advertises this address in /sd
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return EXIT_OK
 
 

@@ -303,8 +303,9 @@ class Stack:
                 for a in payload.get("alerts", [])]})
         return out
 
-    def wait(self, cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-        """Poll `cond` until truthy; on timeout fail with `what` and the binaries' log tails."""
+    def wait(self, cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
+             context: Callable[[], Any] | None = None) -> Any:
+        """Poll `cond` until truthy; on timeout fail with `what`, `context()` and the binaries' log tails."""
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
         while time.monotonic() < deadline:
@@ -315,8 +316,14 @@ class Stack:
             except Exception as e:  # noqa: BLE001 - reported if we time out
                 last_exc = e
             time.sleep(interval)
+        extra = ""
+        if context is not None:
+            try:
+                extra = f"\n--- context: {context()}"
+            except Exception as e:  # noqa: BLE001
+                extra = f"\n--- context unavailable: {e!r}"
         raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                             + (f" (last error: {last_exc!r})" if last_exc else "") + "\n" + self.diag())
+                             + (f" (last error: {last_exc!r})" if last_exc else "") + extra + "\n" + self.diag())
 
     # -- Prometheus / Alertmanager API
     def query(self, expr: str, **params: Any) -> list[dict]:
@@ -335,6 +342,19 @@ class Stack:
     def targets(self) -> list[dict]:
         return httpx.get(f"{self.prom_url}/api/v1/targets", params={"state": "active"},
                          timeout=5).json()["data"]["activeTargets"]
+
+    def sd(self) -> Any:
+        """What the supervisor's /api/v1/sd answers Prometheus now."""
+        return httpx.get(f"{self.sup_url}/api/v1/sd", timeout=5,
+                         headers={"Authorization": f"Bearer {self.tokens['viewer']}"}).json()
+
+    def run_context(self, client: httpx.Client, run_id: str) -> dict[str, Any]:
+        """The run, its recent events and the SD answer: for failure messages."""
+        return {"run": client.get(f"/runs/{run_id}").json(),
+                "events": [(e["kind"], e.get("detail"), e.get("result"))
+                           for e in client.get(f"/runs/{run_id}/events").json().get("data", [])][-12:],
+                "sd": self.sd(),
+                "prometheus_targets": [(t["labels"], t["health"], t.get("lastError")) for t in self.targets()]}
 
     def worker_targets(self, run: str, *, up: bool = True) -> list[dict]:
         return [t for t in self.targets() if t["labels"].get("run") == run

@@ -61,9 +61,11 @@ def _run_spike_scenario(stack, ctl, client, state_dir: Path, name: str, *, spike
     _assert_discovered(stack, ctl, run_id)
 
     # Alertmanager delivers TrainguardLossSpike for this run to the supervisor, which answers 200.
+    ctx = lambda: {**stack.run_context(client, run_id), "incidents": _describe(incidents(ctl, run_id))}  # noqa: E731
     fired = stack.wait(lambda: [a for a in stack.tap.alerts(alertname="TrainguardLossSpike", run=run_id)
                                 if a["status"] == "firing"], 90,
-                       f"Alertmanager to post a firing TrainguardLossSpike for {run_id} to the supervisor")
+                       f"Alertmanager to post a firing TrainguardLossSpike for {run_id} to the supervisor",
+                       context=ctx)
     assert all(a["_http_status"] == 200 for a in fired), fired
     assert fired[0]["labels"]["severity"] == "recover" and fired[0]["labels"]["trainguard_kind"] == "loss_spike"
 
@@ -72,7 +74,8 @@ def _run_spike_scenario(stack, ctl, client, state_dir: Path, name: str, *, spike
         incs = _spike_incidents(ctl, run_id)
         return incs if incs and all(i.outcome == "resolved" for i in incs) else None
 
-    stack.wait(recovered, 60, f"the spike incident of {run_id} to be resolved (rolled back and stepping again)")
+    stack.wait(recovered, 60, f"the spike incident of {run_id} to be resolved (rolled back and stepping again)",
+               context=ctx)
 
     # Let the alert resolve: Prometheus stops firing, Alertmanager posts `resolved` (send_resolved),
     # and the supervisor has seen every notification there will be for this spike.

@@ -72,7 +72,7 @@ def _pipeline():
         "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
         "checkpoint": {"every": 10, "keep_last": 3},
         "stages": [
-            {"name": "pretrain", "kind": "pretrain", "steps": 30, **common,
+            {"name": "pretrain", "kind": "pretrain", "steps": 40, **common,
              "faults": [{"kind": "worker_crash", "at_step": 15}]},
             {"name": "sft", "kind": "sft", "steps": 20, **common},
             {"name": "reward_model", "kind": "reward_model", "steps": 25, **common},
@@ -102,11 +102,13 @@ def test_discovery_follows_restarts_and_every_panel_and_rule_has_data(stack, tmp
         def first_targets():
             return [t for t in stack.worker_targets(run_id) if t["labels"]["stage"] == "pretrain"]
 
-        (first,) = stack.wait(first_targets, 90, "Prometheus to scrape the pretrain worker through /sd")
+        ctx = lambda: stack.run_context(client, run_id)  # noqa: E731
+        (first,) = stack.wait(first_targets, 90, "Prometheus to scrape the pretrain worker through /sd", context=ctx)
         assert first["labels"]["rank"] == "0" and first["labels"]["job"] == "trainguard-workers", first["labels"]
         old = first["labels"]["instance"]
         (second,) = stack.wait(lambda: [t for t in first_targets() if t["labels"]["instance"] != old], 90,
-                               f"Prometheus to scrape the restarted pretrain worker on a new port (old {old})")
+                               f"Prometheus to scrape the restarted pretrain worker on a new port (old {old})",
+                               context=ctx)
         assert second["labels"]["rank"] == "0"
         assert not [t for t in stack.targets() if t["labels"].get("instance") == old], \
             "the crashed worker's target is still discovered"
