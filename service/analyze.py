@@ -265,6 +265,11 @@ def _sniff(path: Path) -> str:
 
 def load_series(path: str | Path, fmt: str = "auto") -> dict[str, list[Sample]]:
     """Metric name -> samples sorted by step (one per step, the last one logged wins)."""
+    return {k: as_samples(v) for k, v in _load_raw(path, fmt).items()}
+
+
+def _load_raw(path: str | Path, fmt: str = "auto") -> dict[str, list[Sample]]:
+    """Metric name -> samples in the order the log has them."""
     p = Path(path)
     if not p.exists():
         raise AnalyzeError(f"{p}: no such file or directory")
@@ -282,7 +287,28 @@ def load_series(path: str | Path, fmt: str = "auto") -> dict[str, list[Sample]]:
         raise AnalyzeError(f"{p}: not a text file (expected {fmt})") from None
     except OSError as e:
         raise AnalyzeError(f"{p}: cannot read: {e.strerror or e}") from None
-    return {k: as_samples(v) for k, v in raw.items()}
+    return raw
+
+
+def timelines(raw: dict[str, list[Sample]]) -> list[dict[str, list[Sample]]]:
+    """Split a log at its step regressions (a rollback or restart went back in time): each
+    timeline is the history as the run lived it, up to the point it was rolled back from.
+    A log without regressions is one timeline."""
+    per_metric: dict[str, list[list[Sample]]] = {}
+    for key, xs in raw.items():
+        if key.startswith("anomalies:"):
+            continue
+        tls: list[list[Sample]] = [[]]
+        for smp in xs:
+            cur = tls[-1]
+            if cur and smp.step <= cur[-1].step:
+                tls.append([x for x in cur if x.step < smp.step])
+            tls[-1].append(smp)
+        per_metric[key] = tls
+    counters = {k: as_samples(v) for k, v in raw.items() if k.startswith("anomalies:")}
+    n = max((len(v) for v in per_metric.values()), default=1)
+    return [{**{k: as_samples(v[min(i, len(v) - 1)]) for k, v in per_metric.items()}, **counters}
+            for i in range(n)]
 
 
 # --------------------------------------------------------------------------- replay
@@ -335,10 +361,17 @@ def analyze_series(series: dict[str, list[Sample]], config: AnalyzeConfig | None
 def analyze_file(path: str | Path, config: AnalyzeConfig | None = None, fmt: str = "auto") -> list[dict[str, Any]]:
     """Findings in a training log: [{kind, onset_step, detected_at_step, evidence}, ...].
     Raises AnalyzeError (a ValueError) for unreadable or malformed logs."""
-    series = load_series(path, fmt)
-    if not series:
+    raw = _load_raw(path, fmt)
+    if not raw:
         raise AnalyzeError(f"{path}: no metrics found")
-    return analyze_series(series, config)
+    seen: set[tuple[str, int]] = set()
+    out: list[dict[str, Any]] = []
+    for series in timelines(raw):
+        for f in analyze_series(series, config):
+            if (f["kind"], f["onset_step"]) not in seen:  # the shared prefix reports once
+                seen.add((f["kind"], f["onset_step"]))
+                out.append(f)
+    return sorted(out, key=lambda f: (f["onset_step"], f["kind"]))
 
 
 # --------------------------------------------------------------------------- CLI

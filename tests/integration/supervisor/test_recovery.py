@@ -6,6 +6,9 @@ import statistics
 
 import pytest
 
+from service.analyze import analyze_file
+
+from tests.conftest import wait_for
 from tests.integration.supervisor.harness import (
     incidents, metrics_log, running_controller, tiny_pipeline, wait_state,
 )
@@ -42,6 +45,10 @@ def test_loss_spike_rolls_back_before_onset_skips_batches_and_recovers(ray_sessi
     pre = statistics.median(r["loss"] for r in log[:back] if 60 <= r["step"] < 80)
     end = statistics.median(r["loss"] for r in log[-10:])
     assert end <= pre * 1.15, (pre, end)
+    # the post-mortem tool finds the same spike in the log the worker wrote
+    found = [f for f in analyze_file(tmp_state / "runs" / run_id / "pretrain" / "metrics-rank0.jsonl")
+             if f["kind"] == "loss_spike"]
+    assert found and abs(found[0]["onset_step"] - inc.onset_step) <= 2, found
 
 
 def test_nan_rolls_back(ray_session, tmp_state):
@@ -115,6 +122,7 @@ def test_spike_that_keeps_coming_back_ends_in_needs_attention(ray_session, tmp_s
         incs = [i for i in incidents(ctl, run_id) if i.kind in ("loss_spike", "divergence", "nan", "grad_explosion")]
         d = ctl.drivers.get(run_id)
         assert d is not None and d.active is not None
+        wait_for(lambda: d.active.paused_ranks == {0}, 30, what="the workers report paused")
     actions = [i.action for i in incs]
     assert actions.count("rollback") == ctl.watch_config.recovery.max_attempts
     assert actions[-1] == "needs_attention"

@@ -172,3 +172,19 @@ def test_subparser_wiring(tmp_path, capsys):
     args = parser.parse_args(["analyze", str(write_csv(tmp_path / "log.csv")), "--json"])
     assert args.func is run_analyze and args.func(args) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_log_with_a_rollback_still_shows_the_spike_it_was_rolled_back_from(tmp_path):
+    import json as _json
+    import math as _math
+
+    from service.analyze import analyze_file as _analyze
+
+    rows = [{"step": s, "loss": 3.0 * _math.exp(-s / 300) * (1 + 0.02 * ((s * 7) % 5 - 2))} for s in range(1, 81)]
+    for r in rows[60:70]:
+        r["loss"] *= 4.0  # the spike at steps 61..70
+    replay = [{"step": s, "loss": 3.0 * _math.exp(-s / 300)} for s in range(51, 121)]  # rolled back to 50
+    p = tmp_path / "metrics-rank0.jsonl"
+    p.write_text("\n".join(_json.dumps(r) for r in rows + replay) + "\n")
+    spikes = [f for f in _analyze(p) if f["kind"] == "loss_spike"]
+    assert len(spikes) == 1 and spikes[0]["onset_step"] == 61
