@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in ORDER:
             print(f"{n}: {REGISTRY[n].doc.splitlines()[0] if REGISTRY[n].doc else ''}")
         return 0
+    # Ray (raylet notices, worker output) and libraries write to fd 1 directly: while the
+    # benchmarks run, fd 1 points at stderr, so stdout carries only the table or the JSON.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
     try:
         results = run(a.names, smoke=a.smoke, reps=a.reps, keep=a.keep)
     except KeyboardInterrupt:
@@ -122,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - show what broke, exit non-zero
         traceback.print_exc()
         return 1
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
     if a.json:
         print(json.dumps({k: {j: r[j] for j in JSON_KEYS} for k, r in results.items()}, indent=1))
     else:

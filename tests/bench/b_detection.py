@@ -10,7 +10,8 @@ Two rows:
 - `detection_latency`: the embedded path (the supervisor scrapes /history + /metrics).
 - `detection_latency_prometheus`: a real `prometheus` binary on a free port scraping the
   workers every 1 s, targets from the supervisor's /api/v1/sd (http_sd_configs), the
-  supervisor reading PromQL (`PrometheusSource`). Full size only (the smoke run skips it:
+  supervisor reading PromQL (`PrometheusSource`). Its spike lasts 20 steps (~2.6 s), not 4:
+  a 0.5 s spike falls between two 1 s scrapes of the loss gauge (see PROMETHEUS_SPIKE_STEPS). Full size only (the smoke run skips it:
   starting Prometheus plus a second supervised run does not fit the smoke budget).
 """
 from __future__ import annotations
@@ -28,6 +29,10 @@ from tests.bench.shared import SMOKE_SPIKE, SupervisedRun, smoke_runs, supervise
 from tests.bench.workload import pipeline, size_for
 
 SPIKE_FAMILY = ("loss_spike", "divergence", "nan", "grad_explosion")
+# The Prometheus path sees one sample of the loss gauge per 1 s scrape: a 4-step (0.5 s) spike
+# falls between scrapes, and the watch does not turn the guard's trainguard_anomalies_total
+# increases into a spike finding. So that path gets a spike long enough to be scraped (~2.6 s).
+PROMETHEUS_SPIKE_STEPS = 20
 
 
 def detection_figures(run: SupervisedRun, at: int) -> tuple[float, int]:
@@ -44,10 +49,10 @@ def detection_figures(run: SupervisedRun, at: int) -> tuple[float, int]:
     return found - onset["time"], steps
 
 
-def _spec(at: int, steps: int):
+def _spec(at: int, steps: int, duration: int = 4):
     # paced to ~0.13 s/step so a 1 s scrape sees the run as a real one would (several steps per scrape)
     return pipeline(name="detect", size=size_for(False), steps=steps, world_size=1, every=10, step_delay=0.1,
-                    faults=[{"kind": "loss_spike", "at_step": at, "duration": 4}])
+                    faults=[{"kind": "loss_spike", "at_step": at, "duration": duration}])
 
 
 class _Server:
@@ -106,7 +111,7 @@ scrape_configs:
         with controller(state, prometheus_url=f"http://127.0.0.1:{prom_port}", port=api_port) as ctl, \
                 _Server(ctl, api_port):
             t0 = time.time()
-            run_id = ctl.submit(_spec(at, steps), actor="bench")
+            run_id = ctl.submit(_spec(at, steps, PROMETHEUS_SPIKE_STEPS), actor="bench")
             st = wait_until(lambda: (s := _state(ctl, run_id)) in ("completed", "failed", "stopped", "needs_attention")
                             and s, 600, interval=0.2, what="the run to end")
             with ctl.session() as s:
