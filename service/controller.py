@@ -152,10 +152,11 @@ class RunDriver(threading.Thread):
         with ctl.session() as s:
             crud.update_stage(s, run_id=self.run_id, name=name, state="running", started_at=ctl.now_dt())
             crud.update_run(s, run=crud.get_run(s, run_id=self.run_id), current_stage=name)
+        group = self._new_group(stage_spec, outputs, resume)
+        targets = ctl._targets_of(active, group)  # waits for the workers: not under the lock
         with self.lock:
-            active.group = self._new_group(stage_spec, outputs, resume)
+            active.group, active.targets = group, targets
             self.active = active
-            ctl._refresh_targets(active)
         with ctl.session() as s:
             run = crud.get_run(s, run_id=self.run_id)
             state = run.state
@@ -206,18 +207,19 @@ class RunDriver(threading.Thread):
             active = self.active
             assert active is not None
             old = active.group
-            active.group = None
+            active.group, active.targets = None, []
         if old is not None:
             try:
                 old.shutdown()
             except Exception:  # noqa: BLE001
                 log.exception("shutdown of old group failed")
-        for t in active.targets:
+        for t in ctl.source_targets_of(old):
             ctl.source.forget(t)
         checkpoint = arg.get("checkpoint")
         group = self._new_group(stage_spec, outputs, checkpoint)
+        targets = ctl._targets_of(active, group)
         with self.lock:
-            active.group = group
+            active.group, active.targets = group, targets
             active.records.clear()
             active.heartbeat.clear()
             active.counters.clear()
@@ -226,7 +228,6 @@ class RunDriver(threading.Thread):
             active.started_at = time.time()
             if active.pending is not None:
                 active.pending["armed"] = True
-            ctl._refresh_targets(active)
         ctl._event(self.run_id, "supervisor", "group_restarted", {"stage": active.name, "checkpoint": checkpoint}, "ok")
 
     def _finish_stage(self, active: ActiveStage, status: dict) -> None:
@@ -252,7 +253,7 @@ class RunDriver(threading.Thread):
                 active.group.shutdown()
             except Exception:  # noqa: BLE001
                 log.exception("group shutdown failed")
-            for t in active.targets:
+            for t in self.ctl.source_targets_of(active.group):
                 self.ctl.source.forget(t)
 
 
@@ -277,6 +278,7 @@ class Controller:
         self._locks: dict[str, threading.RLock] = {}
         self._glock = threading.Lock()
         self._ckpt_lock = threading.Lock()
+        self._target_cache: dict[int, list[Target]] = {}  # id(group) -> its targets, to forget them later
         self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) at verification
         self._paused_since: dict[str, float] = {}
         self._paused_total: dict[str, float] = {}
@@ -457,6 +459,8 @@ class Controller:
                         verify_checkpoint(path)
                     except (CheckpointError, OSError) as e:
                         verified, reason = False, str(e)
+                    if not verified and _stat_sig(path) != sig:
+                        continue  # being replaced or deleted right now: look again next scan
                     self._verified[path] = sig
                     with self.session() as s:
                         row = crud.upsert_checkpoint(
@@ -498,13 +502,20 @@ class Controller:
         log.warning("checkpoint %s of run %s is bad: %s", ckpt_id, run_id, reason)
 
     # ---- the watch --------------------------------------------------------------------------
-    def _refresh_targets(self, active: ActiveStage) -> None:
+    def _targets_of(self, active: ActiveStage, group: Any) -> list[Target]:
+        """The group's metrics endpoints (waits for its workers to come up)."""
         try:
-            eps = active.group.endpoints()
-        except Exception:  # noqa: BLE001
+            eps = group.endpoints()
+        except Exception as e:  # noqa: BLE001 - a group that never came up: poll() reports it
+            log.warning("no endpoints for %s/%s: %s", active.run_id, active.name, e)
             eps = []
-        active.targets = [Target(run=active.run_id, stage=active.name, rank=int(e["rank"]), host=e["host"],
-                                 port=int(e["port"])) for e in eps]
+        self._target_cache[id(group)] = targets = [
+            Target(run=active.run_id, stage=active.name, rank=int(e["rank"]), host=e["host"], port=int(e["port"]))
+            for e in eps]
+        return targets
+
+    def source_targets_of(self, group: Any) -> list[Target]:
+        return self._target_cache.pop(id(group), []) if group is not None else []
 
     def active_stages(self) -> list[tuple[RunDriver, ActiveStage]]:
         with self._glock:
@@ -581,8 +592,10 @@ class Controller:
             if pend.get("restart"):
                 if pend.get("armed"):  # first step of the new group
                     self._recovered(active, rec)
-            elif pend.get("target_step") is None or step <= pend["target_step"] + 1:
-                self._recovered(active, rec)  # first step after the rollback was applied
+            elif pend.get("target_step") is None or step <= pend["target_step"] + 1 or step < pend["from_step"]:
+                # first step seen after the rollback was applied (a scrape-based source may not
+                # see target+1 itself, only that the step went back)
+                self._recovered(active, rec)
 
     def _recovered(self, active: ActiveStage, rec: dict) -> None:
         pend = active.pending
@@ -678,7 +691,7 @@ class Controller:
                 crud.update_incident(s, incident=crud.get_incident(s, incident_id=incident_id), **fields)
             self._set_state(run_id, "recovering", actor=actor, reason=f"{kind}: rollback")
             active.pending = {"incident": incident_id, "kind": kind, "detected_at": now,
-                              "target_step": decision.get("checkpoint_step")}
+                              "target_step": decision.get("checkpoint_step"), "from_step": active.last_step}
             self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
             driver = self.drivers.get(run_id)
             sent = False

@@ -115,7 +115,7 @@ class PPOStage(Stage):
         pg_loss = -(surrogate * rmask).sum() / rmask.sum().clamp(min=1.0)
         loss = pg_loss + PTX_COEF * self._ptx_loss(batch_index, corrupt)
         kl_mean, score_mean = self._global_mean(float(kl.mean()), float(score.mean()))
-        metrics = {"reward_mean": score_mean, "kl": kl_mean, "kl_coef": self.kl_coef}
+        metrics = {"reward_mean": score_mean, "kl": kl_mean, "kl_coef": self.kl_coef, "kl_target": ctx.stage.kl_target}
         return StepResult(loss=loss, tokens=int(valid.sum()), metrics=metrics)
 
     def _ptx_loss(self, batch_index: int, corrupt: bool) -> torch.Tensor:
