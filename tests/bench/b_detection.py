@@ -11,8 +11,9 @@ Two rows:
 - `detection_latency_prometheus`: a real `prometheus` binary on a free port scraping the
   workers every 1 s, targets from the supervisor's /api/v1/sd (http_sd_configs), the
   supervisor reading PromQL (`PrometheusSource`). Its spike lasts 20 steps (~2.6 s), not 4:
-  a 0.5 s spike falls between two 1 s scrapes of the loss gauge (see PROMETHEUS_SPIKE_STEPS). Full size only (the smoke run skips it:
-  starting Prometheus plus a second supervised run does not fit the smoke budget).
+  a 0.5 s spike falls between two 1 s scrapes of the loss gauge (see PROMETHEUS_SPIKE_STEPS).
+  Full size only (the smoke run skips it: starting Prometheus plus a second supervised run
+  does not fit the smoke budget).
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def _pipeline():
         "checkpoint": {"every": 10, "keep_last": 3},
         "stages": [
             {"name": "pretrain", "kind": "pretrain", "steps": 50, **common,
-             "faults": [{"kind": "worker_crash", "at_step": 15}]},
+             "faults": [{"kind": "worker_crash", "at_step": 30}]},
             {"name": "sft", "kind": "sft", "steps": 30, **common},
             {"name": "reward_model", "kind": "reward_model", "steps": 25, **common},
             {"name": "ppo", "kind": "ppo", "steps": 25, "response_len": 8, **common},
