@@ -34,8 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(cond: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll `cond` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+def wait_for(cond: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition",
+             detail: Callable[[], str] | None = None):
+    """Poll `cond` until it returns a truthy value; fail with `what` (and `detail()`, for the
+    diagnostics worth reading then) after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -46,7 +48,14 @@ def wait_for(cond: Callable[[], object], timeout: float, interval: float = 0.05,
         except Exception as e:  # noqa: BLE001 - report the last one if we time out
             last_exc = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    extra = ""
+    if detail is not None:
+        try:
+            extra = "\n" + detail()
+        except Exception as e:  # noqa: BLE001
+            extra = f"\n(diagnostics unavailable: {e!r})"
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else "") + extra)
 
 
 @pytest.fixture(scope="session")

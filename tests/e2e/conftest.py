@@ -51,7 +51,7 @@ import yaml
 
 from service.adapters.promql_inventory import REPO_ROOT, RULES_DIR
 from service.api import create_app
-from tests.conftest import free_port, require_binary
+from tests.conftest import free_port, require_binary, wait_for
 from tests.integration.supervisor.harness import running_controller
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -306,24 +306,16 @@ class Stack:
     def wait(self, cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
              context: Callable[[], Any] | None = None) -> Any:
         """Poll `cond` until truthy; on timeout fail with `what`, `context()` and the binaries' log tails."""
-        deadline = time.monotonic() + timeout
-        last_exc: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                v = cond()
-                if v:
-                    return v
-            except Exception as e:  # noqa: BLE001 - reported if we time out
-                last_exc = e
-            time.sleep(interval)
-        extra = ""
-        if context is not None:
-            try:
-                extra = f"\n--- context: {context()}"
-            except Exception as e:  # noqa: BLE001
-                extra = f"\n--- context unavailable: {e!r}"
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                             + (f" (last error: {last_exc!r})" if last_exc else "") + extra + "\n" + self.diag())
+        def detail() -> str:
+            head = ""
+            if context is not None:
+                try:
+                    head = f"--- context: {context()}\n"
+                except Exception as e:  # noqa: BLE001
+                    head = f"--- context unavailable: {e!r}\n"
+            return head + self.diag()
+
+        return wait_for(cond, timeout, interval=interval, what=what, detail=detail)
 
     # -- Prometheus / Alertmanager API
     def query(self, expr: str, **params: Any) -> list[dict]:
