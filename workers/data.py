@@ -19,6 +19,7 @@ sentence or a garbled copy) come from the same curated docstrings and the same s
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib
@@ -138,12 +139,23 @@ def _documented(qualname: str, obj: object) -> tuple[str, str] | None:
 
 
 def _walk_module(modname: str) -> list[tuple[str, str]]:
-    """(qualified name, docstring) of the module, its public classes/routines and their methods."""
+    """(qualified name, docstring) of the module, its public classes/routines and their methods.
+
+    Read from the module's source with `ast` where it has one, so the corpus is the same in
+    every process whatever was imported or patched at run time (Ray replaces
+    inspect.isgenerator, pytest threading.excepthook); modules without source (built in)
+    are inspected, keeping only objects defined in them."""
     module = _import(modname)
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
+        source = None
+    if source is not None:
+        return _walk_source(modname, ast.parse(source))
     out = [_documented(modname, module)]
     for name in _public(module):
         obj = getattr(module, name, None)
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or getattr(obj, "__module__", None) != modname:
             continue
         out.append(_documented(f"{modname}.{name}", obj))
         if inspect.isclass(obj):
@@ -152,6 +164,25 @@ def _walk_module(modname: str) -> list[tuple[str, str]]:
                 if inspect.isroutine(member):
                     out.append(_documented(f"{modname}.{name}.{meth}", member))
     return [x for x in out if x is not None]
+
+
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _walk_source(modname: str, tree: ast.Module) -> list[tuple[str, str]]:
+    def doc(qualname: str, node: ast.AST) -> list[tuple[str, str]]:
+        d = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
+        return [(qualname, d.strip())] if d and d.strip() else []
+
+    out = doc(modname, tree)
+    for node in sorted((n for n in tree.body if isinstance(n, _DEFS) and not n.name.startswith("_")),
+                       key=lambda n: n.name):
+        out += doc(f"{modname}.{node.name}", node)
+        if isinstance(node, ast.ClassDef):
+            for meth in sorted((m for m in node.body if isinstance(m, _DEFS[:2]) and not m.name.startswith("_")),
+                               key=lambda m: m.name):
+                out += doc(f"{modname}.{node.name}.{meth.name}", meth)
+    return out
 
 
 @functools.lru_cache(maxsize=1)

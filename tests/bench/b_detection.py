@@ -10,8 +10,9 @@ Two rows:
 - `detection_latency`: the embedded path (the supervisor scrapes /history + /metrics).
 - `detection_latency_prometheus`: a real `prometheus` binary on a free port scraping the
   workers every 1 s, targets from the supervisor's /api/v1/sd (http_sd_configs), the
-  supervisor reading PromQL (`PrometheusSource`). Its spike lasts 20 steps (~2.6 s), not 4:
-  a 0.5 s spike falls between two 1 s scrapes of the loss gauge (see PROMETHEUS_SPIKE_STEPS).
+  supervisor reading PromQL (`PrometheusSource`). Its spike comes later (batch 200) and
+  lasts 30 steps (~4 s), not 4: see PROMETHEUS_SPIKE_STEPS for why a short, early spike is
+  invisible on this path.
   Full size only (the smoke run skips it: starting Prometheus plus a second supervised run
   does not fit the smoke budget).
 """
@@ -21,7 +22,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
@@ -32,8 +32,12 @@ from tests.bench.workload import pipeline, size_for
 SPIKE_FAMILY = ("loss_spike", "divergence", "nan", "grad_explosion")
 # The Prometheus path sees one sample of the loss gauge per 1 s scrape: a 4-step (0.5 s) spike
 # falls between scrapes, and the watch does not turn the guard's trainguard_anomalies_total
-# increases into a spike finding. So that path gets a spike long enough to be scraped (~2.6 s).
-PROMETHEUS_SPIKE_STEPS = 20
+# increases into a spike finding. The spike detector also needs `min_history` (16) healthy
+# samples before it scores anything and `persistence` (2) samples over threshold: on this
+# path those are scrapes, not steps. So that path gets a spike ~25 s into the run (after 16+
+# scrapes) lasting 30 steps (~4 s, several scrapes).
+PROMETHEUS_SPIKE_STEPS = 30
+PROMETHEUS_AT, PROMETHEUS_STEPS = 200, 300
 
 
 def detection_figures(run: SupervisedRun, at: int) -> tuple[float, int]:
@@ -117,7 +121,7 @@ scrape_configs:
                             and s, 600, interval=0.2, what="the run to end")
             with ctl.session() as s:
                 incs = crud.list_incidents(s, run_id=run_id)
-            return SupervisedRun(state, run_id, st, t0, time.time(), incs, 1.0)
+            return SupervisedRun.read(state, run_id, st, t0, time.time(), incs, 1.0)
     finally:
         prom.terminate()
         try:
@@ -149,8 +153,8 @@ def detection_latency(ctx: Context) -> dict[str, Measurement]:
                                            extra={"steps": steps_})
     if not ctx.smoke:
         try:
-            prun = _prometheus_run(ctx, 60, 100)
-            psecs, psteps = detection_figures(prun, 60)
+            prun = _prometheus_run(ctx, PROMETHEUS_AT, PROMETHEUS_STEPS)
+            psecs, psteps = detection_figures(prun, PROMETHEUS_AT)
             log(f"  prometheus: {psecs:.3f}s, {psteps} steps after the onset")
             out["detection_latency_prometheus"] = Measurement(psecs, 1.0, "s", "one Prometheus scrape interval (1 s)",
                                                               extra={"steps": psteps})

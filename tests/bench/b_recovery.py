@@ -20,10 +20,9 @@ completed after the rollback.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from tests.bench.core import Context, Measurement, benchmark, ensure_ray, log, read_jsonl, step_records, wait_until
-from tests.bench.workload import fired_time, metrics_log, pipeline, size_for
+from tests.bench.workload import metrics_log, pipeline, size_for
 
 
 def first_after_kill(records: list[dict], kill: float) -> dict | None:
@@ -62,7 +61,7 @@ def recovery_worker_crash(ctx: Context) -> dict[str, Measurement]:
                                                             world_size=2, every=10), crashes=[(at, 1)], every=10)
     o, o_lost = _crash_figures(ours.log(), ours.fired("worker_crash"), at, "ours")
     log(f"  ours: {o:.2f}s, {o_lost} steps lost")
-    b, b_lost = _crash_figures(base["records"], fired_time(base["fired_dir"], "worker_crash"), at, "Ray Train")
+    b, b_lost = _crash_figures(base["records"], base["kill"], at, "Ray Train")
     log(f"  Ray Train: {b:.2f}s, {b_lost} steps lost")
     return {"recovery_worker_crash": Measurement(o, b, "s", "Ray Train TorchTrainer FailureConfig(max_failures=1)",
                                                  extra={"ours_steps_lost": o_lost, "baseline_steps_lost": b_lost})}

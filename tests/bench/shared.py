@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,8 +24,14 @@ SMOKE_CRASH = (15, 1)  # (batch index, rank)
 SMOKE_SPIKE = 32
 
 
+FAULT_KINDS = ("worker_crash", "hang", "loss_spike", "nan", "gpu_xid")
+
+
 @dataclass
 class SupervisedRun:
+    """What the benchmarks read from a finished supervised run, read eagerly: the work
+    directory of one runner invocation is deleted when it ends, a cached run outlives it."""
+
     state_dir: Path
     run_id: str
     state: str
@@ -33,12 +39,21 @@ class SupervisedRun:
     ended: float
     incidents: list[Any]
     watch_interval: float
+    records: list[dict] = field(default_factory=list)  # rank 0's per-step log
+    fired_at: dict[str, float | None] = field(default_factory=dict)
 
-    def log(self, rank: int = 0) -> list[dict]:
-        return read_jsonl(metrics_log(self.state_dir, self.run_id, rank))
+    @classmethod
+    def read(cls, state_dir: Path, run_id: str, state: str, submitted: float, ended: float, incidents: list[Any],
+             watch_interval: float) -> "SupervisedRun":
+        fired = {k: fired_time(state_dir / "runs" / run_id / "faults", k) for k in FAULT_KINDS}
+        return cls(state_dir, run_id, state, submitted, ended, incidents, watch_interval,
+                   read_jsonl(metrics_log(state_dir, run_id, 0)), fired)
+
+    def log(self) -> list[dict]:
+        return self.records
 
     def fired(self, kind: str) -> float | None:
-        return fired_time(self.state_dir / "runs" / self.run_id / "faults", kind)
+        return self.fired_at.get(kind)
 
 
 def ts(dt: Any) -> float:
@@ -94,7 +109,7 @@ def supervised_run(ctx: Context, name: str, spec: Any, *, timeout: float = 600, 
         interval = float(ctl.settings.watch_interval)
     if st != "completed":
         raise RuntimeError(f"supervised run {name} ended {st!r} (incidents: {[(i.kind, i.action) for i in incs]})")
-    res = SupervisedRun(state, run_id, st, t0, t1, incs, interval)
+    res = SupervisedRun.read(state, run_id, st, t0, t1, incs, interval)
     if ctx.smoke:
         _CACHE[key] = res
     return res
@@ -109,6 +124,7 @@ def raytrain_run(ctx: Context, name: str, spec: Any, *, crashes: list[tuple[int,
     ensure_ray()
     res = run_raytrain(spec, ctx.sub(name), crashes=crashes, every=every, max_failures=len(crashes))
     res["records"] = read_jsonl(res["log"])
+    res["kill"] = fired_time(res["fired_dir"], "worker_crash")  # read now: the work dir may go first
     if not res["records"]:
         raise RuntimeError(f"Ray Train run {name} trained no step (error: {res['error']!r}; "
                            f"work dir {ctx.sub(name)})")
