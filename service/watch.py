@@ -37,11 +37,15 @@ class WatchConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     startup_grace: float = 120.0
     """Seconds a new worker group may take to its first step before it counts as hung."""
+    sparse: bool = False
+    """Series come from Prometheus scrapes (several steps apart): a guard-counted loss spike
+    between two scrapes is a finding on its own, since the spike detector may see one sample."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> "WatchConfig":
         hang = D.HangConfig(timeout_s=float(getattr(settings, "hang_timeout", 120.0)))
-        return cls(hang=hang, startup_grace=float(getattr(settings, "startup_grace", 120.0)))
+        return cls(hang=hang, startup_grace=float(getattr(settings, "startup_grace", 120.0)),
+                   sparse=bool(getattr(settings, "prometheus_url", None)))
 
 
 def _samples(records: list[dict], key: str) -> list[Sample]:
@@ -106,6 +110,8 @@ def evaluate_stage(active: Any, cfg: WatchConfig, *, now: float) -> list[dict]:
         if active.kind == "dpo":
             add(D.detect_dpo_collapse(_samples(r0, "dpo_chosen_logprob"), _samples(r0, "dpo_reward_margin"),
                                       cfg.dpo_collapse, after=after.get("dpo_collapse")))
+    if cfg.sparse:
+        add(_first([_guard_spike(recs[r], after.get("loss_spike")) for r in ranks]))
     if len(ranks) > 1:
         # compute time (before the gradient all-reduce): wall-clock step time is equal on all ranks,
         # since the fast ones wait for the straggler in the collective
@@ -116,6 +122,23 @@ def evaluate_stage(active: Any, cfg: WatchConfig, *, now: float) -> list[dict]:
     add(_gpu(active))
     add(_hang(active, cfg, now))
     return [f.to_dict() for f in sorted(out, key=lambda f: f.onset_step)]
+
+
+def _guard_spike(records: list[dict], after: int | None) -> D.Finding | None:
+    """The worker's guard counted a loss/grad spike between two scrapes (sparse series only)."""
+    for r in records:
+        if r.get("anomaly") in ("loss_spike", "grad_spike"):
+            # The spike began somewhere in (previous scrape, this scrape]. Taking the latest
+            # possible onset makes the skip reach far enough past the bad data; the rollback
+            # target stays safe because checkpoints saved with anomalies in their window are
+            # not healthy.
+            onset = int(r["step"])
+            if after is None or onset > after:
+                return D.Finding(D.IncidentKind.LOSS_SPIKE.value, onset, onset,
+                                 {"source": "guard counter", "anomaly": r["anomaly"], "step": r["step"],
+                                  "earliest_onset": r.get("anomaly_since"), "loss": r.get("loss"),
+                                  "end_step": None})
+    return None
 
 
 def _gpu(active: Any) -> D.Finding | None:

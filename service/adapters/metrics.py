@@ -137,6 +137,7 @@ class PrometheusSource:
         self._client = httpx.Client(timeout=timeout)
         self._last_step: dict[Target, int] = {}
         self._last_sums: dict[Target, tuple[float, float]] = {}
+        self._last_anomalies: dict[Target, dict[str, float]] = {}
 
     def _query(self) -> list[dict]:
         r = self._client.get(f"{self._url}/api/v1/query", params={"query": _PROM_SELECTOR})
@@ -178,14 +179,30 @@ class PrometheusSource:
                     if c > pc:
                         rec["step_seconds"] = (s - ps) / (c - pc)
                     self._last_sums[t] = (s, c)
+                self._mark_anomaly(t, snap, rec)
                 snap.records = [rec]
                 self._last_step[t] = snap.step
             out[t] = snap
         return out
 
+    def _mark_anomaly(self, t: Target, snap: Snapshot, rec: dict) -> None:
+        """A scrape sees one step in several: the guard's counters (which count every step)
+        say whether an anomaly happened in between; tag the record with it and with the first
+        step it may have happened at."""
+        now = {k: v for k, v in snap.counters.items() if k.startswith("anomalies:")}
+        before = self._last_anomalies.get(t, {})
+        self._last_anomalies[t] = now
+        if snap.step is not None and snap.step <= self._last_step.get(t, -1):
+            return  # the step went back (rollback): what the counters gained happened before it
+        rose = [k.split(":", 1)[1] for k, v in now.items() if v > before.get(k, 0.0)]
+        if rose:
+            rec["anomaly"] = sorted(rose, key=lambda k: (not k.startswith("nonfinite"), k))[0]
+            rec["anomaly_since"] = self._last_step.get(t, snap.step - 1) + 1
+
     def forget(self, target: Target) -> None:
         self._last_step.pop(target, None)
         self._last_sums.pop(target, None)
+        self._last_anomalies.pop(target, None)
 
     def close(self) -> None:
         self._client.close()

@@ -291,6 +291,12 @@ class Stack:
         if self.tap is not None:
             parts.append(f"--- webhook posts to the supervisor: {json.dumps(self._brief(self.tap.posts))}")
         parts.append(f"--- pager sink got: {json.dumps(self._brief(self.pager.received))}")
+        try:
+            targets = [{"labels": t["labels"], "health": t["health"], "lastError": t.get("lastError"),
+                        "scrapeUrl": t.get("scrapeUrl")} for t in self.targets()]
+            parts.append(f"--- Prometheus targets: {json.dumps(targets)}")
+        except Exception as e:  # noqa: BLE001 - diagnostics must not fail the report
+            parts.append(f"--- Prometheus targets unavailable: {e!r}")
         return "\n".join(parts)
 
     @staticmethod

@@ -72,12 +72,14 @@ def _pipeline():
         "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
         "checkpoint": {"every": 10, "keep_last": 3},
         "stages": [
-            {"name": "pretrain", "kind": "pretrain", "steps": 50, **common,
-             "faults": [{"kind": "worker_crash", "at_step": 30}]},
-            {"name": "sft", "kind": "sft", "steps": 30, **common},
-            {"name": "reward_model", "kind": "reward_model", "steps": 25, **common},
-            {"name": "ppo", "kind": "ppo", "steps": 25, "response_len": 8, **common},
-            {"name": "dpo", "kind": "dpo", "steps": 25, **common},
+            # each stage lives >= 5 s (with warm workers a stage starts in ~1 s): several 1 s scrapes
+            # each, so rate() and the recording rules have two samples in every stage
+            {"name": "pretrain", "kind": "pretrain", "steps": 70, **common,
+             "faults": [{"kind": "worker_crash", "at_step": 35}]},
+            {"name": "sft", "kind": "sft", "steps": 50, **common},
+            {"name": "reward_model", "kind": "reward_model", "steps": 50, **common},
+            {"name": "ppo", "kind": "ppo", "steps": 50, "response_len": 8, **common},
+            {"name": "dpo", "kind": "dpo", "steps": 50, **common},
         ],
     })
 
@@ -132,7 +134,8 @@ def test_discovery_follows_restarts_and_every_panel_and_rule_has_data(stack, tmp
         f'count by (instance, run, stage, rank) (trainguard_step{{run="{run_id}", stage="pretrain"}})', t0, t1)
     seen = sorted({s["metric"]["instance"] for s in instances})
     assert len(seen) == 2 and all(s["metric"]["rank"] == "0" for s in instances), (
-        f"expected pretrain rank 0 scraped on two ports (before and after its crash), got {seen}\n{stack.diag()}")
+        f"expected pretrain rank 0 scraped on two ports (before and after its crash), got {seen}; all step "
+        f"series: {[s['metric'] for s in stack.query_range('trainguard_step', t0, t1)]}\n{stack.diag()}")
     assert first["labels"]["instance"] in seen
 
     # -- template variables: run and stage offer this run and its stages
