@@ -1,7 +1,8 @@
 """Wiring: settings → controller → scheduler → FastAPI app (what `trainguard serve` runs)."""
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Iterator
 
 from fastapi import FastAPI
 
@@ -28,3 +29,21 @@ def build_app(settings=None, controller=None) -> FastAPI:
 
     app = create_app(settings, controller, engine=controller.engine, lifespan=lifespan)
     return app
+
+
+@contextmanager
+def embedded_supervisor(settings: Any) -> Iterator[Any]:
+    """A started Controller with its scheduler jobs, in this process (demo, tests, benchmarks);
+    stopped on exit."""
+    from service.controller import Controller
+    from service.scheduler import build_scheduler
+
+    controller = Controller(settings)
+    controller.start()
+    sched = build_scheduler(controller, settings)
+    sched.start()
+    try:
+        yield controller
+    finally:
+        sched.shutdown(wait=False)
+        controller.shutdown()

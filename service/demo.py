@@ -122,9 +122,8 @@ class LiveView(threading.Thread):
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from service.app import embedded_supervisor
     from service.config import Settings
-    from service.controller import Controller
-    from service.scheduler import build_scheduler
     from workers.spec import load_pipeline
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -134,40 +133,36 @@ def run_demo(args: argparse.Namespace) -> int:
                         hang_timeout=6.0)
     print(f"trainguard demo: state in {state_dir}, API on http://{settings.host}:{settings.port}/api/v1 "
           f"(operator token {settings.operator_token.get_secret_value()!r})", file=sys.stderr)
-    ctl = Controller(settings)
-    server = _serve(settings, ctl)
     t0 = time.time()
-    ctl.start()
-    sched = build_scheduler(ctl, settings)
-    sched.start()
-    run_id = ctl.submit(spec, actor="demo")
-    print(f"submitted run {run_id}: {' -> '.join(s.name for s in spec.stages)}; faults: "
-          + ", ".join(f"{f.kind.value}@{s.name}:{f.at_step}" for s in spec.stages for f in s.faults),
-          file=sys.stderr)
-    view = LiveView(ctl, run_id, t0)
-    if not args.quiet:
-        view.start()
-    try:
-        deadline = t0 + args.timeout
-        while time.time() < deadline:
-            with ctl.session() as s:
-                from service.db import crud
-
-                state = crud.get_run(s, run_id=run_id).state
-            if state in ("completed", "failed", "stopped", "needs_attention"):
-                break
-            time.sleep(0.5)
-    finally:
-        view.stop.set()
-        sched.shutdown(wait=False)
-        summary = summarize(ctl, run_id, spec, time.time() - t0)
-        ctl.shutdown()
-        if server is not None:
+    with embedded_supervisor(settings) as ctl:
+        server = _serve(settings, ctl)
+        run_id = ctl.submit(spec, actor="demo")
+        print(f"submitted run {run_id}: {' -> '.join(s.name for s in spec.stages)}; faults: "
+              + ", ".join(f"{f.kind.value}@{s.name}:{f.at_step}" for s in spec.stages for f in s.faults),
+              file=sys.stderr)
+        view = LiveView(ctl, run_id, t0)
+        if not args.quiet:
+            view.start()
+        try:
+            _wait_for_end(ctl, run_id, t0 + args.timeout)
+        finally:
+            view.stop.set()
+            summary = summarize(ctl, run_id, spec, time.time() - t0)
             server.should_exit = True
     _print_summary(summary)
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["state"] == "completed" else 1
+
+
+def _wait_for_end(ctl: Any, run_id: str, deadline: float) -> None:
+    from service.db import crud
+
+    while time.time() < deadline:
+        with ctl.session() as s:
+            if crud.get_run(s, run_id=run_id).state in ("completed", "failed", "stopped", "needs_attention"):
+                return
+        time.sleep(0.5)
 
 
 def _free_port() -> int:

@@ -66,23 +66,14 @@ def ts(dt: Any) -> float:
 def controller(state_dir: Path, **overrides: Any) -> Iterator[Any]:
     """The real supervisor: Controller + APScheduler jobs, embedded scrape path unless prometheus_url."""
     from service.config import Settings
-    from service.controller import Controller
-    from service.scheduler import build_scheduler
+    from service.app import embedded_supervisor
 
     opts: dict[str, Any] = dict(state_dir=state_dir, environment="development", watch_interval=0.5,
                                 hang_timeout=5.0)
     opts.update(overrides)
-    settings = Settings(**opts)
     ensure_ray()
-    ctl = Controller(settings)
-    ctl.start()
-    sched = build_scheduler(ctl, settings)
-    sched.start()
-    try:
+    with embedded_supervisor(Settings(**opts)) as ctl:
         yield ctl
-    finally:
-        sched.shutdown(wait=False)
-        ctl.shutdown()
 
 
 def supervised_run(ctx: Context, name: str, spec: Any, *, timeout: float = 600, **settings: Any) -> SupervisedRun:

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from service.config import Settings
 from service.controller import Controller
 from service.db import crud
-from service.scheduler import build_scheduler
+from service.app import embedded_supervisor
 from workers.spec import parse_pipeline
 
 TERMINAL = ("completed", "failed", "stopped", "needs_attention")
@@ -34,16 +34,8 @@ def tiny_pipeline(*, name: str = "t", kind: str = "pretrain", steps: int = 120, 
 def running_controller(state_dir: Path, **overrides: Any) -> Iterator[Controller]:
     opts = dict(state_dir=state_dir, environment="development", watch_interval=0.25, hang_timeout=4.0)
     opts.update(overrides)
-    settings = Settings(**opts)
-    ctl = Controller(settings)
-    ctl.start()
-    sched = build_scheduler(ctl, settings)
-    sched.start()
-    try:
+    with embedded_supervisor(Settings(**opts)) as ctl:
         yield ctl
-    finally:
-        sched.shutdown(wait=False)
-        ctl.shutdown()
 
 
 def run_state(ctl: Controller, run_id: str) -> str:
