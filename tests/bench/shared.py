@@ -19,9 +19,11 @@ from tests.bench.workload import fired_time, metrics_log, pipeline, size_for
 _CACHE: dict[Any, Any] = {}
 
 # smoke: one supervised run, crash first, then a loss spike; Ray Train gets the crash only
-SMOKE_STEPS = 45
+SMOKE_STEPS = 60
 SMOKE_CRASH = (15, 1)  # (batch index, rank)
-SMOKE_SPIKE = 32
+# late enough that the restarted group has a full detector window (16 samples) of trained,
+# settled loss before it: a corrupted batch on a barely trained model is not 1.5x its loss
+SMOKE_SPIKE = 44
 
 
 FAULT_KINDS = ("worker_crash", "hang", "loss_spike", "nan", "gpu_xid")
@@ -131,7 +133,7 @@ def smoke_runs(ctx: Context) -> tuple[SupervisedRun, dict]:
     at, rank = SMOKE_CRASH
     spec = pipeline(name="smoke", size=size_for(True), steps=SMOKE_STEPS, world_size=2, every=10,
                     faults=[{"kind": "worker_crash", "at_step": at, "rank": rank},
-                            {"kind": "loss_spike", "at_step": SMOKE_SPIKE, "duration": 4}])
+                            {"kind": "loss_spike", "at_step": SMOKE_SPIKE, "duration": 6}])
     log("  smoke: supervised run (crash, then a loss spike)")
     ours = supervised_run(ctx, "smoke-ours", spec)
     base_spec = pipeline(name="smoke", size=size_for(True), steps=SMOKE_STEPS, world_size=2, every=10)

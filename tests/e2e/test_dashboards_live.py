@@ -72,10 +72,11 @@ def _pipeline():
         "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
         "checkpoint": {"every": 10, "keep_last": 3},
         "stages": [
-            # each stage lives >= 5 s (with warm workers a stage starts in ~1 s): several 1 s scrapes
-            # each, so rate() and the recording rules have two samples in every stage
-            {"name": "pretrain", "kind": "pretrain", "steps": 70, **common,
-             "faults": [{"kind": "worker_crash", "at_step": 35}]},
+            # each worker group lives > 5 s (with warm workers a stage starts in ~1 s): Prometheus's
+            # discovery manager hands new targets to the scrapers at most every 5 s, and rate()
+            # and the recording rules need two scrapes in every stage
+            {"name": "pretrain", "kind": "pretrain", "steps": 160, **common,
+             "faults": [{"kind": "worker_crash", "at_step": 80}]},
             {"name": "sft", "kind": "sft", "steps": 50, **common},
             {"name": "reward_model", "kind": "reward_model", "steps": 50, **common},
             {"name": "ppo", "kind": "ppo", "steps": 50, "response_len": 8, **common},
