@@ -398,7 +398,7 @@ def _add_demo(sub: Any) -> None:
         from service.demo import add_demo_parser, run_demo
     except ImportError as e:  # the demo pulls in Ray and torch lazily; a broken install still gets the rest
         p = sub.add_parser("demo", help=f"(unavailable: {e})")
-        p.set_defaults(func=lambda _a: _unavailable("demo", e), local=True)
+        p.set_defaults(func=lambda _a, err=e: _unavailable("demo", err), local=True)  # `e` dies with the block
         return
     add_demo_parser(sub)
     sub.choices["demo"].set_defaults(func=run_demo, local=True)
@@ -409,7 +409,7 @@ def _add_analyze(sub: Any) -> None:
         from service.analyze import add_analyze_parser, run_analyze
     except ImportError as e:
         p = sub.add_parser("analyze", help=f"(unavailable: {e})")
-        p.set_defaults(func=lambda _a: _unavailable("analyze", e), local=True)
+        p.set_defaults(func=lambda _a, err=e: _unavailable("analyze", err), local=True)
         return
     add_analyze_parser(sub)
     sub.choices["analyze"].set_defaults(func=run_analyze, local=True)

@@ -162,7 +162,7 @@ def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
     full.run()
     first = _harness(spec, tmp_path / "b", checkpoint_root=root, on_step=_stop_at(7))
     out = first.run()
-    assert out["last_checkpoint"] == f"memory:///tg-harness-resume/run1/pretrain/step-00000007"
+    assert out["last_checkpoint"] == "memory:///tg-harness-resume/run1/pretrain/step-00000007"
     second = _harness(spec, tmp_path / "b", checkpoint_root=root, resume_from=out["last_checkpoint"])
     second.run()
     assert second.result()["output_checkpoint"].startswith("memory://")
