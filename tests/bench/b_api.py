@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from tests.bench.core import Context, Measurement, benchmark, free_port, log, percentile, wait_until
+from tests.support import stop_process
 
 CLIENTS = 50
 VIEWER, OPERATOR = "dev-viewer-token", "dev-operator-token"
@@ -136,11 +137,7 @@ def api_latency(ctx: Context) -> dict[str, Measurement]:
         runs = asyncio.run(_load(base, "GET", ["/api/v1/runs"], VIEWER, per_client))
         control = asyncio.run(_load(base, "POST", [f"/api/v1/runs/{r}/pause" for r in ids], OPERATOR, per_client))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     p = lambda xs, q: percentile(xs, q) * 1000  # noqa: E731 - ms
     log(f"  healthz p50 {p(health, .5):.1f} ms p99 {p(health, .99):.1f} ms; runs p50 {p(runs, .5):.1f} "
         f"p99 {p(runs, .99):.1f}; control p50 {p(control, .5):.1f} p99 {p(control, .99):.1f} "

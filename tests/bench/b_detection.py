@@ -27,6 +27,7 @@ import httpx
 
 from tests.bench.core import Context, Measurement, benchmark, free_port, log, step_records, wait_until
 from tests.bench.shared import SMOKE_SPIKE, SupervisedRun, smoke_runs, supervised_run, ts
+from tests.support import stop_process
 from tests.bench.workload import pipeline, size_for
 
 SPIKE_FAMILY = ("loss_spike", "divergence", "nan", "grad_explosion")
@@ -123,11 +124,7 @@ scrape_configs:
                 incs = crud.list_incidents(s, run_id=run_id)
             return SupervisedRun.read(state, run_id, st, t0, time.time(), incs, 1.0)
     finally:
-        prom.terminate()
-        try:
-            prom.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            prom.kill()
+        stop_process(prom)
 
 
 def _state(ctl, run_id: str) -> str:

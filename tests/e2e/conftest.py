@@ -52,6 +52,7 @@ import yaml
 from service.adapters.promql_inventory import REPO_ROOT, RULES_DIR
 from service.api import create_app
 from tests.conftest import free_port, require_binary, wait_for
+from tests.support import stop_process
 from tests.integration.supervisor.harness import running_controller
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -168,13 +169,7 @@ class Proc:
         return "\n".join(text[-lines:])
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
+        stop_process(self.popen)
 
 
 def _start(name: str, argv: list[str], tmp: Path) -> Proc:

@@ -17,6 +17,7 @@ from service.adapters.promql_inventory import (
     render_expr,
 )
 from tests.conftest import free_port, require_binary, wait_for
+from tests.support import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -127,11 +128,7 @@ def prometheus(tmp_path_factory):
         assert proc.poll() is None, (tmp / "prometheus.log").read_text()
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
