@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ __all__ = ["main", "build_parser", "format_table", "parse_mixture", "ApiClient",
 API = "/api/v1"
 TERMINAL = ("completed", "failed", "stopped")
 EXIT_OK, EXIT_ERROR, EXIT_NEEDS_ATTENTION = 0, 1, 3
+# RecoveryConfig.lr_backoff's default (tests keep them equal; importing the policy here would
+# slow every command down for one number in --help).
+POLICY_LR_BACKOFF = 0.5
+PROGRESS_REPEAT_S = 30.0  # --wait repeats an unchanged progress line this often: a stall stays visible
 
 
 class CliError(Exception):
@@ -107,6 +112,33 @@ def _time(v: str | None) -> str | None:
     return v[:19].replace("T", " ") if v else v
 
 
+def _age(v: str | None, now: datetime | None = None) -> str | None:
+    """"2026-01-01T00:00:00Z" -> "12s ago" (from this machine's clock)."""
+    if not v:
+        return None
+    try:
+        at = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        return v
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    seconds = max(0, int(((now or datetime.now(timezone.utc)) - at).total_seconds()))
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s ago"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+
+
+def _checkpoint_status(r: dict) -> str:
+    # Deleted by retention is not unhealthy: it is gone, and was fine.
+    if r.get("deleted_at"):
+        return "deleted"
+    if r.get("bad_reason") or not r.get("healthy", True):
+        return "bad"
+    return "good" if r.get("verified") else "unverified"
+
+
 RUN_COLUMNS: list[Column] = [
     ("ID", lambda r: r["id"]),
     ("NAME", lambda r: r["name"]),
@@ -123,6 +155,8 @@ STAGE_COLUMNS: list[Column] = [
     ("STATE", lambda r: r["state"]),
     ("STEP", lambda r: r["step"]),
     ("STEPS", lambda r: r["steps"]),
+    ("LOSS", lambda r: r.get("last_loss")),
+    ("LAST_STEP", lambda r: _age(r.get("last_step_at")) if r.get("state") == "running" else None),
     ("FIRST_LOSS", lambda r: r.get("first_loss")),
     ("FINAL_LOSS", lambda r: r.get("final_loss")),
     ("RESTARTS", lambda r: r.get("restarts")),
@@ -132,8 +166,7 @@ CHECKPOINT_COLUMNS: list[Column] = [
     ("STAGE", lambda r: r["stage_name"]),
     ("STEP", lambda r: r["step"]),
     ("CURSOR", lambda r: r["batch_cursor"]),
-    ("VERIFIED", lambda r: r["verified"]),
-    ("HEALTHY", lambda r: r["healthy"]),
+    ("STATUS", _checkpoint_status),
     ("TAGS", lambda r: ",".join(r.get("tags") or []) or None),
     ("BAD_REASON", lambda r: r.get("bad_reason")),
     ("PATH", lambda r: r["path"]),
@@ -205,22 +238,38 @@ def parse_mixture(text: str) -> dict[str, float]:
     return out
 
 
+def _current_stage(run: dict) -> dict | None:
+    return next((s for s in run.get("stages", []) if s["name"] == run.get("current_stage")), None)
+
+
 def _progress_line(run: dict) -> str:
-    stage = next((s for s in run.get("stages", []) if s["name"] == run.get("current_stage")), None)
+    """"run-x  running  pretrain step 40/100  loss 2.31  last step 2s ago" (live while a stage runs)."""
+    stage = _current_stage(run)
     where = f"  {stage['name']} step {stage['step']}/{stage['steps']}" if stage else ""
+    if stage and stage.get("last_loss") is not None:
+        where += f"  loss {_cell(stage['last_loss'])}"
+    if stage and stage.get("state") == "running" and stage.get("last_step_at"):
+        where += f"  last step {_age(stage['last_step_at'])}"
     return f"{run['id']}  {run['state']}{where}"
 
 
+def _progress_key(run: dict) -> tuple:
+    # What counts as progress; the age of the last step alone does not.
+    stage = _current_stage(run) or {}
+    return run["state"], stage.get("name"), stage.get("step"), stage.get("last_loss")
+
+
 def _wait(client: ApiClient, run_id: str, *, until: Sequence[str], interval: float, timeout: float | None) -> dict:
-    """Poll the run, printing progress to stderr when it changes; return the final run."""
+    """Poll the run, printing progress to stderr when it changes (and every PROGRESS_REPEAT_S
+    while it does not); return the final run."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    last = None
+    last, printed_at = None, 0.0
     while True:
         run = client.get(f"/runs/{run_id}")
-        line = _progress_line(run)
-        if line != last:
-            print(line, file=sys.stderr, flush=True)
-            last = line
+        key = _progress_key(run)
+        if key != last or time.monotonic() - printed_at >= PROGRESS_REPEAT_S:
+            print(_progress_line(run), file=sys.stderr, flush=True)
+            last, printed_at = key, time.monotonic()
         if run["state"] in until:
             return run
         if deadline is not None and time.monotonic() >= deadline:
@@ -275,19 +324,40 @@ def cmd_anneal(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, client: ApiClient) -> int:
-    body = {"checkpoint_id": args.checkpoint} if args.checkpoint is not None else None
-    res = client.post(f"/runs/{args.run}/rollback", body)
+    body = {"checkpoint_id": args.checkpoint, "skip": args.skip, "lr_multiplier": args.lr_multiplier}
+    res = client.post(f"/runs/{args.run}/rollback", {k: v for k, v in body.items() if v is not None})
     return _emit(
         args, res, lambda r: f"rollback of {r['run_id']}: incident {_cell(r.get('incident_id'))}, to step {_cell(r.get('target_step'))}"
     )
 
 
+def _lr_multiplier(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _listing(path: str, columns: list[Column]) -> Callable[[argparse.Namespace, ApiClient], int]:
     def cmd(args: argparse.Namespace, client: ApiClient) -> int:
-        page = client.get(f"/runs/{args.run}/{path}")
-        return _emit(args, page, lambda p: format_table(p["data"], columns))
+        params = {"limit": args.limit, "offset": args.offset}
+        if getattr(args, "all", False):
+            params["all"] = "true"
+        page = client.get(f"/runs/{args.run}/{path}", **params)
+        return _emit(args, page, lambda p: _page_table(p, columns, args.offset))
 
     return cmd
+
+
+def _page_table(page: dict, columns: list[Column], offset: int) -> str:
+    text = format_table(page["data"], columns)
+    shown = len(page["data"])
+    if offset or shown < page["count"]:
+        text += f"\n({shown} of {page['count']} from offset {offset}; see --limit/--offset)"
+    return text
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -297,9 +367,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.config import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
-    settings = Settings(**overrides)  # the supervisor advertises this address in /sd
+    try:
+        settings = Settings(**overrides)  # the supervisor advertises this address in /sd
+    except ValueError as e:  # pydantic's ValidationError; it shows no input values (no tokens)
+        raise CliError(f"refusing to serve: {_settings_problems(e)}") from None
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return EXIT_OK
+
+
+def _settings_problems(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return str(e)
+    problems = []
+    for err in errors(include_url=False, include_input=False):
+        where = "TRAINGUARD_" + "_".join(map(str, err["loc"])).upper() + ": " if err["loc"] else ""
+        problems.append(where + err["msg"].removeprefix("Value error, "))
+    return "; ".join(problems)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
@@ -326,6 +410,11 @@ def _wait_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="poll until the run ends, printing progress on stderr")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+
+
+def _page_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=100, help="rows per page, at most 1000 (default: %(default)s)")
+    p.add_argument("--offset", type=int, default=0, help="rows to skip (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,11 +456,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", type=parse_mixture, default=None, help="e.g. curated=0.9,web=0.1")
 
     p = add("rollback", cmd_rollback, "roll back to a checkpoint (default: the newest good one)", run=True)
-    p.add_argument("--checkpoint", type=int, default=None, metavar="ID", help="checkpoint id (see `checkpoints RUN`)")
+    p.add_argument("--checkpoint", type=int, default=None, metavar="ID",
+                   help="checkpoint id (see `checkpoints RUN`; default: the newest good one)")
+    p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the batches trained on since the checkpoint, never training on them again "
+                        "(default: skip)")
+    p.add_argument("--lr-multiplier", type=_lr_multiplier, default=None, metavar="X",
+                   help="multiply the learning rate by X, 0 < X <= 1 "
+                        f"(default: the recovery policy's backoff, {POLICY_LR_BACKOFF})")
 
-    add("incidents", _listing("incidents", INCIDENT_COLUMNS), "a run's incidents and what recovery did", run=True)
-    add("checkpoints", _listing("checkpoints", CHECKPOINT_COLUMNS), "a run's checkpoints", run=True)
-    add("events", _listing("events", EVENT_COLUMNS), "a run's audit log", run=True)
+    p = add("incidents", _listing("incidents", INCIDENT_COLUMNS), "a run's incidents and what recovery did", run=True)
+    _page_options(p)
+    p = add("checkpoints", _listing("checkpoints", CHECKPOINT_COLUMNS),
+            "a run's live checkpoints (--all: also the ones retention deleted)", run=True)
+    p.add_argument("--all", action="store_true", help="include deleted checkpoints (the history)")
+    _page_options(p)
+    p = add("events", _listing("events", EVENT_COLUMNS), "a run's audit log, oldest first", run=True)
+    _page_options(p)
 
     _add_demo(sub)
     _add_analyze(sub)

@@ -1,35 +1,71 @@
 """Deployment settings: one pydantic-settings `Settings`, read from `TRAINGUARD_*` variables.
 
-Built-in development tokens are refused outside `environment == "development"`
-(as the full-stack FastAPI template refuses "changethis").
+Secure by default (as the full-stack FastAPI template refuses "changethis"):
+the built-in development tokens work only in `environment == "development"` and
+only while the server binds a loopback address; outside development every token
+has at least 32 characters. Validation errors never echo an input value, so a
+token that fails a check is not printed.
+
+Tokens may also come from files named `trainguard_viewer_token` etc. in the folder
+`TRAINGUARD_SECRETS_DIR` (Docker/compose secrets: `/run/secrets`).
 """
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
-__all__ = ["Settings", "get_settings", "DEV_TOKENS"]
+__all__ = ["Settings", "get_settings", "DEV_TOKENS", "MIN_TOKEN_LENGTH", "OBJECT_STORE_SCHEMES", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
-# Known to everyone who reads this file: fine on a laptop, refused in production.
+# Known to everyone who reads this file: fine on a laptop, refused anywhere else.
 DEV_TOKENS = {
     "viewer_token": "dev-viewer-token",
     "operator_token": "dev-operator-token",
     "webhook_token": "dev-webhook-token",
 }
+MIN_TOKEN_LENGTH = 32  # outside development: `openssl rand -hex 32` gives 64
+
+# Object stores a checkpoint root may name. Everything else that fsspec can open (http,
+# ftp, github, sftp, ssh, hdfs, chained `a::b` URLs, caches, archives) reaches other hosts
+# or the supervisor's own files, so no setting can allow it.
+OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+Roots = Annotated[list[str], NoDecode]  # NoDecode: the validator below reads JSON or commas
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to a routable address
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRAINGUARD_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a ValidationError would otherwise print every input (the tokens).
+    model_config = SettingsConfigDict(
+        env_prefix="TRAINGUARD_", extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     environment: Literal["development", "staging", "production"] = "development"
-    """Anything but "development" refuses the built-in tokens."""
+    """Anything but "development" refuses the built-in tokens and tokens under 32 characters."""
 
     state_dir: Path = Path(".trainguard")
     """Database (by default), checkpoints and fired-fault markers live here."""
@@ -52,6 +88,18 @@ class Settings(BaseSettings):
     metrics_requires_auth: bool = False
     """/metrics asks for the viewer token (off: Prometheus scrapes it like any exporter)."""
 
+    allowed_data_roots: Roots = Field(default_factory=list)
+    """Folders whose files a pipeline's `data:` may name (symlinks resolved); a JSON list or
+    comma-separated. Empty: `<state_dir>/data` only."""
+    allowed_storage: Roots = Field(default_factory=list)
+    """Where a pipeline's `checkpoint.storage` may point: local folders, or object-store
+    prefixes such as `s3://bucket/prefix` (schemes: s3, s3a, gs, gcs, az, abfs, abfss).
+    Empty: `<state_dir>/checkpoints` only. Credentials and other storage options come from
+    the workers' environment (e.g. AWS_* variables), never from a pipeline."""
+
+    max_request_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    """Request bodies above this are refused with 413 (counted as they arrive)."""
+
     grafana_url: str | None = None
     grafana_token: SecretStr | None = None
 
@@ -66,33 +114,98 @@ class Settings(BaseSettings):
     """Seconds a freshly started worker group may take to its first step before a hang is declared."""
 
     host: str = "127.0.0.1"
+    """Address the server binds (and advertises in /sd). Loopback unless a proxy or Prometheus
+    on another host must reach it."""
     port: int = Field(8700, ge=0, le=65535)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        secrets_dir = os.environ.get("TRAINGUARD_SECRETS_DIR")
+        if secrets_dir:
+            file_secret_settings = SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    @field_validator("allowed_data_roots", "allowed_storage", mode="before")
+    @classmethod
+    def _list_from_env(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return v
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
         self.state_dir = self.state_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.state_dir / 'trainguard.db'}"
+        self._check_tokens()
+        self.allowed_data_roots = [_local_root(r, "TRAINGUARD_ALLOWED_DATA_ROOTS") for r in self.allowed_data_roots] \
+            or [str(self.state_dir / "data")]
+        self.allowed_storage = [_storage_root(r) for r in self.allowed_storage] \
+            or [str(self.state_dir / "checkpoints")]
+        return self
+
+    def _check_tokens(self) -> None:
+        # Messages name the variables, never the values.
         tokens = {name: getattr(self, name).get_secret_value() for name in DEV_TOKENS}
-        defaults = [name for name, value in tokens.items() if value == DEV_TOKENS[name]]
-        if defaults and self.environment != "development":
-            names = ", ".join(f"TRAINGUARD_{n.upper()}" for n in defaults)
-            raise ValueError(
-                f"{names} still set to the built-in development value; "
-                f"set a secret (or TRAINGUARD_ENVIRONMENT=development)"
-            )
-        if defaults:
-            log.info("using built-in development tokens for %s", ", ".join(defaults))
         empty = [name for name, value in tokens.items() if not value]
         if empty:
-            raise ValueError(f"{', '.join(empty)} must not be empty")
+            raise ValueError(f"{_env_names(empty)} must not be empty")
+        defaults = [name for name, value in tokens.items() if value == DEV_TOKENS[name]]
+        if defaults and self.environment != "development":
+            raise ValueError(f"{_env_names(defaults)} still set to the built-in development value; "
+                             f"set a secret of at least {MIN_TOKEN_LENGTH} characters "
+                             f"(or TRAINGUARD_ENVIRONMENT=development on a laptop)")
+        if defaults and not is_loopback(self.host):
+            raise ValueError(f"{_env_names(defaults)} still set to the built-in development value while the "
+                             f"server binds {self.host!r}, which other machines can reach; set real tokens "
+                             f"(at least {MIN_TOKEN_LENGTH} characters) or bind 127.0.0.1")
+        short = [name for name, value in tokens.items() if len(value) < MIN_TOKEN_LENGTH]
+        if short and self.environment != "development":
+            raise ValueError(f"{_env_names(short)} must be at least {MIN_TOKEN_LENGTH} characters outside "
+                             f"development (e.g. `openssl rand -hex 32`)")
         if len(set(tokens.values())) != len(tokens):
             raise ValueError("viewer_token, operator_token and webhook_token must differ (the token decides the role)")
-        return self
+        if defaults:
+            log.info("using built-in development tokens for %s (loopback only)", ", ".join(defaults))
 
     def resolved_database_url(self) -> str:
         """The database URL (already derived from state_dir when not set)."""
         return self.database_url
+
+
+def _env_names(fields: list[str]) -> str:
+    return ", ".join(f"TRAINGUARD_{n.upper()}" for n in fields)
+
+
+def _local_root(value: str, setting: str) -> str:
+    """An absolute folder, symlinks resolved (what the access check compares against)."""
+    if "://" in value or "::" in value or not os.path.isabs(value):
+        raise ValueError(f"{setting}: every entry must be an absolute local folder (got {value!r})")
+    return os.path.realpath(value)
+
+
+def _storage_root(value: str) -> str:
+    """A local folder (resolved) or `scheme://bucket[/prefix]` of an object store, without a trailing slash."""
+    if "://" not in value:
+        return _local_root(value, "TRAINGUARD_ALLOWED_STORAGE")
+    scheme, _, rest = value.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if scheme.lower() not in OBJECT_STORE_SCHEMES:
+        raise ValueError(f"TRAINGUARD_ALLOWED_STORAGE: scheme {scheme!r} is not an object store "
+                         f"(allowed: {', '.join(sorted(OBJECT_STORE_SCHEMES))})")
+    if "::" in value or not bucket or any(c in rest for c in "@?#\\") or "/../" in f"/{rest}/" or "/./" in f"/{rest}/":
+        raise ValueError(f"TRAINGUARD_ALLOWED_STORAGE: {value!r} is not a plain {scheme}://bucket/prefix URL")
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
 
 
 @lru_cache

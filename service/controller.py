@@ -4,7 +4,8 @@ Threads:
 - one `RunDriver` thread per active run walks the pipeline's stages, owns the
   stage's `WorkerGroup` (start, restart, shutdown) and notices dead workers;
 - the scheduler's jobs call `watch_once` (fetch signals, evaluate detectors),
-  `checkpoints_once` (register and re-verify checkpoints) and `goodput_once`;
+  `checkpoints_once` (re-verify registered checkpoints against their recorded hashes) and
+  `goodput_once`; the driver registers the checkpoints its workers report as it polls them;
 - API threads call the control methods.
 Every decision about a run happens under that run's lock, so the same problem
 reported twice (watch and alert, or two alerts) leads to one recovery.
@@ -28,15 +29,16 @@ from service.db import crud
 from service.telemetry import SupervisorMetrics
 from service.domain.policy import dedup_key
 from service.watch import WatchConfig, alert_finding, evaluate_stage, recovery_decision
-from workers.contract import ControlKind
+from workers.contract import CheckpointRef, CheckpointReport, ControlKind
 from workers.spec import PipelineSpec, parse_pipeline
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("pending", "running", "paused", "recovering")
+STOP_GRACE_S = 30.0  # how long a stopped group may take to write its last checkpoint before it is killed
+LIVE_EVERY_S = 1.0  # how often a running stage's step, loss and last-step time are written to the store
 SPIKE_FAMILY = ("loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking")
 BUFFER_STEPS = 400
-GONE = "deleted by retention"
 
 
 @dataclass
@@ -63,6 +65,8 @@ class ActiveStage:
     targets: list[Target] = field(default_factory=list)
     batch_cursor: int = 0
     after: dict[str, int] = field(default_factory=dict)  # kind -> step of the last handled episode
+    last_step_time: float | None = None  # unix time rank 0 finished `last_step`
+    live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
 
     def reset_episodes(self) -> None:
         """The workers went back (rollback/restart): old episodes are gone from the buffers."""
@@ -85,6 +89,7 @@ class RunDriver(threading.Thread):
         self.lock = threading.RLock()
         self.start_paused = start_paused
         self._halt = threading.Event()
+        self._stop_deadline: float | None = None  # set by stop(): wait for the workers' stop, then end
 
     # ---- requests from other threads -------------------------------------------------------
     def request_restart(self, *, checkpoint: str | None, incident_id: int | None) -> None:
@@ -93,6 +98,12 @@ class RunDriver(threading.Thread):
     def halt(self) -> None:
         self._halt.set()
         self.commands.put(("halt", {}))
+
+    def request_stop(self) -> None:
+        """The run was stopped: let the workers write their stop checkpoint (they got the STOP
+        control), then end the stage; kill the group if that takes longer than STOP_GRACE_S."""
+        self._stop_deadline = time.monotonic() + STOP_GRACE_S
+        self.commands.put(("stop", {}))
 
     # ---- thread body -------------------------------------------------------------------------
     def run(self) -> None:
@@ -103,6 +114,7 @@ class RunDriver(threading.Thread):
             self.ctl._set_state(self.run_id, "failed", actor="supervisor", reason=f"driver error: {e}")
         finally:
             self._shutdown_group()
+            self.ctl._close_stages(self.run_id)
             self.ctl._driver_done(self.run_id)
 
     def _run_stages(self) -> None:
@@ -114,7 +126,7 @@ class RunDriver(threading.Thread):
                 if run.state in ("stopped", "failed", "completed", "needs_attention"):
                     return
                 todo = [st for st in stages if st.state != "completed"]
-                outputs = {st.name: Path(st.output_checkpoint) for st in stages if st.output_checkpoint}
+                outputs = {st.name: st.output_checkpoint for st in stages if st.output_checkpoint}
             if not todo:
                 ctl._run_ended[self.run_id] = time.time()
                 ctl.goodput_once(run_ids=[self.run_id])
@@ -125,26 +137,23 @@ class RunDriver(threading.Thread):
             if not done:
                 return
 
-    def _stage_inputs(self, stage_spec: Any, outputs: dict[str, Path]) -> tuple[dict[str, Path], Path | None]:
-        names = [s.name for s in self.spec.stages]
-        idx = names.index(stage_spec.name)
-        init = getattr(stage_spec, "init_from", None) or (names[idx - 1] if idx > 0 else None)
-        return outputs, (outputs.get(init) if init else None)
-
-    def _new_group(self, stage_spec: Any, outputs: dict[str, Path], resume_from: str | None) -> Any:
+    def _new_group(self, stage_spec: Any, outputs: dict[str, str], resume_from: CheckpointRef | None) -> Any:
+        """The earlier stages' outputs go to the workers with the hashes recorded when they were
+        reported; an output the store has no hashes for is not handed over."""
         from workers.group import WorkerGroup
 
         skip, lr_mult = self.ctl._accumulated_recovery(self.run_id, stage_spec.name)
-        inputs, _ = self._stage_inputs(stage_spec, outputs)
+        inputs = {name: ref for name, path in outputs.items()
+                  if (ref := self.ctl._ref_for(self.run_id, path)) is not None}
         group = WorkerGroup(
             run_id=self.run_id, spec=self.spec, stage_name=stage_spec.name, state_dir=self.ctl.state_dir,
-            resume_from=Path(resume_from) if resume_from else None, skip=skip, lr_multiplier=lr_mult,
+            resume_from=resume_from, skip=skip, lr_multiplier=lr_mult,
             inputs=inputs, fired_dir=self.ctl.state_dir / "runs" / self.run_id / "faults",
         )
         group.start()
         return group
 
-    def _run_stage(self, name: str, kind: str, index: int, steps: int, outputs: dict[str, Path]) -> bool:
+    def _run_stage(self, name: str, kind: str, index: int, steps: int, outputs: dict[str, str]) -> bool:
         ctl = self.ctl
         stage_spec = self.spec.stage(name)
         active = ActiveStage(run_id=self.run_id, name=name, kind=kind, index=index, steps=steps)
@@ -165,7 +174,8 @@ class RunDriver(threading.Thread):
         if self.start_paused or state == "paused":
             self.start_paused = False
             active.group.control(ControlKind.PAUSE, {})
-        ctl._event(self.run_id, "supervisor", "stage_started", {"stage": name, "resume_from": resume}, "ok")
+        ctl._event(self.run_id, "supervisor", "stage_started",
+                   {"stage": name, "resume_from": resume.path if resume else None}, "ok")
         while not self._halt.is_set():
             try:
                 cmd, arg = self.commands.get(timeout=0.2)
@@ -173,13 +183,20 @@ class RunDriver(threading.Thread):
                 cmd, arg = None, None
             if cmd == "halt":
                 return False
-            if cmd == "restart":
+            if cmd == "restart" and self._stop_deadline is None:
                 self._restart(stage_spec, outputs, arg)
                 continue
             status = self._poll()
             if status is None:
+                if self._stop_deadline is not None:
+                    return False  # stopped while no group runs (a restart was under way)
                 continue
+            ctl._register_reports(self.run_id, name, status.get("checkpoints", []))
             state = status["state"]
+            if self._stop_deadline is not None:
+                if state in ("stopped", "finished", "failed") or time.monotonic() > self._stop_deadline:
+                    return False
+                continue
             if state == "finished":
                 self._finish_stage(active, status)
                 return True
@@ -201,7 +218,7 @@ class RunDriver(threading.Thread):
             log.warning("poll of %s failed: %s", self.run_id, e)
             return {"state": "failed", "error": str(e), "failed_rank": None, "ranks": []}
 
-    def _restart(self, stage_spec: Any, outputs: dict[str, Path], arg: dict) -> None:
+    def _restart(self, stage_spec: Any, outputs: dict[str, str], arg: dict) -> None:
         ctl = self.ctl
         with self.lock:
             active = self.active
@@ -216,10 +233,15 @@ class RunDriver(threading.Thread):
         for t in ctl.source_targets_of(old):
             ctl.source.forget(t)
         checkpoint = arg.get("checkpoint")
-        group = self._new_group(stage_spec, outputs, checkpoint)
+        group = self._new_group(stage_spec, outputs, ctl._ref_for(self.run_id, checkpoint) if checkpoint else None)
         targets = ctl._targets_of(active, group)
         with self.lock:
             active.group, active.targets = group, targets
+            if self._halt.is_set() or self._stop_deadline is not None:
+                # stopped while the new group was coming up: it ends with the run (the driver's
+                # finally kills it), it does not train
+                self._halt.set()
+                return
             active.records.clear()
             active.heartbeat.clear()
             active.counters.clear()
@@ -232,13 +254,13 @@ class RunDriver(threading.Thread):
 
     def _finish_stage(self, active: ActiveStage, status: dict) -> None:
         ctl = self.ctl
-        ctl.checkpoints_once(run_ids=[self.run_id])
+        ctl.checkpoints_once(run_ids=[self.run_id])  # what retention deleted in the last seconds
         ctl._useful_done[self.run_id] = ctl._useful_done.get(self.run_id, 0.0) + sum(active.useful.values())
         with ctl.session() as s:
             crud.update_stage(
                 s, run_id=self.run_id, name=active.name, state="completed", finished_at=ctl.now_dt(),
                 output_checkpoint=status.get("output_checkpoint"), step=active.steps,
-                final_loss=active.last_loss,
+                final_loss=active.last_loss, last_loss=active.last_loss,
             )
         ctl._event(self.run_id, "supervisor", "stage_completed",
                    {"stage": active.name, "output_checkpoint": status.get("output_checkpoint")}, "ok")
@@ -371,7 +393,7 @@ class Controller:
             transition_to(RunState(run.state), RunState(state))  # raises on an illegal move
             crud.set_run_state(s, run=run, state=state, actor=actor, reason=reason)
         now = time.time()
-        if state == "paused" or state == "needs_attention":
+        if state == "paused":  # an operator's pause is not lost work; needs_attention is
             self._paused_since.setdefault(run_id, now)
         elif run_id in self._paused_since:
             self._paused_total[run_id] = self._paused_total.get(run_id, 0.0) + now - self._paused_since.pop(run_id)
@@ -399,95 +421,85 @@ class Controller:
 
     def _good_checkpoints(self, run_id: str, stage: str) -> list[Any]:
         with self.session() as s:
-            return [c for c in crud.list_checkpoints(s, run_id=run_id, stage_name=stage)
-                    if c.verified and c.healthy and not c.bad_reason]
+            return [c for c in crud.list_checkpoints(s, run_id=run_id, stage_name=stage, good_only=True) if c.files]
 
-    def _resume_checkpoint(self, run_id: str, stage: str) -> str | None:
+    def _resume_checkpoint(self, run_id: str, stage: str) -> CheckpointRef | None:
         """Newest good checkpoint of the stage that still verifies, else None (start the stage afresh)."""
-        self.checkpoints_once(run_ids=[run_id])
         for c in sorted(self._good_checkpoints(run_id, stage), key=lambda c: c.step, reverse=True):
-            if self._still_valid(c):
-                return c.path
+            if self._recheck(c, force=True):
+                return CheckpointRef(c.path, dict(c.files))
         return None
 
     def _still_valid(self, ckpt: Any) -> bool:
-        from workers.runtime.checkpoint import CheckpointError, storage_for, verify_checkpoint
+        return self._recheck(ckpt, force=True)
 
-        try:
-            verify_checkpoint(ckpt.path)
-            return True
-        except (CheckpointError, OSError) as e:
-            store, path = storage_for(ckpt.path)
-            if not store.exists(path):
-                self._checkpoint_gone(ckpt)  # retention removed it: gone, not corrupt
-            else:
-                self._checkpoint_bad(ckpt.run_id, ckpt.stage_name, ckpt.id, str(e))
-            return False
-
-    def _checkpoint_gone(self, ckpt: Any) -> None:
+    def _ref_for(self, run_id: str, path: str) -> CheckpointRef | None:
+        """The reference (path + recorded hashes) of one of the run's reported checkpoints."""
         with self.session() as s:
-            row = crud.get_checkpoint(s, run_id=ckpt.run_id, checkpoint_id=ckpt.id)
-            if row is not None and not row.bad_reason:
-                crud.mark_checkpoint_bad(s, checkpoint=row, reason=GONE)
+            row = next((c for c in crud.list_checkpoints(s, run_id=run_id) if c.path == path and c.files), None)
+        return CheckpointRef(row.path, dict(row.files)) if row is not None else None
 
     # ---- checkpoints ------------------------------------------------------------------------
+    def _register_reports(self, run_id: str, stage: str, reports: list[CheckpointReport]) -> None:
+        """What rank 0 reported it wrote: the only checkpoints the supervisor ever registers, with
+        the hashes it reported as the trust anchor for every later load."""
+        for rep in reports:
+            with self.session() as s:
+                crud.upsert_checkpoint(
+                    s, run_id=run_id, stage_name=stage, step=rep.step, batch_cursor=rep.batch_cursor,
+                    path=rep.ref.path, verified=True, healthy=rep.healthy, metrics=dict(rep.metrics),
+                    tags=list(rep.tags), files=rep.ref.to_dict()["files"])
+            self._verified.pop(rep.ref.path, None)  # new bytes at that path: check them again
+
     def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
-        """Register new complete checkpoints, re-verify those whose files changed on disk."""
+        """Re-verify the registered checkpoints of active runs whose files changed on disk against
+        their recorded hashes; mark the ones retention or a rollback deleted."""
         with self._glock:
             drivers = [d for d in self.drivers.values() if run_ids is None or d.run_id in run_ids]
         with self._ckpt_lock:  # the scan job and a decision may both scan
-            self._scan_checkpoints(drivers)
+            for d in drivers:
+                with self.session() as s:
+                    rows = [c for c in crud.list_checkpoints(s, run_id=d.run_id, include_deleted=False)
+                            if not c.bad_reason and c.files]
+                for row in rows:
+                    self._recheck(row)
 
-    def _scan_checkpoints(self, drivers: list[RunDriver]) -> None:
-        from workers.runtime.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+    def _recheck(self, row: Any, *, force: bool = False) -> bool:
+        """Does the registered checkpoint `row` still hold the bytes its worker reported?
+        No manifest, or another checkpoint's manifest, means it is gone (retention, a rollback,
+        a step rewritten): marked deleted, never corrupt. Only bytes that differ under the
+        recorded manifest are corruption. Local folders are re-read only when their size or
+        mtime changed (`force`: always)."""
+        from workers.runtime.checkpoint import CheckpointCorrupt, CheckpointError, verify_checkpoint
 
-        for d in drivers:
-            for stage in d.spec.stages:
-                root = self._stage_root(d.run_id, stage.name, d.spec)
-                try:
-                    found = list_checkpoints(root)
-                except (OSError, CheckpointError, FileNotFoundError):
-                    continue
-                self._forget_vanished(d.run_id, stage.name, {str(i["path"]) for i in found})
-                for info in found:
-                    path = str(info["path"])
-                    sig = _stat_sig(path)
-                    if self._verified.get(path) == sig:
-                        continue
-                    verified, reason = True, None
-                    try:
-                        verify_checkpoint(path)
-                    except (CheckpointError, OSError) as e:
-                        verified, reason = False, str(e)
-                    if not verified and _stat_sig(path) != sig:
-                        continue  # being replaced or deleted right now: look again next scan
-                    self._verified[path] = sig
-                    with self.session() as s:
-                        row = crud.upsert_checkpoint(
-                            s, run_id=d.run_id, stage_name=stage.name, step=int(info["step"]),
-                            batch_cursor=int(info.get("batch_cursor", info["step"])), path=path,
-                            verified=verified, healthy=bool(info.get("healthy", True)),
-                            metrics=info.get("metrics") or {}, tags=info.get("tags") or [],
-                        )
-                    if not verified:
-                        self._checkpoint_bad(d.run_id, stage.name, row.id, reason or "verification failed")
+        sig = _stat_sig(row.path) if "://" not in row.path else None
+        if not force and sig is not None and self._verified.get(row.path) == sig:
+            return True
+        try:
+            verify_checkpoint(CheckpointRef(row.path, dict(row.files)))
+        except CheckpointCorrupt as e:
+            self._checkpoint_bad(row.run_id, row.stage_name, row.id, str(e), files=row.files)
+            return False
+        except (CheckpointError, OSError):
+            self._checkpoint_gone(row)
+            return False
+        if sig is not None:
+            self._verified[row.path] = sig
+        return True
 
-    def _forget_vanished(self, run_id: str, stage: str, present: set[str]) -> None:
-        """Registered checkpoints that retention (or a rollback) removed: mark them gone."""
+    def _checkpoint_gone(self, ckpt: Any) -> None:
+        self._verified.pop(ckpt.path, None)
         with self.session() as s:
-            for row in crud.list_checkpoints(s, run_id=run_id, stage_name=stage):
-                if row.path not in present and not row.bad_reason:
-                    crud.mark_checkpoint_bad(s, checkpoint=row, reason=GONE)
-                    self._verified.pop(row.path, None)
+            row = crud.get_checkpoint(s, run_id=ckpt.run_id, checkpoint_id=ckpt.id)
+            # unless a new report replaced the recorded files meanwhile (same step rewritten)
+            if row is not None and row.files == ckpt.files:
+                crud.mark_checkpoint_deleted(s, checkpoint=row)
 
-    def _stage_root(self, run_id: str, stage: str, spec: PipelineSpec) -> str:
-        storage = spec.checkpoint_for(spec.stage(stage)).storage or str(self.state_dir / "checkpoints")
-        return f"{storage.rstrip('/')}/{run_id}/{stage}"
-
-    def _checkpoint_bad(self, run_id: str, stage: str, ckpt_id: int, reason: str) -> None:
+    def _checkpoint_bad(self, run_id: str, stage: str, ckpt_id: int, reason: str, *,
+                        files: dict | None = None) -> None:
         with self.lock(run_id), self.session() as s:
             ckpt = crud.get_checkpoint(s, run_id=run_id, checkpoint_id=ckpt_id)
-            if ckpt is None or ckpt.bad_reason:
+            if ckpt is None or ckpt.bad_reason or (files is not None and ckpt.files != files):
                 return
             crud.mark_checkpoint_bad(s, checkpoint=ckpt, reason=reason)
             inc, created = crud.create_incident(
@@ -538,12 +550,26 @@ class Controller:
         for driver, active in pairs:
             with self.lock(driver.run_id):
                 self._ingest(active, {t: snaps[t] for t in active.targets if t in snaps})
+                self._write_live(active)
                 if not self.settings.watch_enabled:
                     continue
                 if self._run_state(driver.run_id) in ("paused", "needs_attention", "stopped"):
                     continue
                 for finding in evaluate_stage(active, self.watch_config, now=now):
                     self.handle_finding(driver.run_id, active, finding, source="watch")
+
+    def _write_live(self, active: ActiveStage) -> None:
+        """The running stage's step, loss and last-step time, for GET /runs/{id} (throttled)."""
+        step, when = active.live_written
+        if active.last_step < 0 or active.last_step == step or time.time() - when < LIVE_EVERY_S:
+            return
+        from datetime import datetime, timezone
+
+        at = datetime.fromtimestamp(active.last_step_time, timezone.utc) if active.last_step_time else None
+        with self.session() as s:
+            crud.update_stage(s, run_id=active.run_id, name=active.name, step=active.last_step,
+                              last_loss=active.last_loss, last_step_at=at)
+        active.live_written = (active.last_step, time.time())
 
     def _run_state(self, run_id: str) -> str:
         with self.session() as s:
@@ -586,6 +612,7 @@ class Controller:
         if rec.get("step_seconds") is not None:
             active.useful[step] = float(rec["step_seconds"])
         active.last_step = step
+        active.last_step_time = float(rec["time"]) if rec.get("time") is not None else time.time()
         active.batch_cursor = int(rec.get("batch_index", step))
         pend = active.pending
         if pend is not None:
@@ -625,6 +652,8 @@ class Controller:
         """Record the incident (de-duplicated) and carry out the policy's decision once."""
         kind = finding["kind"]
         with self.lock(run_id):
+            if self._run_state(run_id) in ("stopped", "failed", "completed"):
+                return {"incident": None, "created": False, "ignored": "run has ended"}
             if active.pending is not None and (kind in SPIKE_FAMILY or kind == active.pending["kind"]):
                 # a recovery is already in flight for this stage: this is the same problem seen again
                 return self._merge_into(active.pending["incident"], fingerprint, source)
@@ -695,9 +724,10 @@ class Controller:
             self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
             driver = self.drivers.get(run_id)
             sent = False
-            if ckpt is not None and active.group is not None:
+            ref = self._ref_for(run_id, ckpt) if ckpt is not None else None
+            if ref is not None and active.group is not None:
                 try:
-                    active.group.control(ControlKind.ROLLBACK, {"checkpoint": ckpt, "skip": decision["skip"],
+                    active.group.control(ControlKind.ROLLBACK, {"checkpoint": ref.to_dict(), "skip": decision["skip"],
                                                                  "lr_multiplier": decision["lr_multiplier"]})
                     sent = True
                 except Exception as e:  # noqa: BLE001 - dead group: restart with the same decision
@@ -815,15 +845,46 @@ class Controller:
             self._set_state(run_id, "running", actor=actor, reason="operator resume")
 
     def stop(self, run_id: str, *, actor: str) -> None:
+        """Stopped means stopped, whatever the run was doing: the workers write a last checkpoint
+        when they can (a running or paused group gets STOP), the driver ends the stage and kills
+        every actor of the run, and every stage row ends final (`_close_stages`)."""
         with self.lock(run_id):
             run, driver = self._require_active(run_id, "stop", ("pending", "running", "paused", "recovering",
                                                                  "needs_attention"))
+            self._set_state(run_id, "stopped", actor=actor, reason="operator stop")
+            if driver is not None and driver.active is not None and driver.active.pending is not None:
+                driver.active.pending = None  # a recovery in flight is abandoned, not resumed
             try:
                 self._control(run_id, ControlKind.STOP, {}, actor=actor)
-            except errors.Conflict:
+                if driver is not None:
+                    driver.request_stop()
+            except errors.Conflict:  # no group now (starting, restarting): nothing to wait for
                 if driver is not None:
                     driver.halt()
-            self._set_state(run_id, "stopped", actor=actor, reason="operator stop")
+            self._close_open_incidents(run_id, outcome="ignored", reason="run stopped")
+            if driver is None:
+                self._close_stages(run_id)
+
+    def _close_open_incidents(self, run_id: str, *, outcome: str, reason: str) -> None:
+        with self.session() as s:
+            for inc in crud.list_incidents(s, run_id=run_id, open_only=True):
+                crud.update_incident(s, incident=inc, outcome=outcome, resolved_at=self.now_dt(),
+                                     evidence={**(inc.evidence or {}), "closed": reason})
+
+    def _close_stages(self, run_id: str) -> None:
+        """The driver ended: no stage row stays running. A stopped run's unfinished stages are
+        stopped; a failed run's running stage failed; the rest stays as it was (pending stages
+        of a run that will be resumed, e.g. needs_attention, stay pending)."""
+        with self.session() as s:
+            run = crud.get_run(s, run_id=run_id)
+            if run is None:
+                return
+            final = {"stopped": "stopped", "failed": "failed"}.get(run.state)
+            for st in crud.list_stages(s, run_id=run_id):
+                if st.state in ("completed", "stopped", "failed", "skipped"):
+                    continue
+                if final is not None:
+                    crud.update_stage(s, stage=st, state=final, finished_at=self.now_dt())
 
     def anneal(self, run_id: str, *, steps: int, final_lr: float, schedule: str,
                mixture: dict[str, float] | None, actor: str) -> None:
@@ -839,7 +900,11 @@ class Controller:
             self._control(run_id, ControlKind.ANNEAL, payload, actor=actor)
             self._event(run_id, actor, "anneal", payload, "sent")
 
-    def rollback(self, run_id: str, *, checkpoint_id: int | None, actor: str) -> dict:
+    def rollback(self, run_id: str, *, checkpoint_id: int | None, actor: str, skip: bool = True,
+                 lr_multiplier: float | None = None) -> dict:
+        """Roll back to `checkpoint_id` (or the newest good checkpoint). `skip`: never train on the
+        batches since that checkpoint again; `lr_multiplier`: factor on the LR in effect at the
+        checkpoint (None: the recovery policy's backoff)."""
         with self.lock(run_id):
             run, driver = self._require_active(run_id, "roll back", ("running", "paused", "recovering",
                                                                      "needs_attention"))
@@ -854,15 +919,21 @@ class Controller:
                     if ckpt.stage_name != active.name:
                         raise errors.Conflict(f"checkpoint {checkpoint_id} belongs to stage {ckpt.stage_name!r}, "
                                               f"the run is in stage {active.name!r}")
-                    if ckpt.bad_reason or not ckpt.verified:
-                        raise errors.Conflict(f"checkpoint {checkpoint_id} is not usable: {ckpt.bad_reason}")
+                    if ckpt.deleted_at is not None:
+                        raise errors.Conflict(f"checkpoint {checkpoint_id} was deleted (retention or a rollback)")
+                    if ckpt.bad_reason or not ckpt.verified or not ckpt.files:
+                        raise errors.Conflict(f"checkpoint {checkpoint_id} is not usable: "
+                                              f"{ckpt.bad_reason or 'not reported by a worker'}")
                     wanted_step = ckpt.step
                 else:
-                    wanted_step = None
+                    ckpt, wanted_step = None, None
+            if ckpt is not None and not self._still_valid(ckpt):
+                raise errors.Conflict(f"checkpoint {checkpoint_id} no longer holds the bytes its worker wrote "
+                                      f"(deleted, replaced or corrupt); nothing was changed")
             finding = {"kind": "operator_rollback", "onset_step": max(active.last_step, 0),
                        "detected_at_step": max(active.last_step, 0),
                        "evidence": {"requested_checkpoint": checkpoint_id, "requested_checkpoint_step": wanted_step,
-                                    "by": actor}}
+                                    "by": actor, "skip": bool(skip), "lr_multiplier": lr_multiplier}}
             if run.state in ("paused", "needs_attention") and active.group is not None:
                 active.group.control(ControlKind.RESUME, {})
             active.pending = None
@@ -885,7 +956,10 @@ class Controller:
         return self.metrics.text()
 
     def goodput_of(self, run_id: str) -> float | None:
-        """Productive step time (steps that still count after rollbacks) / wall time not paused."""
+        """Productive step time / wall time since submission, less the time an operator kept the
+        run paused. Productive: the step time of rank 0's steps that still count (steps replayed
+        after a rollback or restart count once). Lost: start-up, evaluation, checkpoint stalls,
+        detection and recovery, replayed steps, and time in needs_attention (docs/operations.md)."""
         t0 = self._run_started.get(run_id)
         if t0 is None:
             return None

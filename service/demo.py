@@ -123,7 +123,7 @@ class LiveView(threading.Thread):
 
 def run_demo(args: argparse.Namespace) -> int:
     from service.app import embedded_supervisor
-    from service.config import Settings
+    from service.config import DEV_TOKENS, Settings
     from workers.spec import load_pipeline
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -131,8 +131,11 @@ def run_demo(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="trainguard-demo-"))
     settings = Settings(state_dir=state_dir, environment="development", port=args.port or _free_port(),
                         hang_timeout=6.0)
+    # a token is never printed: the built-in development one is named as such, a real one is not shown
+    dev = settings.operator_token.get_secret_value() == DEV_TOKENS["operator_token"]
+    token = f"the development operator token {DEV_TOKENS['operator_token']!r}" if dev else "TRAINGUARD_OPERATOR_TOKEN"
     print(f"trainguard demo: state in {state_dir}, API on http://{settings.host}:{settings.port}/api/v1 "
-          f"(operator token {settings.operator_token.get_secret_value()!r})", file=sys.stderr)
+          f"(operator token: {token})", file=sys.stderr)
     t0 = time.time()
     with embedded_supervisor(settings) as ctl:
         server = _serve(settings, ctl)

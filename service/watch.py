@@ -192,10 +192,10 @@ def recovery_decision(ctl: Any, run_id: str, active: Any, inc: Any, cfg: WatchCo
     """The policy's decision for `inc`, with the checkpoint's path; operator rollbacks go to the
     named checkpoint (or the newest good one) and otherwise behave as automatic ones."""
     with ctl.session() as s:
-        rows = crud.list_checkpoints(s, run_id=run_id, stage_name=active.name)
+        rows = crud.list_checkpoints(s, run_id=run_id, stage_name=active.name, include_deleted=False)
         history = [i for i in crud.list_incidents(s, run_id=run_id) if i.stage_name == active.name and i.id != inc.id]
     ckpts = [CheckpointInfo(
-        step=c.step, batch_cursor=c.batch_cursor, verified=bool(c.verified and not c.bad_reason),
+        step=c.step, batch_cursor=c.batch_cursor, verified=bool(c.verified and not c.bad_reason and c.files),
         healthy=bool(c.healthy), anomalies_in_window=int((c.metrics or {}).get("anomalies_in_window", 0) or 0),
         metrics={k: float(v) for k, v in (c.metrics or {}).items()
                  if isinstance(v, (int, float)) and k != "anomalies_in_window"},
@@ -228,15 +228,18 @@ def _operator_rollback(ckpts: list[CheckpointInfo], inc: Any, active: Any, batch
                        cfg: WatchConfig) -> dict:
     from service.domain.policy import is_good_checkpoint
 
-    wanted = (inc.evidence or {}).get("requested_checkpoint_step")
+    evidence = inc.evidence or {}
+    wanted = evidence.get("requested_checkpoint_step")
     if wanted is not None:
         ck = next((c for c in ckpts if c.step == wanted), None)
     else:
         good = [c for c in ckpts if is_good_checkpoint(c, cfg.recovery, active.last_step + 1)]
         ck = max(good, key=lambda c: c.step) if good else None
     cursor = batch_at.get(active.last_step, active.batch_cursor) + 1
-    skip = [[ck.batch_cursor, cursor]] if ck is not None and cursor > ck.batch_cursor else []
-    lr = (ck.lr_multiplier if ck else 1.0) * cfg.recovery.lr_backoff
+    skip = ([[ck.batch_cursor, cursor]] if evidence.get("skip", True) and ck is not None and cursor > ck.batch_cursor
+            else [])
+    factor = evidence.get("lr_multiplier")
+    lr = (ck.lr_multiplier if ck else 1.0) * (cfg.recovery.lr_backoff if factor is None else float(factor))
     return {"action": "rollback", "checkpoint": ck.ref if ck else None, "checkpoint_step": ck.step if ck else None,
             "skip": skip, "lr_multiplier": lr, "attempt": 1,
             "reason": f"operator rollback to {'checkpoint ' + str(ck.step) if ck else 'the stage input'}, "

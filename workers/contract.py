@@ -20,6 +20,8 @@ __all__ = [
     "Control",
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA_VERSION",
+    "CheckpointRef",
+    "CheckpointReport",
 ]
 
 
@@ -110,7 +112,7 @@ class Control:
       anneal:        {"steps": int, "final_lr": float, "schedule": "linear"|"cosine"|"exponential",
                       "mixture": {source: weight} | None}
       lr_multiplier: {"value": float}
-      rollback:      {"checkpoint": path/URL of a checkpoint dir,
+      rollback:      {"checkpoint": CheckpointRef.to_dict() of the checkpoint to load,
                       "skip": [[start, end), ...] batch-index ranges to add to the skip list,
                       "lr_multiplier": float | None}
     """
@@ -131,3 +133,52 @@ class Control:
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint a worker may load: where it is, and the sha256 and size of every file
+    (the manifest included) as recorded *outside* the folder when a worker reported it.
+
+    Write access to checkpoint storage is not code execution: a worker reads a file, checks
+    it against `files`, and only then deserializes it. The manifest inside the folder is
+    never the trust anchor. The format of the files is the worker's business; this contract
+    only names files and their hashes, so sharded formats keep it."""
+
+    path: str
+    files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": int}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "files": {k: dict(v) for k, v in self.files.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointRef":
+        files = d.get("files")
+        if not isinstance(d.get("path"), str) or not isinstance(files, dict) or not files:
+            raise ValueError("a checkpoint reference needs a path and the recorded hashes of its files")
+        return cls(path=d["path"], files={str(k): dict(v) for k, v in files.items()})
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """What rank 0 reports, through Ray, for every checkpoint it wrote; the supervisor
+    registers exactly these (with `ref.files` as the recorded hashes) and nothing it finds
+    in storage on its own. `seq` increases per worker, so a poll asks only for new ones."""
+
+    seq: int
+    ref: CheckpointRef
+    step: int
+    batch_cursor: int
+    healthy: bool
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "ref": self.ref.to_dict(), "step": self.step, "batch_cursor": self.batch_cursor,
+                "healthy": self.healthy, "metrics": dict(self.metrics), "tags": list(self.tags)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointReport":
+        return cls(seq=int(d["seq"]), ref=CheckpointRef.from_dict(d["ref"]), step=int(d["step"]),
+                   batch_cursor=int(d["batch_cursor"]), healthy=bool(d["healthy"]),
+                   metrics=dict(d.get("metrics") or {}), tags=tuple(d.get("tags") or ()))

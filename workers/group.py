@@ -18,10 +18,10 @@ from typing import Any, Iterable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from workers.contract import Control, ControlKind
+from workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
 from workers.spec import PipelineSpec
 
-__all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "STATE_DIR_ENV"]
+__all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV"]
 
 STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
 TERMINAL = ("finished", "stopped", "failed")
@@ -64,8 +64,8 @@ class TrainWorker:
         return os.getpid()
 
     def configure(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
-                  state_dir: str, resume_from: str | None, skip: list[list[int]], lr_multiplier: float | None,
-                  inputs: dict[str, str], fired_dir: str, bind_host: str | None,
+                  state_dir: str, resume_from: dict[str, Any] | None, skip: list[list[int]],
+                  lr_multiplier: float | None, inputs: dict[str, dict[str, Any]], fired_dir: str, bind_host: str | None,
                   checkpoint_root: str | None) -> dict[str, Any]:
         from workers.runtime.exporter import Exporter
         from workers.runtime.gpu import make_gpu_health
@@ -111,12 +111,14 @@ class TrainWorker:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist = Dist.init(rank=a["rank"], world_size=a["world_size"], addr=addr[0], port=addr[1], device=device)
+            inputs = {k: CheckpointRef.from_dict(v) for k, v in a["inputs"].items()}
+            resume = CheckpointRef.from_dict(a["resume_from"]) if a["resume_from"] else None
             ctx = make_context(spec, a["stage_name"], run_id=a["run_id"], rank=a["rank"],
-                               world_size=a["world_size"], inputs=a["inputs"], device=device)
+                               world_size=a["world_size"], inputs=inputs, device=device)
             stage = STAGES[spec.stage(a["stage_name"]).kind](ctx)
             harness = Harness(stage, spec=spec, stage_name=a["stage_name"], run_id=a["run_id"],
                               state_dir=Path(a["state_dir"]), dist=dist, exporter=self.exporter, inbox=self.inbox,
-                              resume_from=a["resume_from"], skip=a["skip"], lr_multiplier=a["lr_multiplier"],
+                              resume_from=resume, skip=a["skip"], lr_multiplier=a["lr_multiplier"],
                               fired_dir=Path(a["fired_dir"]), gpu=self.gpu, checkpoint_root=a["checkpoint_root"])
             with self._lock:
                 self.harness = harness
@@ -135,12 +137,13 @@ class TrainWorker:
     def control(self, msg: dict[str, Any]) -> None:
         self.inbox.put(Control.from_dict(msg))
 
-    def status(self) -> dict[str, Any]:
+    def status(self, since: int = -1) -> dict[str, Any]:
+        """`since`: the seq of the last checkpoint report the caller has (see Harness.status)."""
         h = self.harness
         if h is None:
             return {"rank": self.rank, "step": 0, "state": self.state, "error": self.error,
-                    "output_checkpoint": None, "last_checkpoint": None}
-        st = h.status()
+                    "output_checkpoint": None, "last_checkpoint": None, "checkpoints": []}
+        st = h.status(since)
         if self.state == "failed":
             st["state"] = "failed"
         st["error"] = self.error
@@ -151,12 +154,14 @@ class WorkerGroup:
     """Handle on one stage's worker actors (one per rank). See docs/internals.md."""
 
     def __init__(self, *, run_id: str, spec: PipelineSpec, stage_name: str, state_dir: Path | str | None = None,
-                 resume_from: Path | str | None = None, skip: Iterable[Iterable[int]] = (),
-                 lr_multiplier: float | None = None, inputs: dict[str, Path | str] | None = None,
+                 resume_from: CheckpointRef | None = None, skip: Iterable[Iterable[int]] = (),
+                 lr_multiplier: float | None = None, inputs: dict[str, CheckpointRef] | None = None,
                  fired_dir: Path | str | None = None, bind_host: str | None = None,
                  checkpoint_root: str | None = None) -> None:
         """`state_dir` defaults to $TRAINGUARD_STATE_DIR. `lr_multiplier` None keeps the
-        checkpoint's (or 1.0); a value replaces it. `skip` is added to the checkpoint's skip list."""
+        checkpoint's (or 1.0); a value replaces it. `skip` is added to the checkpoint's skip list.
+        `resume_from` and `inputs` carry the hashes recorded when their checkpoints were
+        reported: the workers load nothing else."""
         state_dir = state_dir or os.environ.get(STATE_DIR_ENV)
         if not state_dir:
             raise ValueError(f"state_dir is required (argument or ${STATE_DIR_ENV})")
@@ -169,9 +174,9 @@ class WorkerGroup:
         self.fired_dir = Path(fired_dir) if fired_dir else self.state_dir / "runs" / run_id / "faults-fired"
         self._kwargs = dict(
             run_id=run_id, spec=spec.model_dump(mode="json"), stage_name=stage_name, world_size=self.world_size,
-            state_dir=str(self.state_dir), resume_from=str(resume_from) if resume_from else None,
+            state_dir=str(self.state_dir), resume_from=resume_from.to_dict() if resume_from else None,
             skip=[[int(a), int(b)] for a, b in skip], lr_multiplier=lr_multiplier,
-            inputs={k: str(v) for k, v in (inputs or {}).items()}, fired_dir=str(self.fired_dir),
+            inputs={k: v.to_dict() for k, v in (inputs or {}).items()}, fired_dir=str(self.fired_dir),
             bind_host=bind_host, checkpoint_root=checkpoint_root)
         self._actors: list[Any] = []
         self._run_refs: list[Any] = []
@@ -180,6 +185,7 @@ class WorkerGroup:
         self._seq = 0
         self._closed = False
         self._last: dict[str, Any] | None = None
+        self._report_seq = -1  # the newest checkpoint report poll() has handed out
 
     def start(self) -> None:
         """Take warm actors (or create them) and start their loops; returns without waiting."""
@@ -212,53 +218,65 @@ class WorkerGroup:
         return self._seq
 
     def poll(self, timeout: float = 5.0) -> dict[str, Any]:
-        ranks: list[dict[str, Any]] = []
-        status_refs = [a.status.remote() for a in self._actors]
-        for r, (ref, sref) in enumerate(zip(self._run_refs, status_refs)):
-            info: dict[str, Any] = {"rank": r, "step": None, "state": "running", "alive": True, "error": None,
-                                    "output_checkpoint": None}
-            done, _ = ray.wait([ref], timeout=0)
-            if done:
-                try:
-                    res = ray.get(ref)
-                    info.update(state=res["state"], step=res["step"], output_checkpoint=res["output_checkpoint"])
-                except RayActorError as e:
-                    info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
-                except Exception as e:  # noqa: BLE001 - the loop raised: report, do not re-raise
-                    info.update(state="failed", error=f"rank {r}: {_short(e)}")
-            if info["alive"]:
-                try:
-                    st = ray.get(sref, timeout=timeout)
-                    info["step"] = st["step"]
-                    if not done:
-                        info["state"] = st["state"]
-                except RayActorError as e:
-                    info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
-                except GetTimeoutError:
-                    info["error"] = f"rank {r}: status timed out"
-            ranks.append(info)
-        dead = [i for i in ranks if not i["alive"]]
-        failed = dead or [i for i in ranks if i["state"] == "failed"]
-        states = {i["state"] for i in ranks}
-        if failed:
-            state = "failed"
-        elif states == {"finished"}:
-            state = "finished"
-        elif states <= {"stopped", "finished"}:
-            state = "stopped"
-        elif "paused" in states:
-            state = "paused"
-        else:
-            state = "running"
+        """The group's state, and `checkpoints`: the CheckpointReports rank 0 made since the last poll.
+
+        A rank counts as finished or stopped only once its `run()` has returned: its status may
+        say "finished" a moment before (the result, with the output checkpoint, is still on
+        its way), and a group called finished then would have no output."""
+        status_refs = [a.status.remote(self._report_seq) for a in self._actors]
+        ranks = [self._rank_info(r, ref, sref, timeout) for r, (ref, sref) in enumerate(zip(self._run_refs, status_refs))]
+        reports = self._new_reports(ranks[0].pop("reports", []) if ranks else [])
+        for i in ranks[1:]:
+            i.pop("reports", None)
+        state = group_state(ranks)
+        # a dead rank is the cause; the others' loops fail after it (a broken collective)
+        failed = [i for i in ranks if not i["alive"]] or [i for i in ranks if i["state"] == "failed"]
         out = {
             "state": state,
             "ranks": [{k: i[k] for k in ("rank", "step", "state", "alive", "error")} for i in ranks],
             "output_checkpoint": ranks[0]["output_checkpoint"] if state == "finished" else None,
             "failed_rank": failed[0]["rank"] if failed else None,
             "error": failed[0]["error"] if failed else None,
+            "checkpoints": reports,
         }
         self._last = out
         return out
+
+    def _rank_info(self, r: int, ref: Any, sref: Any, timeout: float) -> dict[str, Any]:
+        info: dict[str, Any] = {"rank": r, "step": None, "state": "running", "returned": False, "alive": True,
+                                "error": None, "output_checkpoint": None, "reports": []}
+        done, _ = ray.wait([ref], timeout=0)
+        if done:
+            try:
+                res = ray.get(ref)
+                info.update(state=res["state"], step=res["step"], output_checkpoint=res["output_checkpoint"],
+                            returned=True, reports=list(res.get("checkpoints", [])))
+            except RayActorError as e:
+                info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
+            except Exception as e:  # noqa: BLE001 - the loop raised: report, do not re-raise
+                info.update(state="failed", error=f"rank {r}: {_short(e)}")
+        if info["alive"]:
+            try:
+                st = ray.get(sref, timeout=timeout)
+                info["step"] = st["step"]
+                info["reports"] = [*info["reports"], *st.get("checkpoints", [])]
+                if not done:
+                    info["state"] = st["state"]
+            except RayActorError as e:
+                info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
+            except GetTimeoutError:
+                info["error"] = f"rank {r}: status timed out"
+        return info
+
+    def _new_reports(self, raw: list[dict[str, Any]]) -> list[CheckpointReport]:
+        out: dict[int, CheckpointReport] = {}
+        for d in raw:
+            rep = CheckpointReport.from_dict(d)
+            if rep.seq > self._report_seq:
+                out[rep.seq] = rep
+        if out:
+            self._report_seq = max(out)
+        return [out[k] for k in sorted(out)]
 
     def shutdown(self) -> None:
         """Kill every actor (idempotent). Training state lives in checkpoints, not here."""
@@ -270,6 +288,22 @@ class WorkerGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def group_state(ranks: list[dict[str, Any]]) -> str:
+    """One state for the group from its ranks' {"state", "alive", "returned"}: failed if any
+    rank failed or died; finished/stopped only when every rank's run() has returned."""
+    if any(not i["alive"] or i["state"] == "failed" for i in ranks):
+        return "failed"
+    states = {i["state"] for i in ranks}
+    returned = all(i.get("returned") for i in ranks)
+    if states == {"finished"} and returned:
+        return "finished"
+    if states <= {"stopped", "finished"} and returned:
+        return "stopped"
+    if "paused" in states:
+        return "paused"
+    return "running"
 
 
 class WarmPool:

@@ -35,7 +35,6 @@ __all__ = [
     "sequence_logprobs",
     "generate",
     "load_model_state",
-    "read_checkpoint_file",
     "load_weights",
     "count_parameters",
 ]
@@ -255,29 +254,22 @@ def generate(
     return tokens
 
 
-def read_checkpoint_file(ckpt_dir: Path | str, name: str) -> bytes:
-    """One file of a checkpoint directory: a local path or any fsspec URL (e.g. s3://...)."""
-    url = str(ckpt_dir)
-    if "://" not in url:
-        return (Path(ckpt_dir) / name).read_bytes()
-    import fsspec  # only remote storage needs it
+def load_model_state(ref: Any, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+    """The `model.pt` state dict of a checkpoint (GPT, or RewardModel for reward_model stages),
+    its bytes checked against the recorded hashes in `ref` (a workers.contract.CheckpointRef)
+    before they are deserialized."""
+    from workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
 
-    with fsspec.open(url.rstrip("/") + "/" + name, "rb") as f:
-        return f.read()
-
-
-def load_model_state(ckpt_dir: Path | str, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The `model.pt` state dict of a checkpoint directory (GPT, or RewardModel for reward_model stages)."""
-    data = io.BytesIO(read_checkpoint_file(ckpt_dir, "model.pt"))
+    data = io.BytesIO(read_verified(ref, ["model.pt"])["model.pt"])
     return torch.load(data, map_location=map_location, weights_only=True)
 
 
-def load_weights(model: nn.Module, ckpt_dir: Path | str) -> None:
+def load_weights(model: nn.Module, ref: Any) -> None:
     """Load a checkpoint into `model`, converting between GPT and RewardModel state dicts:
     a RewardModel takes a GPT checkpoint as its backbone (head stays 0), and a GPT takes
     a RewardModel checkpoint's backbone."""
     device = next(model.parameters()).device
-    state = load_model_state(ckpt_dir, map_location=device)
+    state = load_model_state(ref, map_location=device)
     is_rm_state = any(k.startswith("backbone.") for k in state)
     if isinstance(model, RewardModel) and not is_rm_state:
         model.backbone.load_state_dict(state)

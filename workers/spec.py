@@ -21,7 +21,15 @@ __all__ = [
     "SpecError",
     "load_pipeline",
     "parse_pipeline",
+    "parse_pipeline_text",
 ]
+
+# A spec error names at most this many fields, each location and message cut short: a
+# request of a few hundred kilobytes can hold a hundred thousand bad entries, and the
+# answer must stay small.
+MAX_ERRORS_SHOWN = 20
+_MAX_LOC_CHARS = 200
+_MAX_MSG_CHARS = 300
 
 
 class SpecError(ValueError):
@@ -201,11 +209,18 @@ class PipelineSpec(_Strict):
 
 
 def _format(err: ValidationError) -> str:
+    errors = err.errors(include_url=False, include_input=False)
     parts = []
-    for e in err.errors():
+    for e in errors[:MAX_ERRORS_SHOWN]:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        parts.append(f"{loc}: {e['msg']}")
+        parts.append(f"{_cut(loc, _MAX_LOC_CHARS)}: {_cut(e['msg'], _MAX_MSG_CHARS)}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        parts.append(f"... and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "invalid pipeline spec: " + "; ".join(parts)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_pipeline(data: Any) -> PipelineSpec:
@@ -216,14 +231,26 @@ def parse_pipeline(data: Any) -> PipelineSpec:
         return PipelineSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(_format(e)) from None
+    except RecursionError:
+        raise SpecError("invalid pipeline spec: nested too deeply") from None
 
 
-def load_pipeline(source: str | Path) -> PipelineSpec:
-    """Load from a YAML file path, or from YAML text when `source` is not an existing file."""
-    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-    text = p.read_text() if p is not None and p.exists() else str(source)
+def parse_pipeline_text(text: str) -> PipelineSpec:
+    """Validate YAML (or JSON) text; never reads a file, whatever the text looks like."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"invalid pipeline spec: not valid YAML: {e}") from None
+        raise SpecError(f"invalid pipeline spec: not valid YAML: {_cut(str(e), 1000)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise SpecError("invalid pipeline spec: the YAML is nested too deeply") from None
     return parse_pipeline(data)
+
+
+def load_pipeline(source: str | Path) -> PipelineSpec:
+    """Load from a YAML file path, or from YAML text when `source` is not an existing file.
+
+    For trusted local callers (the CLI's own files, the demo): a request from the network
+    goes through parse_pipeline_text, which never treats its text as a path."""
+    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+    text = p.read_text() if p is not None and p.exists() else str(source)
+    return parse_pipeline_text(text)

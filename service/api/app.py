@@ -10,18 +10,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.limits import MAX_ERRORS_LISTED, BodyLimit, capped
 from service.api.ports import ControllerPort
 from service.api.routes import alerts, ops, runs
-from service.api.schemas import AlertmanagerPayload
+from service.api.schemas import AlertmanagerPayload, ErrorBody
 from service.config import Settings
 from service.db import init_db, make_engine
 from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from workers.spec import SpecError
 
-__all__ = ["create_app", "API_PREFIX"]
+__all__ = ["create_app", "API_PREFIX", "ERROR_RESPONSES"]
 
 API_PREFIX = "/api/v1"
+
+# Documented on every route, with the body every error answer has (schemathesis checks both).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed request (e.g. a body that is not JSON)"},
+    401: {"model": ErrorBody, "description": "Missing or unknown bearer token"},
+    403: {"model": ErrorBody, "description": "The token's role may not do this"},
+    404: {"model": ErrorBody, "description": "No such run or checkpoint"},
+    409: {"model": ErrorBody, "description": "The run's state forbids this"},
+    413: {"model": ErrorBody, "description": "Request body over the size limit"},
+    422: {"model": ErrorBody, "description": "Invalid value; `detail` names the field"},
+    503: {"model": ErrorBody, "description": "A dependency is unavailable; retry later"},
+}
+_LOC_PARTS, _LOC_CHARS, _MSG_CHARS = 20, 100, 300  # per listed error: an answer stays under 64 KiB
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -31,23 +46,32 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+    errors = [_plain(e) for e in exc.errors()[:MAX_ERRORS_LISTED]]
     message = "; ".join(f"{_where(tuple(e['loc']))}: {e['msg']}" for e in errors)
+    if len(exc.errors()) > MAX_ERRORS_LISTED:
+        message += f"; ... and {len(exc.errors()) - MAX_ERRORS_LISTED} more"
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-        content={"detail": f"invalid request: {message}", "errors": [_plain(e) for e in errors]},
+        content={"detail": capped(f"invalid request: {message}"), "errors": errors},
     )
 
 
 def _plain(e: dict[str, Any]) -> dict[str, Any]:
-    return {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+    # Never the input: it may be large, and it is the caller's own anyway.
+    loc = [p if isinstance(p, int) else capped(str(p), _LOC_CHARS) for p in e.get("loc", ())][:_LOC_PARTS]
+    return {"loc": loc, "msg": capped(str(e.get("msg", "")), _MSG_CHARS), "type": str(e.get("type", ""))}
 
 
 def _mapped(code: int, headers: dict[str, str] | None = None) -> Callable[[Request, Exception], JSONResponse]:
     def handler(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(status_code=code, content={"detail": str(exc)}, headers=headers)
+        return JSONResponse(status_code=code, content={"detail": capped(str(exc))}, headers=headers)
 
     return handler
+
+
+def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's answer for HTTPException, with the detail capped."""
+    return JSONResponse(status_code=exc.status_code, content={"detail": capped(str(exc.detail))}, headers=exc.headers)
 
 
 def _openapi_with_alert_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -90,6 +114,8 @@ def create_app(
     app.state.engine = engine
     app.state.controller = controller
 
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _mapped(status.HTTP_404_NOT_FOUND))
     app.add_exception_handler(Conflict, _mapped(status.HTTP_409_CONFLICT))
@@ -98,9 +124,9 @@ def create_app(
     app.add_exception_handler(InvalidRequest, _mapped(status.HTTP_422_UNPROCESSABLE_CONTENT))
     app.add_exception_handler(Unavailable, _mapped(status.HTTP_503_SERVICE_UNAVAILABLE, {"Retry-After": "5"}))
 
-    app.include_router(runs.router, prefix=API_PREFIX)
-    app.include_router(alerts.router, prefix=API_PREFIX)
-    app.include_router(ops.api_router, prefix=API_PREFIX)
-    app.include_router(ops.root_router)
+    app.include_router(runs.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
+    app.include_router(alerts.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
+    app.include_router(ops.api_router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
+    app.include_router(ops.root_router, responses=ERROR_RESPONSES)
     app.openapi = _openapi_with_alert_schema(app)  # type: ignore[method-assign]
     return app

@@ -38,8 +38,18 @@ class ControllerPort(Protocol):
         actor: str,
     ) -> None: ...
 
-    def rollback(self, run_id: str, *, checkpoint_id: int | None, actor: str) -> dict[str, Any]:
-        """Returns at least {"incident_id": int, "target_step": int}."""
+    def rollback(
+        self,
+        run_id: str,
+        *,
+        checkpoint_id: int | None,
+        actor: str,
+        skip: bool = True,
+        lr_multiplier: float | None = None,
+    ) -> dict[str, Any]:
+        """Roll back to `checkpoint_id` (None: the newest good checkpoint). `skip`: add the batches
+        since the checkpoint to the skip list; `lr_multiplier`: None means the policy's lr_backoff.
+        Returns {"incident", "action", "rollback_to_step"}."""
         ...
 
     def handle_alerts(self, payload: "AlertmanagerPayload", *, actor: str) -> dict[str, int]:

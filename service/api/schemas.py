@@ -14,8 +14,13 @@ __all__ = [
     "Alert",
     "AlertmanagerPayload",
     "AlertsResult",
-    "Message",
+    "ErrorBody",
+    "ValidationIssue",
+    "MAX_DB_INT",
 ]
+
+# Ids and offsets reach SQL as integers: PostgreSQL's INTEGER ends here (2**63 made a 500).
+MAX_DB_INT = 2**31 - 1
 
 
 class _Body(BaseModel):
@@ -49,7 +54,13 @@ class AnnealRequest(_Body):
 
 
 class RollbackRequest(_Body):
-    checkpoint_id: int | None = Field(None, ge=1, description="default: the newest good checkpoint before the last incident")
+    checkpoint_id: int | None = Field(
+        None, ge=1, le=MAX_DB_INT, description="default: the newest good checkpoint before the last incident"
+    )
+    skip: bool = Field(True, description="skip the batches trained on since the checkpoint (never train on them again)")
+    lr_multiplier: float | None = Field(
+        None, gt=0.0, le=1.0, description="multiply the learning rate by this; default: the recovery policy's backoff"
+    )
 
 
 class RollbackAccepted(BaseModel):
@@ -112,6 +123,17 @@ class AlertsResult(BaseModel):
     ignored: int = 0
 
 
-class Message(BaseModel):
+class ValidationIssue(BaseModel):
+    """One problem of a 422: where (`loc`, e.g. ["body", "steps"]), what, and pydantic's error type."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `detail` says what is wrong and names the field; a 422 from request
+    validation also lists the problems in `errors` (at most 20)."""
+
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[ValidationIssue] | None = None

@@ -44,15 +44,19 @@ __all__ = [
     "update_stage",
     "upsert_checkpoint",
     "list_checkpoints",
+    "count_checkpoints",
     "get_checkpoint",
     "mark_checkpoint_bad",
+    "mark_checkpoint_deleted",
     "create_incident",
     "get_incident",
     "find_incident",
     "update_incident",
     "list_incidents",
+    "count_incidents",
     "add_event",
     "list_events",
+    "count_events",
 ]
 
 
@@ -206,15 +210,23 @@ def upsert_checkpoint(
     healthy: bool,
     metrics: dict[str, Any] | None = None,
     tags: list[str] | None = None,
+    files: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Insert or update the checkpoint identified by (run, stage, step, path).
 
-    Updating keeps `healthy=False` once a checkpoint was marked bad: a re-scan of
-    the directory must not rehabilitate it."""
-    fields = dict(batch_cursor=batch_cursor, verified=verified, metrics=dict(metrics or {}), tags=list(tags or []))
+    Updating with the same `files` keeps `healthy=False` once a checkpoint was marked bad: a
+    repeated report must not rehabilitate it. Different `files` at the same path are a new
+    checkpoint (a step rewritten after a rollback): its verdicts start afresh."""
+    fields: dict[str, Any] = dict(batch_cursor=batch_cursor, verified=verified, metrics=dict(metrics or {}),
+                                  tags=list(tags or []))
+    if files is not None:
+        fields["files"] = dict(files)
     for attempt in range(2):
         ckpt = _find_checkpoint(session, run_id=run_id, stage_name=stage_name, step=step, path=path)
         if ckpt is not None:
+            if files is not None and dict(files) != dict(ckpt.files or {}):
+                ckpt.bad_reason, ckpt.deleted_at = None, None
+                ckpt.created_at = utcnow()
             _apply(ckpt, fields)
             ckpt.healthy = healthy and ckpt.bad_reason is None
             return _save(session, ckpt)
@@ -228,16 +240,35 @@ def upsert_checkpoint(
     raise AssertionError("unreachable")
 
 
-def list_checkpoints(
-    session: Session, *, run_id: str, stage_name: str | None = None, good_only: bool = False
-) -> list[Checkpoint]:
-    """Oldest first (by step). `good_only`: verified and healthy."""
+def _checkpoints_query(run_id: str, stage_name: str | None, good_only: bool, include_deleted: bool) -> Any:
     q = select(Checkpoint).where(Checkpoint.run_id == run_id)
     if stage_name is not None:
         q = q.where(Checkpoint.stage_name == stage_name)
     if good_only:
-        q = q.where(col(Checkpoint.verified).is_(True), col(Checkpoint.healthy).is_(True))
-    return list(session.exec(q.order_by(col(Checkpoint.step), col(Checkpoint.id))).all())
+        q = q.where(col(Checkpoint.verified).is_(True), col(Checkpoint.healthy).is_(True),
+                    col(Checkpoint.bad_reason).is_(None), col(Checkpoint.deleted_at).is_(None))
+    if not include_deleted:
+        q = q.where(col(Checkpoint.deleted_at).is_(None))
+    return q
+
+
+def list_checkpoints(
+    session: Session, *, run_id: str, stage_name: str | None = None, good_only: bool = False,
+    include_deleted: bool = True, limit: int | None = None, offset: int = 0,
+) -> list[Checkpoint]:
+    """Oldest first (by step). `good_only`: verified, healthy, not bad, not deleted.
+    `include_deleted=False`: only checkpoints that still exist."""
+    q = _checkpoints_query(run_id, stage_name, good_only, include_deleted)
+    q = q.order_by(col(Checkpoint.step), col(Checkpoint.id)).offset(offset)
+    if limit is not None:
+        q = q.limit(limit)
+    return list(session.exec(q).all())
+
+
+def count_checkpoints(session: Session, *, run_id: str, stage_name: str | None = None, good_only: bool = False,
+                      include_deleted: bool = True) -> int:
+    q = _checkpoints_query(run_id, stage_name, good_only, include_deleted)
+    return session.exec(select(func.count()).select_from(q.subquery())).one()
 
 
 def get_checkpoint(session: Session, *, run_id: str, checkpoint_id: int) -> Checkpoint | None:
@@ -249,8 +280,16 @@ def get_checkpoint(session: Session, *, run_id: str, checkpoint_id: int) -> Chec
 
 
 def mark_checkpoint_bad(session: Session, *, checkpoint: Checkpoint, reason: str) -> Checkpoint:
+    """Corrupt or otherwise unusable (never used for a checkpoint that is merely gone)."""
     checkpoint.healthy = False
     checkpoint.bad_reason = reason
+    return _save(session, checkpoint)
+
+
+def mark_checkpoint_deleted(session: Session, *, checkpoint: Checkpoint) -> Checkpoint:
+    """Removed by retention or a rollback: gone, not unhealthy."""
+    if checkpoint.deleted_at is None:
+        checkpoint.deleted_at = utcnow()
     return _save(session, checkpoint)
 
 
@@ -336,12 +375,25 @@ def update_incident(session: Session, *, incident: Incident, **fields: Any) -> I
     return _save(session, incident)
 
 
-def list_incidents(session: Session, *, run_id: str, open_only: bool = False) -> list[Incident]:
-    """Oldest first. `open_only`: outcome open or recovering."""
+def _incidents_query(run_id: str, open_only: bool) -> Any:
     q = select(Incident).where(Incident.run_id == run_id)
     if open_only:
         q = q.where(col(Incident.outcome).in_(OPEN_OUTCOMES))
-    return list(session.exec(q.order_by(col(Incident.id))).all())
+    return q
+
+
+def list_incidents(session: Session, *, run_id: str, open_only: bool = False, limit: int | None = None,
+                   offset: int = 0) -> list[Incident]:
+    """Oldest first. `open_only`: outcome open or recovering."""
+    q = _incidents_query(run_id, open_only).order_by(col(Incident.id)).offset(offset)
+    if limit is not None:
+        q = q.limit(limit)
+    return list(session.exec(q).all())
+
+
+def count_incidents(session: Session, *, run_id: str, open_only: bool = False) -> int:
+    q = _incidents_query(run_id, open_only)
+    return session.exec(select(func.count()).select_from(q.subquery())).one()
 
 
 # --- events ---------------------------------------------------------------------------
@@ -359,3 +411,7 @@ def list_events(session: Session, *, run_id: str, limit: int | None = None, offs
     if limit is not None:
         q = q.limit(limit)
     return list(session.exec(q).all())
+
+
+def count_events(session: Session, *, run_id: str) -> int:
+    return session.exec(select(func.count()).select_from(Event).where(Event.run_id == run_id)).one()

@@ -131,8 +131,10 @@ class RunStageBase(SQLModel):
     kind: str
     state: str = "pending"
     steps: int  # target
-    step: int = 0  # last seen
+    step: int = 0  # last seen (live while the stage runs)
     first_loss: float | None = None
+    last_loss: float | None = None  # training loss at `step` (live while the stage runs)
+    last_step_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # when `step` finished
     final_loss: float | None = None
     output_checkpoint: str | None = None
     restarts: int = 0
@@ -170,7 +172,8 @@ class CheckpointBase(SQLModel):
     path: str
     verified: bool = False
     healthy: bool = True
-    bad_reason: str | None = None
+    bad_reason: str | None = None  # corrupt or unusable; never set for a checkpoint retention deleted
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # gone (retention, rollback)
     metrics: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     tags: list[str] = Field(default_factory=list, sa_type=JSON)
 
@@ -184,6 +187,9 @@ class Checkpoint(CheckpointBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(foreign_key="run.id", index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # What the worker reported when it wrote the checkpoint: {file: {"sha256", "bytes"}}. The trust
+    # anchor: bytes read back are checked against these, never against the manifest in the folder.
+    files: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
 
 
 class CheckpointPublic(CheckpointBase):

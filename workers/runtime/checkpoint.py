@@ -2,9 +2,15 @@
 
 Layout (docs/internals.md "Checkpoint format"):
 `<root>/<run>/<stage>/step-<step:08d>/{model.pt, optimizer.pt, extra.pt, rng.pt,
-state.json, manifest.json}`, written as `.tmp-step-<step>-<uuid>/` and renamed.
-`manifest.json` is written last: no manifest, or a checksum that does not match,
-means the checkpoint does not exist.
+state.json, manifest.json}`. On a local filesystem it is written as
+`.tmp-step-<step>-<uuid>/` and renamed into place; on an object store (where a rename
+copies every object) it is written in place. Either way `manifest.json` comes last:
+no manifest means incomplete (being written or deleted), never corrupt.
+
+Trust: bytes are deserialized only after they match the hashes in a `CheckpointRef`,
+which the supervisor recorded when the worker that wrote the checkpoint reported it
+(workers/contract.py). The manifest in the folder is a completeness marker and a
+description, not a trust anchor. Every file loads with `weights_only=True`.
 
 Storage goes through a small Protocol over fsspec, so `<root>` is a local folder
 or any fsspec URL (`memory://`, `file://`, `s3://` ...).
@@ -20,15 +26,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import fsspec
 import torch
 
-from workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION
+from workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, CheckpointRef
 
 __all__ = [
     "CheckpointError",
+    "CheckpointIncomplete",
+    "CheckpointCorrupt",
     "Storage",
     "FsspecStorage",
     "storage_for",
@@ -37,6 +45,8 @@ __all__ = [
     "to_cpu",
     "write_checkpoint",
     "read_manifest",
+    "ref_from_own_manifest",
+    "read_verified",
     "verify_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -53,6 +63,16 @@ PROTECTED_TAGS = ("keep", "final")
 
 class CheckpointError(Exception):
     """A checkpoint that must not be used (incomplete, corrupt, unreadable); names the file."""
+
+
+class CheckpointIncomplete(CheckpointError):
+    """No manifest (being written or deleted), or the folder now holds another checkpoint
+    than the one recorded (a step rewritten after a rollback). Gone, not corrupt."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """The recorded checkpoint is there (its manifest matches) but a file is missing or its
+    bytes do not match the recorded hashes."""
 
 
 class Storage(Protocol):
@@ -179,6 +199,7 @@ class WriteResult:
     bytes: int
     tags: tuple[str, ...]
     manifest: dict[str, Any]
+    ref: CheckpointRef  # the hashes of every file, manifest included: what rank 0 reports
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -193,13 +214,14 @@ def _finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
 
 
 def write_checkpoint(snap: Snapshot, root: str | Path) -> WriteResult:
-    """Write `snap` under `root` atomically; returns where it landed. Synchronous."""
+    """Write `snap` under `root`, manifest last; returns where it landed. Synchronous.
+
+    Every payload must load with `torch.load(weights_only=True)`: tensors, containers and
+    plain Python values only (the harness stores RNG states as tensors and lists)."""
     t0 = time.perf_counter()
     st, base = storage_for(stage_root(root, snap.run, snap.stage))
     st.makedirs(base)
     final = st.join(base, f"step-{snap.step:08d}")
-    tmp = st.join(base, f".tmp-step-{snap.step}-{uuid.uuid4().hex[:8]}")
-    st.makedirs(tmp)
     payloads = {
         "model.pt": _torch_bytes(snap.model),
         "optimizer.pt": _torch_bytes(snap.optimizer),
@@ -207,10 +229,8 @@ def write_checkpoint(snap: Snapshot, root: str | Path) -> WriteResult:
         "rng.pt": _torch_bytes(snap.rng),
         "state.json": json.dumps(snap.state, sort_keys=True).encode(),
     }
-    files = {}
-    for name, data in payloads.items():
-        st.write_bytes(st.join(tmp, name), data)
-        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    files = {name: _digest(data) for name, data in payloads.items()}
+    metrics = _finite_metrics(snap.metrics)
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "run": snap.run,
@@ -220,25 +240,53 @@ def write_checkpoint(snap: Snapshot, root: str | Path) -> WriteResult:
         "batch_cursor": snap.batch_cursor,
         "created_at": time.time(),
         "files": files,
-        "metrics": _finite_metrics(snap.metrics),
-        "healthy": bool(snap.healthy and all(v is not None for v in _finite_metrics(snap.metrics).values())),
+        "metrics": metrics,
+        "healthy": bool(snap.healthy and all(v is not None for v in metrics.values())),
         "anomalies_in_window": snap.anomalies_in_window,
         "model_config": snap.model_config,
         "tags": list(snap.tags),
     }
+    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    if st.local:
+        _publish_by_rename(st, base, final, snap.step, payloads, manifest_bytes)
+    else:
+        _publish_in_place(st, final, payloads, manifest_bytes)
+    total = sum(f["bytes"] for f in files.values())
+    ref = CheckpointRef(st.display(final), {**files, MANIFEST_NAME: _digest(manifest_bytes)})
+    return WriteResult(st.display(final), snap.step, time.perf_counter() - t0, total, tuple(snap.tags), manifest, ref)
+
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _publish_by_rename(st: FsspecStorage, base: str, final: str, step: int, payloads: dict[str, bytes],
+                       manifest_bytes: bytes) -> None:
+    tmp = st.join(base, f".tmp-step-{step}-{uuid.uuid4().hex[:8]}")
+    st.makedirs(tmp)
+    for name, data in payloads.items():
+        st.write_bytes(st.join(tmp, name), data)
     # the manifest is the completeness marker: written after every data file
-    st.write_bytes(st.join(tmp, MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    st.write_bytes(st.join(tmp, MANIFEST_NAME), manifest_bytes)
     if st.exists(final):
         # a checkpoint of the same step from a timeline abandoned by a rollback:
         # move it aside, put the new one in place, then delete the old one
-        trash = st.join(base, f".trash-step-{snap.step}-{uuid.uuid4().hex[:8]}")
+        trash = st.join(base, f".trash-step-{step}-{uuid.uuid4().hex[:8]}")
         st.rename(final, trash)
         st.rename(tmp, final)
         st.remove_tree(trash)
     else:
         st.rename(tmp, final)
-    total = sum(f["bytes"] for f in files.values())
-    return WriteResult(st.display(final), snap.step, time.perf_counter() - t0, total, tuple(snap.tags), manifest)
+
+
+def _publish_in_place(st: FsspecStorage, final: str, payloads: dict[str, bytes], manifest_bytes: bytes) -> None:
+    """Object stores: a rename copies every object, so write in place. An old checkpoint of the
+    same step loses its manifest first (incomplete from then on), the manifest comes last."""
+    st.makedirs(final)
+    st.remove_tree(st.join(final, MANIFEST_NAME))
+    for name, data in payloads.items():
+        st.write_bytes(st.join(final, name), data)
+    st.write_bytes(st.join(final, MANIFEST_NAME), manifest_bytes)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -261,27 +309,84 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return m
 
 
-def _read_verified(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    m = read_manifest(path)
+def ref_from_own_manifest(path: str | Path) -> CheckpointRef:
+    """A reference built from the folder's own manifest. Only for checkpoints the caller wrote
+    itself or trusts for another reason (tests, local tools): it vouches for nothing when
+    someone else can write the storage. The supervisor never uses it."""
     st, p = storage_for(path)
-    blobs: dict[str, bytes] = {}
-    for name, info in sorted(m["files"].items()):
-        fpath = st.join(p, name)
+    raw = _read_file(st, p, MANIFEST_NAME, incomplete_if_missing=True)
+    m = read_manifest(path)
+    return CheckpointRef(m["path"], {**m["files"], MANIFEST_NAME: _digest(raw)})
+
+
+def _read_file(st: FsspecStorage, p: str, name: str, *, incomplete_if_missing: bool) -> bytes:
+    fpath = st.join(p, name)
+    try:
+        return st.read_bytes(fpath)
+    except FileNotFoundError:
+        if incomplete_if_missing:
+            raise CheckpointIncomplete(f"{st.display(fpath)}: missing; the checkpoint is incomplete") from None
+        raise CheckpointCorrupt(f"{st.display(fpath)}: missing (recorded when the checkpoint was written)") from None
+    except OSError as e:
+        raise CheckpointError(f"{st.display(fpath)}: unreadable: {e}") from None
+
+
+def _check(st: FsspecStorage, p: str, name: str, data: bytes, want: dict[str, Any]) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest == want.get("sha256") and len(data) == want.get("bytes", len(data)):
+        return
+    where = st.display(st.join(p, name))
+    if name == MANIFEST_NAME:
+        raise CheckpointIncomplete(f"{where}: not the manifest recorded for this checkpoint "
+                                   f"(the folder holds another checkpoint now, or is being replaced)")
+    raise CheckpointCorrupt(f"{where}: checksum mismatch (sha256 {digest[:12]}..., "
+                            f"recorded {str(want.get('sha256'))[:12]}...)")
+
+
+def read_verified(ref: CheckpointRef, names: Iterable[str] | None = None) -> dict[str, bytes]:
+    """The bytes of `names` (default: every recorded file), each checked against `ref` before it
+    is returned. The manifest is checked first: a folder without it, or with another one, is
+    CheckpointIncomplete; a recorded file missing or changed is CheckpointCorrupt. A file
+    changing while it is read is caught too: what is returned is what was hashed."""
+    st, p = storage_for(ref.path)
+    if MANIFEST_NAME not in ref.files:
+        raise CheckpointError(f"{ref.path}: no recorded hash for {MANIFEST_NAME}")
+    manifest = _read_file(st, p, MANIFEST_NAME, incomplete_if_missing=True)
+    _check(st, p, MANIFEST_NAME, manifest, ref.files[MANIFEST_NAME])
+    out = {MANIFEST_NAME: manifest}
+    wanted = list(ref.files) if names is None else list(names)
+    for name in wanted:
+        if name == MANIFEST_NAME:
+            continue
+        if name not in ref.files:
+            raise CheckpointError(f"{st.display(st.join(p, name))}: no recorded hash for this file")
         try:
-            data = st.read_bytes(fpath)
-        except FileNotFoundError:
-            raise CheckpointError(f"{st.display(fpath)}: missing (listed in {MANIFEST_NAME})") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.get("sha256") or len(data) != info.get("bytes", len(data)):
-            raise CheckpointError(f"{st.display(fpath)}: checksum mismatch (sha256 {digest[:12]}..., "
-                                  f"manifest says {str(info.get('sha256'))[:12]}...)")
-        blobs[name] = data
-    return m, blobs
+            data = _read_file(st, p, name, incomplete_if_missing=False)
+            _check(st, p, name, data, ref.files[name])
+        except CheckpointCorrupt:
+            # Corrupt only if the recorded checkpoint is still the one there: retention deletes
+            # the manifest first, and a step rewritten after a rollback brings another manifest
+            _still_recorded(st, p, ref.files[MANIFEST_NAME])
+            raise
+        out[name] = data
+    return out
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Manifest present and every file's sha256 matches; returns the manifest."""
-    return _read_verified(path)[0]
+def _still_recorded(st: FsspecStorage, p: str, want: dict[str, Any]) -> None:
+    try:
+        manifest = st.read_bytes(st.join(p, MANIFEST_NAME))
+    except FileNotFoundError:
+        raise CheckpointIncomplete(f"{st.display(p)}: deleted while being read") from None
+    if hashlib.sha256(manifest).hexdigest() != want.get("sha256"):
+        raise CheckpointIncomplete(f"{st.display(p)}: replaced by another checkpoint while being read")
+
+
+def verify_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
+    """Every recorded file is present and matches its recorded hash; returns the manifest."""
+    blobs = read_verified(ref)
+    m = json.loads(blobs[MANIFEST_NAME])
+    m["path"] = ref.path
+    return m
 
 
 def list_checkpoints(root: str | Path) -> list[dict[str, Any]]:
@@ -298,27 +403,29 @@ def list_checkpoints(root: str | Path) -> list[dict[str, Any]]:
     return sorted(out, key=lambda m: m["step"])
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify, then load: {"model", "optimizer", "extra", "rng", "state", "manifest", "path"}."""
-    m, blobs = _read_verified(path)
+def load_checkpoint(ref: CheckpointRef, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify against `ref`, then load: {"model", "optimizer", "extra", "rng", "state", "manifest", "path"}."""
+    blobs = read_verified(ref)
+    path = ref.path
 
-    def load(name: str, weights_only: bool) -> Any:
+    def load(name: str) -> Any:
         if name not in blobs:
-            raise CheckpointError(f"{m['path']}/{name}: not in the manifest")
+            raise CheckpointError(f"{path}/{name}: not among the recorded files")
         try:
-            return torch.load(io.BytesIO(blobs[name]), map_location=map_location, weights_only=weights_only)
-        except Exception as e:  # noqa: BLE001 - a verified but unloadable file is still corrupt
-            raise CheckpointError(f"{m['path']}/{name}: cannot be loaded: {e}") from None
+            return torch.load(io.BytesIO(blobs[name]), map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a verified but unloadable file is still unusable
+            raise CheckpointError(f"{path}/{name}: cannot be loaded: {e}") from None
 
+    manifest = json.loads(blobs[MANIFEST_NAME])
+    manifest["path"] = path
     return {
-        "model": load("model.pt", True),
-        "optimizer": load("optimizer.pt", True),
-        # our own files, checksummed: they hold Python/numpy RNG tuples and stage objects
-        "extra": load("extra.pt", False),
-        "rng": load("rng.pt", False),
+        "model": load("model.pt"),
+        "optimizer": load("optimizer.pt"),
+        "extra": load("extra.pt"),
+        "rng": load("rng.pt"),
         "state": json.loads(blobs["state.json"]) if "state.json" in blobs else {},
-        "manifest": m,
-        "path": m["path"],
+        "manifest": manifest,
+        "path": path,
     }
 
 

@@ -7,6 +7,7 @@ checkpoints, metrics, faults and control. Read `Harness.run` top to bottom.
 from __future__ import annotations
 
 import contextlib
+import collections
 import json
 import math
 import random
@@ -19,9 +20,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from workers.contract import AnomalyKind, Control, ControlKind, M, StageKind
-from workers.runtime.checkpoint import (CheckpointWriter, Snapshot, WriteResult, checkpoint_path, discard_after,
-                                        load_checkpoint, stage_root, to_cpu)
+from workers.contract import AnomalyKind, CheckpointRef, CheckpointReport, Control, ControlKind, M, StageKind
+from workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_path,
+                                        discard_after, load_checkpoint, stage_root, to_cpu)
 from workers.runtime.control import ControlInbox
 from workers.runtime.distributed import Dist
 from workers.runtime.exporter import CHECKPOINT_STALL, Exporter
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 PAUSE_POLL_S = 0.1  # paused ranks re-agree ~10x/s so resume/stop apply promptly
+REPORTS_KEPT = 1000  # checkpoint reports rank 0 keeps for the supervisor's polls (it polls ~5x/s)
 
 
 # -- pure pieces ----------------------------------------------------------------------------
@@ -105,13 +107,14 @@ def default_checkpoint_root(state_dir: Path) -> str:
 
 
 def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, world_size: int = 1,
-                 inputs: dict[str, Path] | None = None, device: torch.device | None = None) -> StageContext:
-    """The StageContext for `stage_name` of pipeline `spec` (init checkpoint from `inputs`)."""
+                 inputs: dict[str, CheckpointRef] | None = None, device: torch.device | None = None) -> StageContext:
+    """The StageContext for `stage_name` of pipeline `spec` (init checkpoint from `inputs`:
+    earlier stages' outputs, each with the hashes recorded when it was reported)."""
     st = spec.stage(stage_name)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    inputs = {k: Path(v) if "://" not in str(v) else v for k, v in (inputs or {}).items()}
+    inputs = dict(inputs or {})
     init = None
     if st.kind != StageKind.PRETRAIN.value:
         names = [s.name for s in spec.stages]
@@ -124,7 +127,15 @@ def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, worl
 
 
 def _rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG as tensors and plain values, so rng.pt loads with `weights_only=True`."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -132,8 +143,11 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    py = st["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -147,7 +161,7 @@ class Harness:
 
     def __init__(self, stage: Stage, *, spec: Any, stage_name: str, run_id: str, state_dir: Path,
                  dist: Dist | None = None, exporter: Exporter | None = None, inbox: ControlInbox | None = None,
-                 resume_from: str | Path | None = None, skip: Iterable[Iterable[int]] = (),
+                 resume_from: CheckpointRef | None = None, skip: Iterable[Iterable[int]] = (),
                  lr_multiplier: float | None = None, fired_dir: Path | None = None, gpu: GpuHealth | None = None,
                  checkpoint_root: str | None = None, health_window: int = 10,
                  on_step: Callable[["Harness"], None] | None = None) -> None:
@@ -207,11 +221,15 @@ class Harness:
         self.anomaly_steps: list[int] = []
         self.last_checkpoint: str | None = None
         self.final_checkpoint: str | None = None
+        # rank 0's reports of what it wrote (the supervisor polls them), and the references of
+        # its own checkpoints, which it may load back without the supervisor (tests, tools)
+        self.reports: collections.deque[CheckpointReport] = collections.deque(maxlen=REPORTS_KEPT)
+        self.own: dict[str, CheckpointRef] = {}
         self._written_lock = threading.Lock()
         self._log = None
 
         if resume_from is not None:
-            self.load(resume_from)
+            self.load(self.ref_of(resume_from))
             self._discard_abandoned()
         self.cursor.add_skip(skip)
         if lr_multiplier is not None:
@@ -262,12 +280,31 @@ class Harness:
 
     def result(self) -> dict[str, Any]:
         return {"state": self.state, "step": self.step, "output_checkpoint": self.output_checkpoint(),
-                "last_checkpoint": self.last_checkpoint}
+                "last_checkpoint": self.last_checkpoint, "checkpoints": self.reports_since(-1)}
 
-    def status(self) -> dict[str, Any]:
+    def status(self, since: int = -1) -> dict[str, Any]:
+        """`checkpoints`: the reports (as dicts) with seq > `since`."""
         return {"rank": self.rank, "step": self.step, "state": "paused" if self.paused and self.state == "running"
                 else self.state, "output_checkpoint": self.output_checkpoint(),
-                "last_checkpoint": self.last_checkpoint}
+                "last_checkpoint": self.last_checkpoint, "checkpoints": self.reports_since(since)}
+
+    def reports_since(self, since: int) -> list[dict[str, Any]]:
+        with self._written_lock:
+            return [r.to_dict() for r in self.reports if r.seq > since]
+
+    def ref_of(self, checkpoint: CheckpointRef | dict[str, Any] | str | Path) -> CheckpointRef:
+        """A reference to load: given as one (the supervisor's, from its store), or the path of
+        a checkpoint this harness wrote itself. Any other path is refused: its hashes would come
+        from the folder it is meant to check."""
+        if isinstance(checkpoint, CheckpointRef):
+            return checkpoint
+        if isinstance(checkpoint, dict):
+            return CheckpointRef.from_dict(checkpoint)
+        with self._written_lock:
+            ref = self.own.get(str(checkpoint))
+        if ref is None:
+            raise CheckpointError(f"{checkpoint}: no recorded hashes (not reported by a worker); refusing to load")
+        return ref
 
     def output_checkpoint(self) -> str | None:
         if self.state != "finished":
@@ -315,13 +352,15 @@ class Harness:
         if mixture:
             self.mixture = dict(mixture)
 
-    def rollback(self, checkpoint: str | Path, skip: Iterable[Iterable[int]], lr_multiplier: float | None) -> None:
-        """In-process rollback: load (verified), add skip ranges, set the LR multiplier."""
+    def rollback(self, checkpoint: CheckpointRef | dict[str, Any] | str | Path, skip: Iterable[Iterable[int]],
+                 lr_multiplier: float | None) -> None:
+        """In-process rollback: load (verified against the recorded hashes), add skip ranges,
+        set the LR multiplier."""
         keep_skip, keep_mult = list(self.cursor.skip), self.lr_multiplier
         # rank 0's background write (and its retention) must finish before any rank reads
         self.writer.wait()
         self.dist.barrier()
-        self.load(checkpoint)
+        self.load(self.ref_of(checkpoint))
         self._discard_abandoned()
         self.cursor.add_skip([*keep_skip, *skip])
         self.lr_multiplier = keep_mult if lr_multiplier is None else float(lr_multiplier)
@@ -465,9 +504,15 @@ class Harness:
         self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
 
     def _on_written(self, res: WriteResult) -> None:
-        """Writer thread: the checkpoint is in place (manifest last) and retention ran."""
+        """Writer thread: the checkpoint is in place (manifest last) and retention ran.
+        The report carries the hashes of the bytes as written, before any fault touches them."""
         self.exporter.observe_checkpoint(res.step, res.seconds, res.bytes)
         with self._written_lock:
+            seq = self.reports[-1].seq + 1 if self.reports else 0
+            self.reports.append(CheckpointReport(
+                seq=seq, ref=res.ref, step=res.step, batch_cursor=int(res.manifest["batch_cursor"]),
+                healthy=bool(res.manifest["healthy"]), metrics=dict(res.manifest["metrics"]), tags=res.tags))
+            self.own[res.path] = res.ref
             self.last_checkpoint = res.path
             if "best" in res.tags:
                 self.best_path = res.path
@@ -481,9 +526,9 @@ class Harness:
                 "best_metric": self.best_metric, "best_path": self.best_path, "tokens_seen": self.tokens_seen,
                 "world_size": self.dist.world_size}
 
-    def load(self, path: str | Path) -> None:
-        """Restore the full training state from a checkpoint (checksums verified first)."""
-        ck = load_checkpoint(path, map_location=self.stage.ctx.device)
+    def load(self, ref: CheckpointRef) -> None:
+        """Restore the full training state from a checkpoint (bytes verified against `ref` first)."""
+        ck = load_checkpoint(ref, map_location=self.stage.ctx.device)
         self.stage.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.stage.load_extra_state(ck["extra"])

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from workers.contract import CheckpointRef
+
 
 @dataclass
 class StepResult:
@@ -37,8 +39,8 @@ class StageContext:
     autocast_dtype: torch.dtype | None  # torch.bfloat16 on CUDA when supported, else None
     model_spec: Any  # workers.spec.ModelSpec
     stage: Any  # the stage's spec (workers.spec.*Stage)
-    inputs: dict[str, Path]  # stage name -> output checkpoint dir of earlier stages
-    init_checkpoint: Path | None  # output of the stage this one starts from (None for pretrain)
+    inputs: dict[str, CheckpointRef]  # stage name -> output checkpoint of earlier stages (with recorded hashes)
+    init_checkpoint: CheckpointRef | None  # output of the stage this one starts from (None for pretrain)
     data_files: dict[str, str] = field(default_factory=dict)  # extra sources from the pipeline spec
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.contract import MANIFEST_NAME
+from workers.contract import MANIFEST_NAME, CheckpointRef
 from workers.data import derive_seed, get_mixture
-from workers.model import GPT, build_gpt, lm_loss, load_weights, read_checkpoint_file
+from workers.model import GPT, build_gpt, lm_loss, load_weights
 from workers.stages.base import Stage, StageContext, StepResult
 from workers.tokenizer import RARE_BYTE
 
@@ -57,26 +57,24 @@ def evaluating(ctx: StageContext, *modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _stage_kind(ckpt: Path | str) -> str | None:
-    try:
-        return json.loads(read_checkpoint_file(ckpt, MANIFEST_NAME)).get("stage_kind")
-    except (OSError, ValueError):
-        return None
+def _stage_kind(ref: CheckpointRef) -> str | None:
+    from workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
+
+    return json.loads(read_verified(ref, [])[MANIFEST_NAME]).get("stage_kind")
 
 
-def find_input(ctx: StageContext, name: str | None, kind: str) -> Path | str:
+def find_input(ctx: StageContext, name: str | None, kind: str) -> CheckpointRef:
     """Checkpoint of the earlier stage `name`, or (name None) of the last earlier stage of
-    `kind` — ctx.inputs is in pipeline order and each manifest names its stage_kind.
-    Local paths and fsspec URLs both pass through unchanged."""
+    `kind` — ctx.inputs is in pipeline order and each (verified) manifest names its stage_kind."""
     if name is not None:
         if name not in ctx.inputs:
             raise ValueError(
                 f"stage {ctx.stage.name!r} needs the output of stage {name!r}, which is not among its inputs {sorted(ctx.inputs)}"
             )
         return ctx.inputs[name]
-    for path in reversed(list(ctx.inputs.values())):
-        if _stage_kind(path) == kind:
-            return path
+    for ref in reversed(list(ctx.inputs.values())):
+        if _stage_kind(ref) == kind:
+            return ref
     raise ValueError(f"stage {ctx.stage.name!r} needs an earlier {kind} stage's output; inputs: {sorted(ctx.inputs)}")
 
 

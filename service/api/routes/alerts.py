@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import ValidationError
 
 from service.api.deps import ControllerDep, WebhookDep
+from service.api.limits import MAX_ERRORS_LISTED, capped
 from service.api.schemas import AlertmanagerPayload, AlertsResult
 from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
@@ -37,15 +38,23 @@ def _parse(raw: bytes) -> AlertmanagerPayload:
         data = json.loads(raw)
     except ValueError as e:
         raise _bad_request(f"alert payload is not JSON: {e}") from None
+    except RecursionError:  # nested beyond the interpreter's limit: still the sender's fault, so 4xx
+        raise _bad_request("alert payload is nested too deeply") from None
     if not isinstance(data, dict):
         raise _bad_request("alert payload must be a JSON object")
     if data.get("version") != "4":
-        raise _bad_request(f"unsupported Alertmanager payload version {data.get('version')!r} (expected \"4\")")
+        shown = capped(repr(data.get("version")), 100)
+        raise _bad_request(f"unsupported Alertmanager payload version {shown} (expected \"4\")")
     try:
         return AlertmanagerPayload.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise _bad_request(f"malformed Alertmanager payload: {problems}") from None
+        errors = e.errors(include_url=False, include_input=False)
+        problems = "; ".join(f"{capped('.'.join(map(str, err['loc'])), 200)}: {err['msg']}"
+                             for err in errors[:MAX_ERRORS_LISTED])
+        more = f"; ... and {len(errors) - MAX_ERRORS_LISTED} more" if len(errors) > MAX_ERRORS_LISTED else ""
+        raise _bad_request(f"malformed Alertmanager payload: {problems}{more}") from None
+    except RecursionError:
+        raise _bad_request("alert payload is nested too deeply") from None
 
 
 @router.post("/alerts", response_model=AlertsResult, openapi_extra=_BODY_DOC)

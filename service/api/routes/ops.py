@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from service.api.deps import ControllerDep, Principal, SessionDep, require_viewer_for
@@ -24,7 +25,17 @@ def service_discovery(
     return controller.sd_targets()
 
 
-@root_router.get("/metrics", response_class=Response)
+class Readiness(BaseModel):
+    status: str  # "ready" | "not ready"
+    checks: dict[str, bool]
+
+
+_METRICS_DOC = {200: {"description": "Prometheus text exposition format",
+                      "content": {"text/plain": {"schema": {"type": "string"}}}}}
+_READY_DOC = {503: {"model": Readiness, "description": "The store or the controller is not ready"}}
+
+
+@root_router.get("/metrics", response_class=Response, responses=_METRICS_DOC)
 def metrics(
     _: Annotated[Principal | None, Depends(require_viewer_for("metrics_requires_auth"))], controller: ControllerDep
 ) -> Response:
@@ -37,8 +48,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@root_router.get("/readyz")
-def readyz(session: SessionDep, controller: ControllerDep, response: Response) -> dict[str, Any]:
+@root_router.get("/readyz", response_model=Readiness, responses=_READY_DOC)
+def readyz(session: SessionDep, controller: ControllerDep, response: Response) -> Readiness:
     """The store answers and the controller is ready (readiness)."""
     checks: dict[str, bool] = {}
     try:
@@ -53,4 +64,4 @@ def readyz(session: SessionDep, controller: ControllerDep, response: Response) -
     ok = all(checks.values())
     if not ok:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return {"status": "ready" if ok else "not ready", "checks": checks}
+    return Readiness(status="ready" if ok else "not ready", checks=checks)

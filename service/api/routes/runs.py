@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-import yaml
 from fastapi import APIRouter, Body, HTTPException, Query, status
 
-from service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, ViewerDep
-from service.api.schemas import AnnealRequest, RollbackAccepted, RollbackRequest
+from service.access import check_pipeline_access
+from service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, SettingsDep, ViewerDep
+from service.api.schemas import MAX_DB_INT, AnnealRequest, RollbackAccepted, RollbackRequest
 from service.db import crud
 from service.db.models import (
     RUN_STATES,
@@ -21,12 +21,17 @@ from service.db.models import (
     RunPublic,
     RunsPublic,
 )
-from service.errors import InvalidRequest
-from workers.spec import PipelineSpec, SpecError, parse_pipeline
+from service.errors import Conflict, InvalidRequest
+from workers.spec import PipelineSpec, parse_pipeline, parse_pipeline_text
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 RunStateName = Literal[RUN_STATES]  # type: ignore[valid-type]
+
+# Every list is a page: `count` is the total that matches, `data` at most `limit` of them.
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+Offset = Annotated[int, Query(ge=0, le=MAX_DB_INT, description="rows to skip")]
+StageName = Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="only this stage's")]
 
 
 def _detail(session: SessionDep, run: Run) -> RunDetailPublic:
@@ -42,17 +47,17 @@ def _parse_body(body: RunCreate) -> PipelineSpec:
     if body.spec is not None:
         return parse_pipeline(body.spec)
     # Not load_pipeline: it reads a one-line string as a file path, and a request must not name server files.
-    try:
-        data = yaml.safe_load(body.yaml)
-    except yaml.YAMLError as e:
-        raise SpecError(f"invalid pipeline spec: not valid YAML: {e}") from None
-    return parse_pipeline(data)
+    return parse_pipeline_text(body.yaml)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunDetailPublic)
-def submit_run(principal: OperatorDep, body: RunCreate, session: SessionDep, controller: ControllerDep):
-    """Validate a pipeline spec and start it; 422 names the invalid field."""
+def submit_run(
+    principal: OperatorDep, body: RunCreate, session: SessionDep, controller: ControllerDep, settings: SettingsDep
+):
+    """Validate a pipeline spec and start it; 422 names the invalid field, including data and
+    checkpoint storage outside the roots this deployment allows."""
     spec = _parse_body(body)  # SpecError is an InvalidRequest-like ValueError: 422
+    check_pipeline_access(spec, settings)
     run_id = controller.submit(spec, actor=principal.actor)
     run = crud.get_run(session, run_id=run_id)
     assert run is not None, f"controller.submit returned {run_id} without storing it"
@@ -63,8 +68,8 @@ def submit_run(principal: OperatorDep, body: RunCreate, session: SessionDep, con
 def list_runs(
     _: ViewerDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
     state: RunStateName | None = None,
 ):
     runs = crud.list_runs(session, limit=limit, offset=offset, state=state)
@@ -121,33 +126,47 @@ def rollback_run(
     controller: ControllerDep,
     body: Annotated[RollbackRequest | None, Body()] = None,
 ):
-    """Roll back to `checkpoint_id` (one of this run's), or to the newest good checkpoint."""
-    checkpoint_id = body.checkpoint_id if body else None
-    if checkpoint_id is not None and crud.get_checkpoint(session, run_id=run.id, checkpoint_id=checkpoint_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"checkpoint {checkpoint_id} not found in run {run.id}")
-    result = controller.rollback(run.id, checkpoint_id=checkpoint_id, actor=principal.actor)
+    """Roll back to `checkpoint_id` (one of this run's live checkpoints), or to the newest good
+    checkpoint; by default skip the batches since then and apply the policy's LR backoff."""
+    body = body or RollbackRequest()
+    if body.checkpoint_id is not None:
+        ckpt = crud.get_checkpoint(session, run_id=run.id, checkpoint_id=body.checkpoint_id)
+        if ckpt is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND,
+                                detail=f"checkpoint {body.checkpoint_id} not found in run {run.id}")
+        if ckpt.deleted_at is not None:
+            raise Conflict(f"checkpoint {body.checkpoint_id} was deleted (retention); pick a live one")
+    result = controller.rollback(run.id, checkpoint_id=body.checkpoint_id, skip=body.skip,
+                                 lr_multiplier=body.lr_multiplier, actor=principal.actor)
     return RollbackAccepted.model_validate({"run_id": run.id, **result})
 
 
 @router.get("/{run_id}/checkpoints", response_model=CheckpointsPublic)
-def list_checkpoints(_: ViewerDep, run: RunDep, session: SessionDep, stage: str | None = None):
-    rows = crud.list_checkpoints(session, run_id=run.id, stage_name=stage)
-    return CheckpointsPublic(data=rows, count=len(rows))
-
-
-@router.get("/{run_id}/incidents", response_model=IncidentsPublic)
-def list_incidents(_: ViewerDep, run: RunDep, session: SessionDep, open_only: bool = False):
-    rows = crud.list_incidents(session, run_id=run.id, open_only=open_only)
-    return IncidentsPublic(data=rows, count=len(rows))
-
-
-@router.get("/{run_id}/events", response_model=EventsPublic)
-def list_events(
+def list_checkpoints(
     _: ViewerDep,
     run: RunDep,
     session: SessionDep,
-    limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    stage: StageName = None,
+    include_deleted: Annotated[bool, Query(alias="all", description="also the ones retention deleted")] = False,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ):
+    """The run's checkpoints, oldest first: the live ones, or with `all=true` the history too."""
+    where = dict(run_id=run.id, stage_name=stage, include_deleted=include_deleted)
+    rows = crud.list_checkpoints(session, **where, limit=limit, offset=offset)
+    return CheckpointsPublic(data=rows, count=crud.count_checkpoints(session, **where))
+
+
+@router.get("/{run_id}/incidents", response_model=IncidentsPublic)
+def list_incidents(
+    _: ViewerDep, run: RunDep, session: SessionDep, open_only: bool = False, limit: Limit = 100, offset: Offset = 0
+):
+    rows = crud.list_incidents(session, run_id=run.id, open_only=open_only, limit=limit, offset=offset)
+    return IncidentsPublic(data=rows, count=crud.count_incidents(session, run_id=run.id, open_only=open_only))
+
+
+@router.get("/{run_id}/events", response_model=EventsPublic)
+def list_events(_: ViewerDep, run: RunDep, session: SessionDep, limit: Limit = 100, offset: Offset = 0):
+    """The audit log, oldest first."""
     rows = crud.list_events(session, run_id=run.id, limit=limit, offset=offset)
-    return EventsPublic(data=rows, count=len(rows))
+    return EventsPublic(data=rows, count=crud.count_events(session, run_id=run.id))

@@ -61,8 +61,9 @@ class RecordingControllerForApiTests:
     def anneal(self, run_id, *, steps, final_lr, schedule, mixture, actor):
         self._record("anneal", run_id, steps=steps, final_lr=final_lr, schedule=schedule, mixture=mixture, actor=actor)
 
-    def rollback(self, run_id, *, checkpoint_id, actor):
-        self._record("rollback", run_id, checkpoint_id=checkpoint_id, actor=actor)
+    def rollback(self, run_id, *, checkpoint_id, actor, skip=True, lr_multiplier=None):
+        self._record("rollback", run_id, checkpoint_id=checkpoint_id, skip=skip, lr_multiplier=lr_multiplier,
+                     actor=actor)
         return dict(self.rollback_result)
 
     def handle_alerts(self, payload, *, actor):
@@ -97,7 +98,13 @@ class LiveApi:
                     for t in SQLModel.metadata.sorted_tables}
 
 
+# What this deployment lets pipelines touch (service/access.py): /data for data files (it need
+# not exist: the answer must not depend on it), a local folder and a bucket prefix for checkpoints.
+DATA_ROOT, BUCKET = "/data", "s3://tg-test-bucket/checkpoints"
+
+
 def _settings(state: Path, **kw: Any) -> Settings:
+    kw = {"allowed_data_roots": [DATA_ROOT], "allowed_storage": [str(state / "checkpoints"), BUCKET], **kw}
     return Settings(
         environment="development", state_dir=state, database_url=f"sqlite:///{state / 'api.db'}",
         viewer_token=VIEWER, operator_token=OPERATOR, webhook_token=WEBHOOK, **kw,

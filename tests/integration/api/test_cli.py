@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlmodel import Session
@@ -138,7 +140,8 @@ def test_checkpoints_incidents_events_tables(api, cli, pipeline_file):
         crud.update_incident(s, incident=inc, action="rollback", rollback_to_step=20, skip=[[20, 300]],
                              lr_multiplier=0.5, outcome="resolved", recovery_seconds=4.25)
     code, out, _ = cli("checkpoints", run_id, token=VIEWER)
-    assert code == 0 and out.splitlines()[1].split()[1:] == ["pretrain", "20", "20", "yes", "yes", "keep", "-", "/ck/step-20"]
+    assert out.splitlines()[0].split() == ["ID", "STAGE", "STEP", "CURSOR", "STATUS", "TAGS", "BAD_REASON", "PATH"]
+    assert code == 0 and out.splitlines()[1].split()[1:] == ["pretrain", "20", "20", "good", "keep", "-", "/ck/step-20"]
     code, out, _ = cli("incidents", run_id, token=VIEWER)
     row = out.splitlines()[1].split()
     assert code == 0 and row[1:8] == ["pretrain", "loss_spike", "watch", "33", "35", "rollback", "20"]
@@ -147,12 +150,47 @@ def test_checkpoints_incidents_events_tables(api, cli, pipeline_file):
     assert code == 0 and "submitted" in out
 
 
+def test_checkpoints_show_live_ones_and_deleted_ones_only_with_all(api, cli, pipeline_file):
+    run_id = _submit(cli, pipeline_file)
+    with Session(api.engine) as s:
+        old, live = (crud.upsert_checkpoint(s, run_id=run_id, stage_name="pretrain", step=step, batch_cursor=step,
+                                            path=f"/ck/step-{step}", verified=True, healthy=True) for step in (20, 40))
+        crud.mark_checkpoint_deleted(s, checkpoint=old)
+    code, out, _ = cli("checkpoints", run_id, token=VIEWER)
+    assert code == 0 and [line.split()[2] for line in out.splitlines()[1:]] == ["40"]
+    code, out, _ = cli("checkpoints", run_id, "--all", token=VIEWER)
+    rows = {line.split()[2]: line.split()[4] for line in out.splitlines()[1:]}
+    assert code == 0 and rows == {"20": "deleted", "40": "good"}  # deleted, never "unhealthy"
+    code, out, _ = cli("checkpoints", run_id, "--all", "--limit", "1", token=VIEWER)
+    assert code == 0 and out.splitlines()[-1] == "(1 of 2 from offset 0; see --limit/--offset)"
+
+
 def test_rollback_command(api, cli, pipeline_file):
     run_id = _submit(cli, pipeline_file)
     code, out, _ = cli("rollback", run_id)
     assert code == 0 and out.strip() == f"rollback of {run_id}: incident 7, to step 40"
     code, _, err = cli("rollback", run_id, "--checkpoint", "999999")
     assert code == 1 and "checkpoint 999999 not found" in err
+
+
+def test_rollback_sends_the_operators_skip_and_lr_choice(api, cli, pipeline_file):
+    run_id = _submit(cli, pipeline_file)
+    assert cli("rollback", run_id)[0] == 0
+    assert cli("rollback", run_id, "--no-skip", "--lr-multiplier", "0.8")[0] == 0
+    calls = [kw for name, _, kw in api.controller.calls if name == "rollback"]
+    assert [(c["skip"], c["lr_multiplier"]) for c in calls] == [(True, None), (False, 0.8)]
+
+
+def test_status_shows_the_live_step_loss_and_age_of_a_running_stage(api, cli, pipeline_file):
+    run_id = _submit(cli, pipeline_file)
+    with Session(api.engine) as s:
+        crud.update_run(s, run=crud.get_run(s, run_id=run_id), current_stage="pretrain")
+        crud.update_stage(s, run_id=run_id, name="pretrain", state="running", step=37, last_loss=2.3125,
+                          last_step_at=datetime.now(timezone.utc) - timedelta(hours=2))  # "2h00m ago" for a minute
+    code, out, _ = cli("status", run_id, token=VIEWER)
+    header, row = out.split("\n\n")[1].splitlines()[:2]
+    assert header.split()[4:8] == ["STEP", "STEPS", "LOSS", "LAST_STEP"]
+    assert row.split()[3:9] == ["running", "37", "50", "2.312", "2h00m", "ago"]
 
 
 def test_submit_wait_prints_progress_until_the_run_ends(api, cli, pipeline_file):
@@ -168,6 +206,21 @@ def test_submit_wait_prints_progress_until_the_run_ends(api, cli, pipeline_file)
     assert code == 0
     assert "completed  anneal step 10/10" in err
     assert "state          completed" in out
+
+
+def test_submit_wait_shows_the_live_step_loss_and_age(api, cli, pipeline_file):
+    def running(run_id: str) -> None:
+        with Session(api.engine) as s:
+            run = crud.get_run(s, run_id=run_id)
+            crud.update_run(s, run=run, current_stage="pretrain")
+            crud.update_stage(s, run_id=run_id, name="pretrain", state="running", step=12, last_loss=3.5,
+                              last_step_at=datetime.now(timezone.utc) - timedelta(hours=1))
+            crud.set_run_state(s, run=run, state="needs_attention", actor="supervisor", reason="test")
+
+    api.controller.after_submit = running
+    code, _, err = cli("submit", str(pipeline_file), "--wait", "--interval", "0.05", "--timeout", "20")
+    assert code == 3
+    assert re.search(r"needs_attention  pretrain step 12/50  loss 3\.5  last step 1h00m ago", err), err
 
 
 def test_submit_wait_on_needs_attention_exits_3(api, cli, pipeline_file):

@@ -57,6 +57,22 @@ def _rejected(api, method, path, *, token=OPERATOR, status, match, **kw):
 # --- served documents and probes ---------------------------------------------------------------
 
 
+def test_openapi_documents_every_error_answer_with_its_body(api):
+    with api.client() as c:
+        doc = c.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["ErrorBody"]["required"]) == {"detail"} and "HTTPValidationError" not in schemas
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            for code in ("400", "401", "403", "404", "409", "413", "422"):
+                body = op["responses"][code]["content"]["application/json"]["schema"]
+                assert body == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+    with api.client(VIEWER) as c:
+        r = c.get("/api/v1/runs", params={"limit": 0})
+    assert r.status_code == 422 and set(r.json()) == {"detail", "errors"}  # the documented shape
+    assert [(e["loc"], e["type"]) for e in r.json()["errors"]] == [(["query", "limit"], "greater_than_equal")]
+
+
 def test_openapi_health_ready_and_metrics_are_served(api):
     with api.client() as c:
         doc = c.get("/openapi.json").json()
@@ -274,6 +290,32 @@ def test_rollback_to_own_checkpoint_and_to_default(api):
     assert [kw["checkpoint_id"] for n, _, kw in api.controller.calls if n == "rollback"] == [ckpt, None]
 
 
+def test_rollback_lets_the_operator_choose_skip_and_lr_within_bounds(api):
+    run = _submit(api)
+    with api.client(OPERATOR) as c:
+        assert c.post(f"/api/v1/runs/{run['id']}/rollback", json={}).status_code == 202
+        r = c.post(f"/api/v1/runs/{run['id']}/rollback", json={"skip": False, "lr_multiplier": 0.8})
+        assert r.status_code == 202, r.text
+    calls = [kw for n, _, kw in api.controller.calls if n == "rollback"]
+    assert calls == [
+        {"checkpoint_id": None, "skip": True, "lr_multiplier": None, "actor": "operator"},
+        {"checkpoint_id": None, "skip": False, "lr_multiplier": 0.8, "actor": "operator"},
+    ]
+    for change in ({"lr_multiplier": 0}, {"lr_multiplier": -0.5}, {"lr_multiplier": 1.5}, {"lr_multiplier": "half"},
+                   {"skip": "sometimes"}):
+        _rejected(api, "POST", f"/api/v1/runs/{run['id']}/rollback", json=change, status=422,
+                  match=next(iter(change)))
+
+
+def test_rollback_to_a_deleted_checkpoint_is_409(api):
+    run = _submit(api)
+    ckpt = _checkpoint(api, run["id"])
+    with Session(api.engine) as s:
+        crud.mark_checkpoint_deleted(s, checkpoint=crud.get_checkpoint(s, run_id=run["id"], checkpoint_id=ckpt))
+    _rejected(api, "POST", f"/api/v1/runs/{run['id']}/rollback", json={"checkpoint_id": ckpt},
+              status=409, match=f"checkpoint {ckpt} was deleted")
+
+
 def test_rollback_to_another_runs_checkpoint_is_404(api):
     mine, other = _submit(api), _submit(api)
     theirs = _checkpoint(api, other["id"])
@@ -309,6 +351,48 @@ def test_lists_read_the_store(api):
     assert [e["kind"] for e in evs["data"]] == ["submitted", "state"]
     assert run["id"] in [r["id"] for r in running["data"]]
     assert len(page["data"]) == 1 and page["count"] >= 1
+
+
+def test_checkpoints_list_live_ones_unless_all_is_asked(api):
+    run = _submit(api)
+    ids = [_checkpoint(api, run["id"], step=step) for step in (20, 40, 60, 80)]
+    with Session(api.engine) as s:
+        for cid in ids[:2]:  # retention deleted the two oldest
+            crud.mark_checkpoint_deleted(s, checkpoint=crud.get_checkpoint(s, run_id=run["id"], checkpoint_id=cid))
+    with api.client(VIEWER) as c:
+        live = c.get(f"/api/v1/runs/{run['id']}/checkpoints").json()
+        history = c.get(f"/api/v1/runs/{run['id']}/checkpoints", params={"all": "true"}).json()
+        page = c.get(f"/api/v1/runs/{run['id']}/checkpoints", params={"all": "true", "limit": 1, "offset": 1}).json()
+    assert [ck["id"] for ck in live["data"]] == ids[2:] and live["count"] == 2
+    assert all(ck["deleted_at"] is None and ck["healthy"] for ck in live["data"])
+    assert [ck["id"] for ck in history["data"]] == ids and history["count"] == 4
+    assert history["data"][0]["deleted_at"] is not None and history["data"][0]["healthy"]  # gone, not unhealthy
+    assert [ck["id"] for ck in page["data"]] == [ids[1]] and page["count"] == 4
+
+
+def test_incidents_and_events_are_pages_with_the_total_count(api):
+    run = _submit(api)
+    with Session(api.engine) as s:
+        for i in range(3):
+            crud.create_incident(s, run_id=run["id"], stage_name="pretrain", kind="hang", onset_step=i,
+                                 detected_at_step=i, dedup_key=f"{run['id']}:hang:{i}")
+        for i in range(150):
+            crud.add_event(s, run_id=run["id"], actor="supervisor", kind="tick", detail={"i": i}, result="ok")
+    with api.client(VIEWER) as c:
+        incs = c.get(f"/api/v1/runs/{run['id']}/incidents", params={"limit": 2, "offset": 1}).json()
+        events = c.get(f"/api/v1/runs/{run['id']}/events").json()
+        last = c.get(f"/api/v1/runs/{run['id']}/events", params={"limit": 1000, "offset": 150}).json()
+    assert [i["onset_step"] for i in incs["data"]] == [1, 2] and incs["count"] == 3
+    assert len(events["data"]) == 100 and events["count"] == 151  # "submitted" + 150
+    assert [e["detail"]["i"] for e in last["data"]] == [149]
+
+
+def test_run_lists_have_bounded_pages(api):
+    run = _submit(api)
+    for suffix in ("/checkpoints", "/incidents", "/events"):
+        for params, match in (({"limit": 1001}, "limit"), ({"limit": 0}, "limit"), ({"offset": -1}, "offset")):
+            _rejected(api, "GET", f"/api/v1/runs/{run['id']}{suffix}", token=VIEWER, params=params, status=422,
+                      match=match)
 
 
 @pytest.mark.parametrize("params, match", [({"state": "exploded"}, "state"), ({"limit": 0}, "limit"),

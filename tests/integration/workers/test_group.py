@@ -32,8 +32,22 @@ def _group(groups, state_dir, pipeline, **kw) -> WorkerGroup:
     return g
 
 
+REPORTED: dict[int, dict] = {}  # id(group) -> {step: CheckpointRef}: what rank 0 reported, as the supervisor sees it
+
+
+def _poll(g: WorkerGroup) -> dict:
+    p = g.poll()
+    REPORTED.setdefault(id(g), {}).update({r.step: r.ref for r in p["checkpoints"]})
+    return p
+
+
+def _reported(g: WorkerGroup) -> dict:
+    _poll(g)
+    return REPORTED.get(id(g), {})
+
+
 def _until(g: WorkerGroup, states: tuple[str, ...], timeout: float = 120.0) -> dict:
-    return wait_for(lambda: (p := g.poll()) and p["state"] in states and p, timeout, interval=0.2,
+    return wait_for(lambda: (p := _poll(g)) and p["state"] in states and p, timeout, interval=0.2,
                     what=f"group state in {states}")
 
 
@@ -46,12 +60,14 @@ def test_two_rank_group_resumed_from_a_checkpoint_matches_the_uninterrupted_run(
     full = _group(groups, tmp_path / "a", pipeline, skip=[[2, 4]])
     done = _until(full, ("finished", "failed"))
     assert done["state"] == "finished", done
-    ck = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / "a" / "checkpoints", "r1", "pretrain"))}
+    ck = _reported(full)
+    assert sorted(ck) == [4, 8, 12], "every checkpoint rank 0 wrote was reported, the final one included"
     resumed = _group(groups, tmp_path / "b", pipeline, resume_from=ck[8])
     again = _until(resumed, ("finished", "failed"))
     assert again["state"] == "finished", again
-    a = load_checkpoint(done["output_checkpoint"])
-    b = load_checkpoint(again["output_checkpoint"])
+    assert done["output_checkpoint"] == ck[12].path and again["output_checkpoint"] == _reported(resumed)[12].path
+    a = load_checkpoint(ck[12])
+    b = load_checkpoint(_reported(resumed)[12])
     assert b["state"]["skip"] == [[2, 4]]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
@@ -65,9 +81,9 @@ def test_worker_crash_kills_the_actor_and_a_restart_does_not_crash_again(ray_ses
     assert failed["state"] == "failed" and failed["failed_rank"] == 1, failed
     assert failed["ranks"][1]["alive"] is False and "died" in failed["error"]
     g.shutdown()
-    newest = list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain"))[-1]
-    assert newest["step"] == 8
-    restarted = _group(groups, tmp_path, pipeline, resume_from=newest["path"])
+    newest = max(_reported(g))
+    assert newest == 8
+    restarted = _group(groups, tmp_path, pipeline, resume_from=_reported(g)[newest])
     assert _until(restarted, ("failed", "finished"))["state"] == "finished"
 
 
@@ -91,7 +107,7 @@ def test_hang_slow_and_gpu_xid_show_on_metrics(ray_session, tmp_path, groups):
     wait_for(lambda: time.time() - beat > 1.0, 5, what="a second to pass")
     m2 = scrape(ep["host"], ep["port"])
     assert value(m2, M.LAST_STEP_TS, **L) == beat and value(m2, M.STEP, **L) == 8
-    p = g.poll()
+    p = _poll(g)
     assert p["state"] == "running" and p["ranks"][0]["alive"] and p["ranks"][0]["step"] == 8
 
 
@@ -106,7 +122,7 @@ def test_pause_resume_lr_multiplier_rollback_and_stop_agree_across_ranks(ray_ses
     wait_for(lambda: all(value(scrape(e["host"], e["port"]), M.WORKER_PAUSED, **_labels(e["rank"])) == 1 for e in eps),
              10, what="both ranks paused")
     paused_at = step_of(0)
-    assert step_of(1) == paused_at and g.poll()["state"] == "paused"
+    assert step_of(1) == paused_at and _poll(g)["state"] == "paused"
     t = time.monotonic()
     while time.monotonic() - t < 0.5:  # observe for a while: no rank advances
         assert step_of(0) == paused_at and step_of(1) == paused_at
@@ -118,9 +134,9 @@ def test_pause_resume_lr_multiplier_rollback_and_stop_agree_across_ranks(ray_ses
     lr_after = value(scrape(eps[1]["host"], eps[1]["port"]), M.LEARNING_RATE, **_labels(1))
     assert lr_after < lr_before / 50
 
-    ck = [c for c in list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain")) if c["step"] == 10][0]
+    ck = _reported(g)[10]
     now = step_of(0)
-    g.control(ControlKind.ROLLBACK, {"checkpoint": ck["path"], "skip": [[10, 20]], "lr_multiplier": 0.5})
+    g.control(ControlKind.ROLLBACK, {"checkpoint": ck.to_dict(), "skip": [[10, 20]], "lr_multiplier": 0.5})
     wait_for(lambda: step_of(0) < now, 10, what="trainguard_step to go back")
     wait_for(lambda: any(r["step"] == 11 and r["batch_index"] == 20
                          for r in history(eps[1]["host"], eps[1]["port"], since=11)), 10, what="replay from batch 20")

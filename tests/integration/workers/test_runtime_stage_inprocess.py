@@ -46,8 +46,8 @@ def test_data_faults_show_their_symptoms_on_metrics(tmp_path):
     # checkpoint_corrupt: the first checkpoint at/after batch 25 is step 30; it no longer verifies
     ck = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain"))}
     with pytest.raises(CheckpointError, match="model.pt"):
-        verify_checkpoint(ck[30])
-    verify_checkpoint(ck[40])
+        verify_checkpoint(h.own[ck[30]])
+    verify_checkpoint(h.own[ck[40]])
     ex.close()
 
 
@@ -58,7 +58,7 @@ def test_real_stage_resume_is_bitwise_equal(tmp_path):
     first = _harness(pipeline, tmp_path / "b", skip=[[3, 6]])
     first.run()
     ck = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / "b" / "checkpoints", "r1", "pretrain"))}
-    resumed = _harness(pipeline, tmp_path / "c", resume_from=ck[10])
+    resumed = _harness(pipeline, tmp_path / "c", resume_from=first.own[ck[10]])
     assert resumed.cursor.skip == [[3, 6]] and resumed.step == 10
     resumed.run()
     a, b = full.stage.model.state_dict(), resumed.stage.model.state_dict()

@@ -40,3 +40,41 @@ def test_global_options_parse_before_and_after_the_command():
     a = p.parse_args(["--json", "--url", "http://x", "runs"])
     b = p.parse_args(["runs", "--json", "--url", "http://x"])
     assert (a.json, a.url) == (b.json, b.url) == (True, "http://x")
+
+
+def test_rollback_options_show_their_defaults_in_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["rollback", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--skip, --no-skip" in text and "(default: skip)" in text
+    assert "(default: the recovery policy's backoff, 0.5)" in text
+    a = build_parser().parse_args(["rollback", "run-0123456789ab"])
+    assert (a.skip, a.lr_multiplier, a.checkpoint) == (True, None, None)
+    a = build_parser().parse_args(["rollback", "run-0123456789ab", "--no-skip", "--lr-multiplier", "0.25"])
+    assert (a.skip, a.lr_multiplier) == (False, 0.25)
+    for value in ("0", "1.5", "-1", "half"):  # outside (0, 1]: a usage error
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["rollback", "run-0123456789ab", "--lr-multiplier", value])
+        assert e.value.code == 2 and "argument --lr-multiplier" in capsys.readouterr().err
+
+
+def test_the_lr_default_shown_is_the_policys():
+    from service.cli import POLICY_LR_BACKOFF
+    from service.domain.policy import RecoveryConfig
+
+    assert POLICY_LR_BACKOFF == RecoveryConfig().lr_backoff
+
+
+def test_serve_refuses_development_tokens_on_a_reachable_address(monkeypatch, capsys):
+    import uvicorn
+
+    from service.cli import main
+    from service.config import DEV_TOKENS
+
+    for k in [k for k in __import__("os").environ if k.startswith("TRAINGUARD_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served with development tokens"))
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trainguard: error: refusing to serve: ") and "'0.0.0.0'" in err
+    assert not any(token in err for token in DEV_TOKENS.values())

@@ -16,7 +16,7 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(k)
 
 
-SECRETS = {"viewer_token": "v" * 20, "operator_token": "o" * 20, "webhook_token": "w" * 20}
+SECRETS = {"viewer_token": "v" * 40, "operator_token": "o" * 40, "webhook_token": "w" * 40}
 
 
 def test_defaults_run_in_development_with_sqlite_under_the_state_dir(tmp_path):
@@ -46,13 +46,13 @@ def test_dev_tokens_are_refused_outside_development(environment, left_default):
 
 def test_production_with_real_tokens_is_accepted():
     s = Settings(environment="production", **SECRETS)
-    assert s.webhook_token.get_secret_value() == "w" * 20
-    assert "w" * 20 not in repr(s)  # secrets do not leak into logs
+    assert s.webhook_token.get_secret_value() == "w" * 40
+    assert "w" * 40 not in repr(s)  # secrets do not leak into logs
 
 
 def test_tokens_must_differ_because_the_token_decides_the_role():
     with pytest.raises(ValidationError, match="must differ"):
-        Settings(**{**SECRETS, "viewer_token": "o" * 20})
+        Settings(**{**SECRETS, "viewer_token": "o" * 40})
 
 
 @pytest.mark.parametrize("field, value", [("watch_interval", 0), ("watch_interval", -1), ("port", 70000)])

@@ -4,9 +4,13 @@ Deterministic per (seed, batch_index, rank), like the real stages, and ~1k param
 so the runtime tests stay fast on two shared cores."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from workers.contract import CheckpointRef
 from workers.spec import parse_pipeline
 from workers.stages.base import Stage, StepResult
 
@@ -52,3 +56,9 @@ def tiny_spec(steps: int = 30, **stage_overrides):
     stage.update(stage_overrides)
     return parse_pipeline({"name": "tiny", "seed": 3, "model": {"n_layer": 1, "n_head": 1, "d_model": 8, "seq_len": 8},
                            "checkpoint": {"every": 5, "keep_last": 3}, "stages": [stage]})
+
+
+def recorded(d: Path) -> CheckpointRef:
+    """The reference a worker would have reported for the files now in folder `d`."""
+    return CheckpointRef(str(d), {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                           "bytes": p.stat().st_size} for p in d.iterdir()})

@@ -21,6 +21,8 @@ from workers.model import (
 from workers.spec import ModelSpec
 from workers.tokenizer import BOS, EOS, PAD, SEP, VOCAB_SIZE, decode, encode
 
+from ._tiny import recorded
+
 torch.set_num_threads(1)
 SPEC = ModelSpec(n_layer=2, n_head=2, d_model=32, seq_len=32)
 MIX = {"web": 0.7, "curated": 0.3}
@@ -103,15 +105,17 @@ def test_generate_is_deterministic_from_its_generator_and_never_samples_specials
 
 
 def test_load_weights_converts_between_gpt_and_reward_model(tmp_path: Path):
+
     gpt = build_gpt(SPEC, seed=1)
+    (tmp_path / "manifest.json").write_text("{}")
     torch.save(gpt.state_dict(), tmp_path / "model.pt")
     rm = build_reward_model(SPEC, seed=2)
-    load_weights(rm, tmp_path)
+    load_weights(rm, recorded(tmp_path))
     assert torch.equal(rm.backbone.tok_emb.weight, gpt.tok_emb.weight)
     torch.save(rm.state_dict(), tmp_path / "model.pt")
-    assert any(k.startswith("backbone.") for k in load_model_state(tmp_path, "cpu"))
+    assert any(k.startswith("backbone.") for k in load_model_state(recorded(tmp_path), "cpu"))
     back = build_gpt(SPEC, seed=3)
-    load_weights(back, tmp_path)
+    load_weights(back, recorded(tmp_path))
     assert torch.equal(back.blocks[0].attn.qkv.weight, gpt.blocks[0].attn.qkv.weight)
     assert isinstance(back, GPT) and isinstance(rm, RewardModel)
 
@@ -161,3 +165,14 @@ def test_user_text_and_jsonl_sources(tmp_path: Path):
     assert "dogs" in decode(m.batch(0, 0, 0, 2, 40, {"docs": 1.0}).flatten().tolist())
     with pytest.raises(ValueError, match="unknown source"):
         m.batch(0, 0, 0, 2, 40, {"nope": 1.0})
+
+
+def test_load_weights_refuses_bytes_that_do_not_match_the_recorded_hashes(tmp_path: Path):
+    from workers.runtime.checkpoint import CheckpointCorrupt
+
+    (tmp_path / "manifest.json").write_text("{}")
+    torch.save(build_gpt(SPEC, seed=1).state_dict(), tmp_path / "model.pt")
+    ref = recorded(tmp_path)
+    torch.save(build_gpt(SPEC, seed=2).state_dict(), tmp_path / "model.pt")  # swapped after it was reported
+    with pytest.raises(CheckpointCorrupt, match="model.pt"):
+        load_weights(build_gpt(SPEC, seed=3), ref)

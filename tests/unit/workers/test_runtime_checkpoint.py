@@ -6,13 +6,17 @@ import json
 import pytest
 import torch
 
+from workers.contract import CheckpointRef
 from workers.runtime.checkpoint import (
+    CheckpointCorrupt,
     CheckpointError,
+    CheckpointIncomplete,
     CheckpointWriter,
     Snapshot,
     list_checkpoints,
     load_checkpoint,
     read_manifest,
+    ref_from_own_manifest,
     stage_root,
     verify_checkpoint,
     write_checkpoint,
@@ -30,18 +34,21 @@ def _snap(step: int, tags=()) -> Snapshot:
 
 def test_written_checkpoint_verifies_and_loads(tmp_path):
     res = write_checkpoint(_snap(10), tmp_path)
-    m = verify_checkpoint(res.path)
+    m = verify_checkpoint(res.ref)
     assert m["step"] == 10 and m["healthy"] and set(m["files"]) >= {"model.pt", "optimizer.pt", "rng.pt", "state.json"}
-    ck = load_checkpoint(res.path)
+    assert set(res.ref.files) == set(m["files"]) | {"manifest.json"} and res.ref.path == res.path
+    ck = load_checkpoint(res.ref)
     assert torch.equal(ck["model"]["w"], _snap(10).model["w"]) and ck["state"]["skip"] == [[2, 4]]
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "r1" / "pretrain").iterdir())
 
 
-def test_checkpoint_without_manifest_never_loads(tmp_path):
+def test_checkpoint_without_manifest_is_incomplete_not_corrupt_and_never_loads(tmp_path):
     res = write_checkpoint(_snap(10), tmp_path)
     (tmp_path / "r1" / "pretrain" / "step-00000010" / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="manifest.json"):
-        load_checkpoint(res.path)
+    with pytest.raises(CheckpointIncomplete, match="manifest.json"):
+        load_checkpoint(res.ref)
+    with pytest.raises(CheckpointIncomplete):
+        verify_checkpoint(res.ref)
     assert list_checkpoints(stage_root(tmp_path, "r1", "pretrain")) == []
 
 
@@ -49,10 +56,10 @@ def test_checkpoint_without_manifest_never_loads(tmp_path):
 def test_flipped_byte_never_loads_and_names_the_file(tmp_path, name):
     res = write_checkpoint(_snap(10), tmp_path)
     corrupt_file(f"{res.path}/{name}")
-    with pytest.raises(CheckpointError, match=name):
-        verify_checkpoint(res.path)
-    with pytest.raises(CheckpointError, match=name):
-        load_checkpoint(res.path)
+    with pytest.raises(CheckpointCorrupt, match=name):
+        verify_checkpoint(res.ref)
+    with pytest.raises(CheckpointCorrupt, match=name):
+        load_checkpoint(res.ref)
 
 
 def test_retention_keeps_last_k_and_tagged(tmp_path):
@@ -70,8 +77,9 @@ def test_async_writer_files_verify(tmp_path):
         assert w.submit(_snap(step)) >= 0.0
     res = w.wait()
     assert res.step == 3
-    for m in list_checkpoints(stage_root(tmp_path, "r1", "pretrain")):
-        verify_checkpoint(m["path"])
+    assert [r.step for r in w.results] == [1, 2, 3]
+    for r in w.results:
+        verify_checkpoint(r.ref)
 
 
 def test_rewriting_a_step_replaces_the_old_checkpoint(tmp_path):
@@ -79,7 +87,7 @@ def test_rewriting_a_step_replaces_the_old_checkpoint(tmp_path):
     snap = _snap(10)
     snap.model["w"] = torch.zeros(4, 4)
     res = write_checkpoint(snap, tmp_path)
-    assert torch.equal(load_checkpoint(res.path)["model"]["w"], torch.zeros(4, 4))
+    assert torch.equal(load_checkpoint(res.ref)["model"]["w"], torch.zeros(4, 4))
     assert [p.name for p in (tmp_path / "r1" / "pretrain").iterdir()] == ["step-00000010"]
 
 
@@ -90,8 +98,8 @@ def test_fsspec_memory_storage_round_trip():
     assert read_manifest(res.path)["step"] == 7
     assert [m["step"] for m in list_checkpoints(stage_root(root, "r1", "pretrain"))] == [7]
     corrupt_file(res.path + "/model.pt")
-    with pytest.raises(CheckpointError, match="model.pt"):
-        load_checkpoint(res.path)
+    with pytest.raises(CheckpointCorrupt, match="model.pt"):
+        load_checkpoint(res.ref)
 
 
 def test_nonfinite_metrics_make_the_checkpoint_unhealthy(tmp_path):
@@ -100,3 +108,56 @@ def test_nonfinite_metrics_make_the_checkpoint_unhealthy(tmp_path):
     res = write_checkpoint(snap, tmp_path)
     m = json.loads((tmp_path / "r1" / "pretrain" / "step-00000003" / "manifest.json").read_text())
     assert m["healthy"] is False and m["metrics"]["train_loss"] is None and res.manifest["healthy"] is False
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path, name: str, marker) -> None:
+    """What someone with write access to the storage does: replace a file with a pickle that runs
+    code, and recompute the folder's manifest so the folder vouches for it."""
+    import hashlib
+    import io
+    import pickle
+
+    buf = io.BytesIO()
+    pickle.dump({"kl_coef": _Payload(str(marker))}, buf)
+    data = buf.getvalue()
+    (path / name).write_bytes(data)
+    m = json.loads((path / "manifest.json").read_text())
+    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("name", ["extra.pt", "rng.pt", "model.pt"])
+def test_a_planted_pickle_with_a_recomputed_manifest_is_never_deserialized(tmp_path, name):
+    res = write_checkpoint(_snap(10), tmp_path / "store")
+    marker = tmp_path / "pwned"
+    _plant(tmp_path / "store" / "r1" / "pretrain" / "step-00000010", name, marker)
+    # the recorded hashes (from the worker's report) do not vouch for the new folder
+    with pytest.raises(CheckpointIncomplete, match="manifest.json"):
+        load_checkpoint(res.ref)
+    assert not marker.exists()
+
+
+def test_every_file_loads_weights_only_even_when_its_hash_is_vouched_for(tmp_path):
+    """Defence in depth: a pickle that would run code is refused by the loader itself."""
+    write_checkpoint(_snap(10), tmp_path / "store")
+    marker = tmp_path / "pwned"
+    _plant(tmp_path / "store" / "r1" / "pretrain" / "step-00000010", "extra.pt", marker)
+    trusted_anyway = ref_from_own_manifest(tmp_path / "store" / "r1" / "pretrain" / "step-00000010")
+    with pytest.raises(CheckpointError, match="extra.pt: cannot be loaded"):
+        load_checkpoint(trusted_anyway)
+    assert not marker.exists()
+
+
+def test_a_reference_without_recorded_hashes_is_refused():
+    with pytest.raises(ValueError, match="recorded hashes"):
+        CheckpointRef.from_dict({"path": "/tmp/x", "files": {}})

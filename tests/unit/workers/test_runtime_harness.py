@@ -8,7 +8,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from workers.contract import Control, ControlKind, M
-from workers.runtime.checkpoint import CheckpointError, list_checkpoints, stage_root, verify_checkpoint
+from workers.runtime.checkpoint import CheckpointCorrupt, CheckpointError, list_checkpoints, stage_root, verify_checkpoint
 from workers.runtime.harness import Harness, make_context, metrics_log_path
 
 from ._tiny import TinyStage, tiny_spec
@@ -49,7 +49,7 @@ def test_resume_from_stop_is_bitwise_equal_to_uninterrupted(tmp_path, skip):
     first = _harness(spec, tmp_path / "b", skip=skip, on_step=_stop_at(11))
     out = first.run()
     assert out["state"] == "stopped" and out["step"] == 11 and out["last_checkpoint"].endswith("step-00000011")
-    second = _harness(spec, tmp_path / "b", skip=skip, resume_from=out["last_checkpoint"])
+    second = _harness(spec, tmp_path / "b", skip=skip, resume_from=first.own[out["last_checkpoint"]])
     assert second.step == 11
     assert second.run()["state"] == "finished"
     a, b = _weights(full), _weights(second)
@@ -135,10 +135,10 @@ def test_rollback_to_a_corrupt_checkpoint_fails_naming_the_file(tmp_path):
     h = _harness(spec, tmp_path)
     h.run()
     ck = {m["step"]: m["path"] for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))}
-    with pytest.raises(CheckpointError, match="model.pt"):
-        verify_checkpoint(ck[5])
-    verify_checkpoint(ck[10])
-    with pytest.raises(CheckpointError, match="model.pt"):
+    with pytest.raises(CheckpointCorrupt, match="model.pt"):
+        verify_checkpoint(h.own[ck[5]])
+    verify_checkpoint(h.own[ck[10]])
+    with pytest.raises(CheckpointCorrupt, match="model.pt"):
         h.rollback(ck[5], [], None)
 
 
@@ -163,7 +163,7 @@ def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
     first = _harness(spec, tmp_path / "b", checkpoint_root=root, on_step=_stop_at(7))
     out = first.run()
     assert out["last_checkpoint"] == "memory:///tg-harness-resume/run1/pretrain/step-00000007"
-    second = _harness(spec, tmp_path / "b", checkpoint_root=root, resume_from=out["last_checkpoint"])
+    second = _harness(spec, tmp_path / "b", checkpoint_root=root, resume_from=first.own[out["last_checkpoint"]])
     second.run()
     assert second.result()["output_checkpoint"].startswith("memory://")
     a, b = _weights(full), _weights(second)

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from workers import spec as S
-from workers.contract import StageKind
+from workers.contract import CheckpointRef, StageKind
 from workers.stages import STAGES, Stage, StageContext, StepResult
 from workers.stages.ppo import kl_controller_update
 from workers.stages.pretrain import find_input
+
+from ._tiny import recorded
 
 torch.set_num_threads(1)
 MODEL = S.ModelSpec(n_layer=2, n_head=2, d_model=48, seq_len=96)
@@ -26,7 +28,7 @@ SPEC_CLASSES = {
 }
 
 
-def make_stage(kind: str, inputs: dict[str, Path], init: Path | None = None, **fields) -> Stage:
+def make_stage(kind: str, inputs: dict[str, CheckpointRef], init: CheckpointRef | None = None, **fields) -> Stage:
     fields = {"name": kind.replace("_", "-"), "kind": kind, "steps": 100, "batch_size": 8, "eval_batches": 2, **fields}
     stage_spec = SPEC_CLASSES[kind](**fields)
     ctx = StageContext(
@@ -52,12 +54,14 @@ def train(stage: Stage, steps: int, lr: float, start: int = 0) -> list[StepResul
     return results
 
 
-def save(stage: Stage, root: Path) -> Path:
+def save(stage: Stage, root: Path) -> CheckpointRef:
+    """The stage's weights as a checkpoint folder, and the reference a worker would have reported."""
     d = root / stage.ctx.stage.name
     d.mkdir()
     torch.save(stage.model.state_dict(), d / "model.pt")
     (d / "manifest.json").write_text(json.dumps({"stage_kind": stage.kind, "model_config": MODEL.model_dump()}))
-    return d
+    return recorded(d)
+
 
 
 def corrupt_ratio(stage: Stage, batches: range = range(1000, 1004)) -> float:
