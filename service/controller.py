@@ -451,6 +451,15 @@ class Controller:
                     tags=list(rep.tags), files=rep.ref.to_dict()["files"])
             self._verified.pop(rep.ref.path, None)  # new bytes at that path: check them again
 
+    def _pull_reports(self, run_id: str, active: ActiveStage) -> None:
+        group = active.group
+        if group is None:
+            return
+        try:
+            self._register_reports(run_id, active.name, group.checkpoint_reports())
+        except Exception:  # noqa: BLE001 - a dead group reports nothing; the decision uses what is stored
+            log.exception("fetching checkpoint reports of %s failed", run_id)
+
     def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
         """Re-verify the registered checkpoints of active runs whose files changed on disk against
         their recorded hashes; mark the ones retention or a rollback deleted."""
@@ -686,7 +695,8 @@ class Controller:
     def _decide_with_valid_checkpoint(self, run_id: str, active: ActiveStage, inc: Any) -> dict:
         """The policy's decision, re-taken while its checkpoint fails verification right before use
         (a corrupted checkpoint is quarantined and the next older one considered)."""
-        self.checkpoints_once(run_ids=[run_id])  # the periodic scan may lag behind fast steps
+        self._pull_reports(run_id, active)  # the driver's poll may lag behind fast steps
+        self.checkpoints_once(run_ids=[run_id])
         for _ in range(10):
             decision = recovery_decision(self, run_id, active, inc, self.watch_config)
             path = decision.get("checkpoint")

@@ -185,7 +185,8 @@ class WorkerGroup:
         self._seq = 0
         self._closed = False
         self._last: dict[str, Any] | None = None
-        self._report_seq = -1  # the newest checkpoint report poll() has handed out
+        self._report_seq = -1  # the newest checkpoint report handed out (poll, checkpoint_reports)
+        self._reports_lock = threading.Lock()
 
     def start(self) -> None:
         """Take warm actors (or create them) and start their loops; returns without waiting."""
@@ -268,14 +269,24 @@ class WorkerGroup:
                 info["error"] = f"rank {r}: status timed out"
         return info
 
+    def checkpoint_reports(self, timeout: float = 5.0) -> list[CheckpointReport]:
+        """The reports rank 0 made since they were last handed out (here or by `poll`), fetched
+        now: a recovery decision must see the checkpoints written a moment ago."""
+        if not self._actors:
+            return []
+        try:
+            st = ray.get(self._actors[0].status.remote(self._report_seq), timeout=timeout)
+        except (RayActorError, GetTimeoutError):
+            return []
+        return self._new_reports(st.get("checkpoints", []))
+
     def _new_reports(self, raw: list[dict[str, Any]]) -> list[CheckpointReport]:
-        out: dict[int, CheckpointReport] = {}
-        for d in raw:
-            rep = CheckpointReport.from_dict(d)
-            if rep.seq > self._report_seq:
-                out[rep.seq] = rep
-        if out:
-            self._report_seq = max(out)
+        """Each report is handed out once, whichever thread (poll, a decision) fetched it."""
+        reports = [CheckpointReport.from_dict(d) for d in raw]
+        with self._reports_lock:
+            out = {r.seq: r for r in reports if r.seq > self._report_seq}
+            if out:
+                self._report_seq = max(out)
         return [out[k] for k in sorted(out)]
 
     def shutdown(self) -> None:

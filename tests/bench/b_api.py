@@ -53,7 +53,7 @@ class FakeControllerForBench:
     def anneal(self, run_id, *, steps, final_lr, schedule, mixture, actor):
         return None
 
-    def rollback(self, run_id, *, checkpoint_id, actor):
+    def rollback(self, run_id, *, checkpoint_id, actor, skip=True, lr_multiplier=None):
         return {"incident": 1, "action": "rollback", "rollback_to_step": 0}
 
     def handle_alerts(self, payload, *, actor):

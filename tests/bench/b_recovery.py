@@ -72,7 +72,6 @@ def _spike_pair(ctx: Context, at: int) -> tuple[tuple[float, int], tuple[float, 
     rollback done by stopping the group and starting a new one (baseline)."""
     from workers.contract import ControlKind
     from workers.group import WorkerGroup
-    from workers.runtime.checkpoint import list_checkpoints, stage_root
 
     state = ctx.sub("spike")
     dur = 3
@@ -91,12 +90,14 @@ def _spike_pair(ctx: Context, at: int) -> tuple[tuple[float, int], tuple[float, 
 
     try:
         wait_until(lambda: any(int(r["step"]) >= at + dur for r in steps()), 180, what="the spike to be trained")
-        ck = [c for c in list_checkpoints(stage_root(state / "checkpoints", run_id, "pretrain")) if c["step"] <= at][-1]
+        reported = {r.step: r.ref for r in groups[0].poll()["checkpoints"]}  # as the supervisor registers them
+        step = max(s for s in reported if s <= at)
+        ck = {"step": step, "ref": reported[step]}
         skip = [[at, at + dur + 2]]
         # ours: one control message, applied in the same processes
         decided = time.time()
         reached = max(int(r["step"]) for r in steps())
-        groups[0].control(ControlKind.ROLLBACK, {"checkpoint": ck["path"], "skip": skip, "lr_multiplier": 0.5})
+        groups[0].control(ControlKind.ROLLBACK, {"checkpoint": ck["ref"].to_dict(), "skip": skip, "lr_multiplier": 0.5})
         rec = wait_until(lambda: first_back(decided, ck["step"]), 180, what="the first step after the rollback")
         ours = (rec["time"] - decided, reached - ck["step"])
         # replay to the same step, then the baseline: stop the group, start a new one from the checkpoint
@@ -106,7 +107,7 @@ def _spike_pair(ctx: Context, at: int) -> tuple[tuple[float, int], tuple[float, 
         reached2 = max(int(r["step"]) for r in steps())
         groups[0].shutdown()
         groups.append(WorkerGroup(run_id=run_id, spec=spec, stage_name="pretrain", state_dir=state,
-                                  resume_from=ck["path"], skip=skip, lr_multiplier=0.5))
+                                  resume_from=ck["ref"], skip=skip, lr_multiplier=0.5))
         groups[1].start()
         rec = wait_until(lambda: first_back(decided, ck["step"]), 180, what="the first step of the new group")
         return ours, (rec["time"] - decided, reached2 - ck["step"])
