@@ -489,7 +489,8 @@ class Controller:
         except CheckpointCorrupt as e:
             self._checkpoint_bad(row.run_id, row.stage_name, row.id, str(e), files=row.files)
             return False
-        except (CheckpointError, OSError):
+        except (CheckpointError, OSError) as e:
+            log.info("checkpoint %s of run %s is gone: %s", row.step, row.run_id, e)
             self._checkpoint_gone(row)
             return False
         if sig is not None:

@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+import pytest
+import ray
+from ray.exceptions import RayActorError
 
 from service.config import Settings
 from service.controller import Controller
 from service.db import crud
 from service.app import embedded_supervisor
+from tests.conftest import wait_for
 from workers.spec import parse_pipeline
 
 TERMINAL = ("completed", "failed", "stopped", "needs_attention")
+FINAL_STAGE_STATES = ("completed", "stopped", "failed", "skipped")
 
 
 def tiny_pipeline(*, name: str = "t", kind: str = "pretrain", steps: int = 120, world_size: int = 1,
@@ -62,3 +69,18 @@ def metrics_log(state_dir: Path, run_id: str, stage: str, rank: int = 0) -> list
     """The worker's per-step JSONL log (every step it trained, in order, across rollbacks/restarts)."""
     p = state_dir / "runs" / run_id / stage / f"metrics-rank{rank}.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def assert_nothing_survives(ctl: Controller, run_id: str, groups: list) -> None:
+    wait_for(lambda: run_id not in ctl.drivers, 60, what="the run's driver to end")
+    assert not any(t.name == f"driver-{run_id}" and t.is_alive() for t in threading.enumerate())
+    assert not [g for g in ctl.sd_targets() if g["labels"].get("run") == run_id]
+    with ctl.session() as s:
+        stages = crud.list_stages(s, run_id=run_id)
+        assert all(st.state in FINAL_STAGE_STATES for st in stages), [(st.name, st.state) for st in stages]
+        assert not crud.list_incidents(s, run_id=run_id, open_only=True)
+    assert groups, "the run started at least one worker group"
+    for g in groups:
+        for a in g._actors:
+            with pytest.raises(RayActorError):
+                ray.get(a.status.remote(), timeout=30)

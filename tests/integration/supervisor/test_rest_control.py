@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
 from tests.conftest import free_port, wait_for
-from tests.integration.supervisor.harness import running_controller, tiny_pipeline, wait_state
+from tests.integration.supervisor.harness import assert_nothing_survives, running_controller, tiny_pipeline, wait_state
 
 pytestmark = pytest.mark.integration
 OP = {"Authorization": "Bearer dev-operator-token"}
@@ -51,15 +51,21 @@ def api(ray_session, tmp_state):
         th.join(10)
 
 
-def test_pause_resume_anneal_rollback_stop_act_on_the_workers(api):
+def test_pause_resume_anneal_rollback_stop_act_on_the_workers(api, groups):
     ctl, client = api
-    spec = tiny_pipeline(steps=5000, every=10, extra={"step_delay": 0.02})
+    # keep every checkpoint: the rollback below names the oldest one, which retention would delete
+    spec = tiny_pipeline(steps=5000, every=10, keep_last=1000, extra={"step_delay": 0.02})
     r = client.post("/runs", json={"spec": spec.model_dump(mode="json")})
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
     step = lambda: worker_gauges(ctl, run_id)["trainguard_step"]  # noqa: E731
     wait_for(lambda: run_id in ctl.drivers and ctl.drivers[run_id].active and ctl.drivers[run_id].active.targets
              and step() >= 25, 60, what="run reaches step 25")
+
+    # the live step, loss and last-step time of the running stage (not step 0 until it ends)
+    live = wait_for(lambda: (st := client.get(f"/runs/{run_id}").json()["stages"][0])["step"] >= 20 and st,
+                    10, what="GET /runs/{id} shows the running stage's step")
+    assert live["state"] == "running" and live["last_loss"] > 0 and live["last_step_at"] is not None
 
     # pause: the step stops advancing
     assert client.post(f"/runs/{run_id}/pause").status_code == 202
@@ -90,6 +96,7 @@ def test_pause_resume_anneal_rollback_stop_act_on_the_workers(api):
     events = client.get(f"/runs/{run_id}/events").json()["data"]
     assert any(e["actor"] == "operator" and e["kind"] == "recovery_decision" for e in events)
 
-    # stop: the run ends in state stopped
+    # stop: the run ends in state stopped, and nothing of it survives
     assert client.post(f"/runs/{run_id}/stop").status_code == 202
     assert wait_state(ctl, run_id, ("stopped",), timeout=30) == "stopped"
+    assert_nothing_survives(ctl, run_id, groups[run_id])

@@ -36,7 +36,9 @@ def _ready(client: httpx.Client) -> bool:
 def test_sigkilled_supervisor_picks_runs_up_without_losing_or_repeating_incidents(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     state, port, log = tmp_path / "state", free_port(), tmp_path / "supervisor.log"
-    spec = tiny_pipeline(steps=250, every=10, extra={"step_delay": 0.02},
+    # keep_last: the rollback target must outlive a slow detection on a loaded machine (retention
+    # racing detection is not what this test is about)
+    spec = tiny_pipeline(steps=250, every=10, keep_last=30, extra={"step_delay": 0.02},
                          faults=[{"kind": "loss_spike", "at_step": 40, "duration": 5}])
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=OP, timeout=30)
     proc = _serve(state, port, address, log)
