@@ -12,11 +12,19 @@ Panels are checked the way Grafana runs them: a range query over the run's lifet
 dashboard variables set to the run, every stage (".*", the "All" value) and $__rate_interval
 10s (four 1 s scrapes and a margin). An expression has data when the range query returns at
 least one series with at least one sample.
+
+Prometheus finds a new worker group 1-12 s after it starts (the http_sd refresh of 1 s, then the
+discovery manager's and the scrape manager's 5 s update tickers, then up to one scrape
+interval), and a 50-step stage here lives about 6 s: left alone, a stage can end scraped once or
+never, and then rate() -- so its recording rules -- has nothing for it. `_GroupHolder` therefore
+keeps every worker group alive until Prometheus has what this test reads from it.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -28,7 +36,7 @@ from service.adapters.promql_inventory import (
     metric_names,
     render_expr,
 )
-from tests.integration.supervisor.harness import incidents, wait_state
+from tests.integration.supervisor.harness import TERMINAL, incidents, run_state, wait_state
 from workers.spec import parse_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -72,9 +80,8 @@ def _pipeline():
         "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
         "checkpoint": {"every": 10, "keep_last": 3},
         "stages": [
-            # each worker group lives > 5 s (with warm workers a stage starts in ~1 s): Prometheus's
-            # discovery manager hands new targets to the scrapers at most every 5 s, and rate()
-            # and the recording rules need two scrapes in every stage
+            # a group that Prometheus has not scraped twice HOLD_MARGIN_STEPS before it ends is
+            # held there (_GroupHolder): rate() and the recording rules need two scrapes of each
             {"name": "pretrain", "kind": "pretrain", "steps": 160, **common,
              "faults": [{"kind": "worker_crash", "at_step": 80}]},
             {"name": "sft", "kind": "sft", "steps": 50, **common},
@@ -85,6 +92,143 @@ def _pipeline():
     })
 
 
+# A worker group that nears its end (this many steps before it) before Prometheus has scraped it
+# twice is held. At step_delay 0.1 s that leaves >= 2 s for this test's poll (0.2 s), the pause
+# request and the ranks' next step boundary. A group that ends anyway is not passed over: the
+# check after the run names it.
+HOLD_MARGIN_STEPS = 20
+
+
+@dataclass
+class _Group:
+    address: str
+    stage: str
+    end_step: int  # where the group ends: its stage's steps, or the injected crash that ends it
+    held_s: float | None = None  # how long it was held, if it was
+    satisfied: bool = False
+
+
+class _GroupHolder:
+    """Drives the run to its end, holding each worker group until Prometheus has scraped it.
+
+    Every worker group of the run is followed through /sd. One that comes within
+    HOLD_MARGIN_STEPS of its end (read from its own /metrics) before Prometheus has scraped it
+    twice and recorded trainguard:tokens:rate1m for its stage is paused -- an operator pause: the
+    ranks wait at a step boundary and keep serving /metrics -- until that holds, then resumed.
+    A group scraped in time is never paused. Meanwhile it notes the first pretrain worker target
+    that Prometheus lists (the discovery check)."""
+
+    def __init__(self, stack, ctl, client, http: httpx.Client, run_id: str, spec, t0: float) -> None:
+        # http: one client for what is polled (httpx.get would build a client, SSL context included, per call)
+        self.stack, self.ctl, self.client, self.http = stack, ctl, client, http
+        self.run_id, self.t0 = run_id, t0
+        self.steps = {st.name: st.steps for st in spec.stages}
+        self.crashes = {st.name: sorted(f.at_step for f in st.faults if f.kind.value == "worker_crash")
+                        for st in spec.stages}
+        self.groups: dict[str, _Group] = {}
+        self.started: Counter[str] = Counter()
+        self.first: dict | None = None
+
+    # -- what Prometheus has
+    def _prometheus(self, api: str, **params) -> list | dict:
+        body = self.http.get(f"{self.stack.prom_url}/api/v1/{api}", params=params).json()
+        assert body.get("status") == "success", f"{api} {params}: {body}"
+        return body["data"]
+
+    def _tokens_samples(self, g: _Group) -> int:
+        got = self._prometheus("query", query=(
+            f'count_over_time(trainguard_tokens_total{{run="{self.run_id}", instance="{g.address}"}}[1h])'))
+        return int(max((float(s["value"][1]) for s in got["result"]), default=0))
+
+    def satisfied(self, g: _Group) -> bool:
+        """Prometheus scraped the group at least twice and the rules recorded its stage's rate."""
+        if not g.satisfied:
+            g.satisfied = self._tokens_samples(g) >= 2 and bool(self._prometheus(
+                "query_range", query=f'trainguard:tokens:rate1m{{run="{self.run_id}", stage="{g.stage}"}}',
+                start=self.t0, end=time.time() + 1, step=1.0)["result"])
+        return g.satisfied
+
+    def report(self) -> list:
+        return [(g.stage, g.address, f"ends at step {g.end_step}",
+                 "not held" if g.held_s is None else f"held {g.held_s:.1f}s",
+                 f"{self._tokens_samples(g)} scrapes", "ok" if self.satisfied(g) else "MISSING")
+                for g in self.groups.values()]
+
+    # -- the run
+    def _live(self) -> dict[str, str]:
+        """address -> stage of the run's worker groups in /sd now (what the supervisor's /api/v1/sd
+        answers, read in-process: this is polled); new ones are registered."""
+        live = {}
+        for grp in self.ctl.sd_targets():
+            labels = grp.get("labels") or {}
+            if labels.get("job") == "trainguard-workers" and labels.get("run") == self.run_id:
+                for address in grp["targets"]:
+                    live[address] = labels["stage"]
+                    if address not in self.groups:
+                        k = self.started[labels["stage"]]
+                        self.started[labels["stage"]] += 1
+                        ends = self.crashes[labels["stage"]]
+                        end = ends[k] if k < len(ends) else self.steps[labels["stage"]]
+                        self.groups[address] = _Group(address, labels["stage"], end)
+        return live
+
+    def _step(self, address: str) -> float | None:
+        try:
+            text = self.http.get(f"http://{address}/metrics").text
+        except httpx.HTTPError:
+            return None  # gone (its stage ended or it crashed)
+        for line in text.splitlines():
+            if line.startswith("trainguard_step{") or line.startswith("trainguard_step "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def _poll(self):
+        state = run_state(self.ctl, self.run_id)
+        if state in TERMINAL:
+            return ("end", state)
+        live = self._live()
+        if self.first is None:
+            self.first = next((t for t in self._prometheus("targets", state="active")["activeTargets"]
+                               if t["labels"].get("run") == self.run_id and t["labels"].get("stage") == "pretrain"
+                               and t["labels"].get("job") == "trainguard-workers"), None)
+        if state != "running":
+            return None
+        for address in live:
+            g = self.groups[address]
+            if g.held_s is not None or self.satisfied(g):
+                continue
+            step = self._step(address)
+            if step is not None and step >= g.end_step - HOLD_MARGIN_STEPS:
+                return ("hold", g)
+        return None
+
+    def _hold(self, g: _Group) -> None:
+        r = self.client.post(f"/runs/{self.run_id}/pause")
+        if r.status_code == 409:
+            return  # the run just left "running" (a crash, or its end): poll again
+        assert r.status_code == 202, r.text
+        held = time.monotonic()
+        g.held_s = 0.0
+        try:
+            self.stack.wait(lambda: self.satisfied(g) or g.address not in self._live(), 60,
+                            f"Prometheus to scrape the held {g.stage} group at {g.address} twice",
+                            context=self.report)
+        finally:
+            # between two stages there is no group to tell (409): the next one starts paused
+            self.stack.wait(lambda: self.client.post(f"/runs/{self.run_id}/resume").status_code == 202, 30,
+                            "the held run to resume", context=self.report)
+            g.held_s = time.monotonic() - held
+
+    def run_to_end(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            what, arg = self.stack.wait(self._poll, deadline - time.monotonic(),
+                                        f"run {self.run_id} to end", context=self.report)
+            if what == "end":
+                return arg
+            self._hold(arg)
+
+
 def _has_data(result: list[dict]) -> tuple[bool, bool]:
     """(any sample, any non-NaN sample) of a range query result."""
     values = [float(v) for series in result for _, v in series.get("values", [])]
@@ -93,28 +237,29 @@ def _has_data(result: list[dict]) -> tuple[bool, bool]:
 
 def test_discovery_follows_restarts_and_every_panel_and_rule_has_data(stack, tmp_path):
     state = tmp_path / "state"
-    with stack.supervisor(state, watch_enabled=True) as (ctl, client):
+    with stack.supervisor(state, watch_enabled=True) as (ctl, client), httpx.Client(timeout=10) as http:
         stack.wait(lambda: stack.query('up{job="trainguard-supervisor"} == 1'), 30,
                    "Prometheus to scrape the new supervisor")
         t0 = time.time()
-        r = client.post("/runs", json={"spec": _pipeline().model_dump(mode="json")})
+        spec = _pipeline()
+        r = client.post("/runs", json={"spec": spec.model_dump(mode="json")})
         assert r.status_code == 201, r.text
         run_id = r.json()["id"]
-
-        # -- discovery: the pretrain worker is found through /sd and scraped
         ctx = lambda: stack.run_context(client, run_id)  # noqa: E731
-        # discovered is enough here (health may still be "unknown" on a loaded machine); that it was
-        # scraped is what the panel queries below check
-        (first,) = stack.wait(lambda: [t for t in stack.worker_targets(run_id, up=False)
-                                       if t["labels"]["stage"] == "pretrain"],
-                              90, "Prometheus to scrape the pretrain worker through /sd", context=ctx)
-        assert first["labels"]["rank"] == "0" and first["labels"]["job"] == "trainguard-workers", first["labels"]
 
-        # -- every stage runs; the run completes
+        # -- every stage runs, each worker group held until Prometheus has scraped it; the run completes
+        holder = _GroupHolder(stack, ctl, client, http, run_id, spec, t0)
         try:
-            assert wait_state(ctl, run_id, timeout=240) == "completed"
+            holder.run_to_end(240)
+            assert wait_state(ctl, run_id, timeout=10) == "completed"
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- context: {ctx()}\n{stack.diag()}") from None
+
+        # -- discovery: the pretrain worker was found through /sd (discovered is enough here: health
+        # may still have been "unknown" on a loaded machine; that it was scraped is checked below)
+        first = holder.first
+        assert first is not None, f"Prometheus never listed a pretrain worker target\n{holder.report()}"
+        assert first["labels"]["rank"] == "0" and first["labels"]["job"] == "trainguard-workers", first["labels"]
         incs = incidents(ctl, run_id)
         assert [(i.kind, i.action, i.outcome) for i in incs] == [("worker_lost", "restart", "resolved")], \
             [(i.kind, i.action, i.outcome, i.onset_step) for i in incs]
@@ -124,9 +269,12 @@ def test_discovery_follows_restarts_and_every_panel_and_rule_has_data(stack, tmp
         # the workers of the finished run leave /sd, and so Prometheus's targets
         stack.wait(lambda: not [t for t in stack.targets() if t["labels"].get("run") == run_id], 30,
                    "the finished run's workers to leave Prometheus's targets", context=ctx)
-        t1 = time.time() + 1
-        stack.wait(lambda: stack.query_range(f'trainguard:tokens:rate1m{{run="{run_id}", stage="dpo"}}', t0, t1),
-                   20, "the recording rules to have evaluated the last stage")
+        # every group was scraped twice and the recording rules evaluated every stage, the last one included
+        stack.wait(lambda: all(holder.satisfied(g) for g in holder.groups.values()), 20,
+                   "Prometheus to have scraped every worker group twice and recorded every stage's rate",
+                   context=holder.report)
+        assert {g.stage for g in holder.groups.values()} == set(STAGES), holder.report()
+        groups = holder.report()
         t1 = time.time()
 
     # -- the crashed pretrain rank came back on a new port, and Prometheus discovered and scraped it
@@ -182,5 +330,5 @@ def test_discovery_follows_restarts_and_every_panel_and_rule_has_data(stack, tmp
                 metrics_seen[metric] = bool(got)
             if not metrics_seen[metric]:
                 failures.append(f"{where}: names {metric}, which nothing exports or records\n  {expr}")
-    print("\n".join(["allowed-empty alert expressions:", *report]))
+    print("\n".join(["worker groups:", *map(str, groups), "allowed-empty alert expressions:", *report]))
     assert not failures, f"{len(failures)} of {len(exprs)} expressions failed:\n" + "\n".join(failures)
