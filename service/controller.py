@@ -66,6 +66,7 @@ class ActiveStage:
     batch_cursor: int = 0
     after: dict[str, int] = field(default_factory=dict)  # kind -> step of the last handled episode
     last_step_time: float | None = None  # unix time rank 0 finished `last_step`
+    resumed_at: float = 0.0  # unix time of the last operator resume: hang clocks start again there
     live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
 
     def reset_episodes(self) -> None:
@@ -853,7 +854,13 @@ class Controller:
                 self._spawn(run_id, parse_pipeline(json.loads(run.spec)))
                 return
             self._control(run_id, ControlKind.RESUME, {}, actor=actor)
+            self._mark_resumed(driver)
             self._set_state(run_id, "running", actor=actor, reason="operator resume")
+
+    @staticmethod
+    def _mark_resumed(driver: RunDriver | None) -> None:
+        if driver is not None and driver.active is not None:
+            driver.active.resumed_at = time.time()
 
     def stop(self, run_id: str, *, actor: str) -> None:
         """Stopped means stopped, whatever the run was doing: the workers write a last checkpoint
@@ -947,6 +954,7 @@ class Controller:
                                     "by": actor, "skip": bool(skip), "lr_multiplier": lr_multiplier}}
             if run.state in ("paused", "needs_attention") and active.group is not None:
                 active.group.control(ControlKind.RESUME, {})
+                self._mark_resumed(driver)
             active.pending = None
             res = self.handle_finding(run_id, active, finding, source="operator", actor=actor)
             with self.session() as s:

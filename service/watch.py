@@ -155,8 +155,9 @@ def _gpu(active: Any) -> D.Finding | None:
 def _hang(active: Any, cfg: WatchConfig, now: float) -> D.Finding | None:
     if active.paused_ranks or not active.targets:
         return None
-    beats = {r: Sample(int(active.records[r][-1]["step"]) if active.records.get(r) else 0, t, t)
-             for r, t in active.heartbeat.items()}
+    # time paused by an operator is not time without a step: a rank's clock restarts at the resume
+    beats = {r: Sample(int(active.records[r][-1]["step"]) if active.records.get(r) else 0, b, b)
+             for r, t in active.heartbeat.items() for b in [max(t, active.resumed_at)]}
     for t in active.targets:  # a rank that never finished a step: counted from the group's start
         if t.rank not in beats and now - active.started_at > cfg.startup_grace:
             beats[t.rank] = Sample(0, active.started_at, active.started_at)

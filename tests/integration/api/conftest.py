@@ -111,13 +111,17 @@ def _settings(state: Path, **kw: Any) -> Settings:
     )
 
 
-@pytest.fixture(scope="module")
-def live_api(tmp_path_factory) -> LiveApi:
-    state = tmp_path_factory.mktemp("api-state")
+def make_api(state: Path) -> tuple[Settings, Any, "RecordingControllerForApiTests", Any]:
+    """(settings, migrated engine, recording controller, app) on a SQLite file under `state`."""
     settings = _settings(state)
     engine = init_db(make_engine(settings.database_url))
     controller = RecordingControllerForApiTests(engine)
-    app = create_app(settings, controller, engine=engine)
+    return settings, engine, controller, create_app(settings, controller, engine=engine)
+
+
+@pytest.fixture(scope="module")
+def live_api(tmp_path_factory) -> LiveApi:
+    settings, engine, controller, app = make_api(tmp_path_factory.mktemp("api-state"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

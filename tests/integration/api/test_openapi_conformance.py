@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 from sqlmodel import Session
 
 from service.api import create_app
-from service.db import crud, init_db, make_engine
+from service.db import crud, make_engine
 from service.db.models import RUN_ID_PATTERN
 from tests.integration.api.conftest import (
     OPERATOR,
@@ -44,6 +44,7 @@ from tests.integration.api.conftest import (
     LiveApi,
     RecordingControllerForApiTests,
     _settings,
+    make_api,
 )
 
 with warnings.catch_warnings():  # Starlette prefers httpx2 for its test client; httpx works the same here
@@ -81,11 +82,7 @@ def _entitled_token(method: str, path: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory) -> Any:
-    state = tmp_path_factory.mktemp("schemathesis")
-    app_settings = _settings(state)
-    engine = init_db(make_engine(app_settings.database_url))
-    controller = RecordingControllerForApiTests(engine)
-    app = create_app(app_settings, controller, engine=engine)
+    app_settings, engine, controller, app = make_api(tmp_path_factory.mktemp("schemathesis"))
     with Session(engine) as s:  # one run with a checkpoint and an incident: reads and control reach real rows
         run_id = crud.create_run(s, name="seeded", spec_json='{"name": "seeded", "stages": []}', actor="test").id
         crud.upsert_checkpoint(s, run_id=run_id, stage_name="pretrain", step=20, batch_cursor=20,

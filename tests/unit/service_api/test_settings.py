@@ -7,15 +7,6 @@ from pydantic import ValidationError
 from service.config import DEV_TOKENS, Settings
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for k in list(os.environ):
-        if k.startswith("TRAINGUARD_"):
-            monkeypatch.delenv(k)
-
-
 SECRETS = {"viewer_token": "v" * 40, "operator_token": "o" * 40, "webhook_token": "w" * 40}
 
 

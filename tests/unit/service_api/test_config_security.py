@@ -2,19 +2,10 @@
 long tokens outside development, no token in any error, allowed roots for pipelines."""
 from __future__ import annotations
 
-import os
-
 import pytest
 from pydantic import ValidationError
 
 from service.config import DEV_TOKENS, MIN_TOKEN_LENGTH, Settings, is_loopback
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for k in list(os.environ):
-        if k.startswith("TRAINGUARD_"):
-            monkeypatch.delenv(k)
 
 
 LONG = {"viewer_token": "v" * 40, "operator_token": "o" * 40, "webhook_token": "w" * 40}
