@@ -508,7 +508,12 @@ class Controller:
 
     def _checkpoint_bad(self, run_id: str, stage: str, ckpt_id: int, reason: str, *,
                         files: dict | None = None) -> None:
-        with self.lock(run_id), self.session() as s:
+        """Quarantine a corrupt checkpoint with an incident (once: the dedup key decides).
+
+        Takes no run lock: it is called under `_ckpt_lock`, which a decision takes while it
+        holds the run lock; taking them in the other order here deadlocked a run whose
+        checkpoint went bad just as a spike was being handled."""
+        with self.session() as s:
             ckpt = crud.get_checkpoint(s, run_id=run_id, checkpoint_id=ckpt_id)
             if ckpt is None or ckpt.bad_reason or (files is not None and ckpt.files != files):
                 return

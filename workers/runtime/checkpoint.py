@@ -429,11 +429,11 @@ def load_checkpoint(ref: CheckpointRef, map_location: str | torch.device = "cpu"
     }
 
 
-def apply_retention(root: str | Path, keep_last: int) -> list[str]:
-    """Delete complete checkpoints beyond the last `keep_last`, except those tagged keep/final
-    and the newest tagged best. Returns what was deleted."""
+def apply_retention(root: str | Path, keep_last: int, protect: Iterable[int] = ()) -> list[str]:
+    """Delete complete checkpoints beyond the last `keep_last`, except those tagged keep/final,
+    the newest tagged best and the steps in `protect`. Returns what was deleted."""
     ckpts = list_checkpoints(root)
-    keep = {c["step"] for c in ckpts[-keep_last:]}
+    keep = {c["step"] for c in ckpts[-keep_last:]} | set(protect)
     keep |= {c["step"] for c in ckpts if set(c.get("tags", [])) & set(PROTECTED_TAGS)}
     best = [c for c in ckpts if "best" in c.get("tags", [])]
     if best:
@@ -481,10 +481,10 @@ class CheckpointWriter:
         self.last: WriteResult | None = None
         self.results: list[WriteResult] = []
 
-    def _write(self, snap: Snapshot) -> None:
+    def _write(self, snap: Snapshot, protect: frozenset[int] = frozenset()) -> None:
         try:
             res = write_checkpoint(snap, self.root)
-            apply_retention(stage_root(self.root, snap.run, snap.stage), self.keep_last)
+            apply_retention(stage_root(self.root, snap.run, snap.stage), self.keep_last, protect)
             self.last = res
             self.results.append(res)
             if self.on_written is not None:
@@ -497,15 +497,17 @@ class CheckpointWriter:
             e, self._error = self._error, None
             raise CheckpointError(f"checkpoint write failed: {e!r}") from e
 
-    def submit(self, snap: Snapshot) -> float:
+    def submit(self, snap: Snapshot, protect: frozenset[int] = frozenset()) -> float:
+        """`protect`: steps retention must keep this time (beyond `keep_last`)."""
         t0 = time.perf_counter()
         self.wait()
         stalled = time.perf_counter() - t0
         if self.asynchronous:
-            self._thread = threading.Thread(target=self._write, args=(snap,), name=f"ckpt-{snap.step}", daemon=True)
+            self._thread = threading.Thread(target=self._write, args=(snap, protect), name=f"ckpt-{snap.step}",
+                                            daemon=True)
             self._thread.start()
         else:
-            self._write(snap)
+            self._write(snap, protect)
             self._raise_pending()
         return stalled
 

@@ -44,6 +44,12 @@ __all__ = [
 
 PAUSE_POLL_S = 0.1  # paused ranks re-agree ~10x/s so resume/stop apply promptly
 REPORTS_KEPT = 1000  # checkpoint reports rank 0 keeps for the supervisor's polls (it polls ~5x/s)
+# Retention keeps the healthy checkpoints written up to PROTECT_BEFORE steps before a recent
+# anomaly (and at least the newest PROTECT_AT_LEAST of them) for PROTECT_FOR steps after it: the
+# supervisor's rollback target must outlive a slow detection when steps are fast and keep_last small.
+PROTECT_BEFORE = 200
+PROTECT_AT_LEAST = 3
+PROTECT_FOR = 500
 
 
 # -- pure pieces ----------------------------------------------------------------------------
@@ -225,6 +231,7 @@ class Harness:
         # its own checkpoints, which it may load back without the supervisor (tests, tools)
         self.reports: collections.deque[CheckpointReport] = collections.deque(maxlen=REPORTS_KEPT)
         self.own: dict[str, CheckpointRef] = {}
+        self._healthy_written: list[int] = []  # steps of the healthy checkpoints rank 0 wrote
         self._written_lock = threading.Lock()
         self._log = None
 
@@ -365,6 +372,8 @@ class Harness:
         self.cursor.add_skip([*keep_skip, *skip])
         self.lr_multiplier = keep_mult if lr_multiplier is None else float(lr_multiplier)
         self.anomaly_steps = [s for s in self.anomaly_steps if s <= self.step]
+        with self._written_lock:
+            self._healthy_written = [c for c in self._healthy_written if c <= self.step]
         self.faults.rewound()
         self.exporter.set(M.STEP, self.step)
 
@@ -498,10 +507,21 @@ class Harness:
             state=state, metrics=metrics,
             healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
             anomalies_in_window=anomalies, model_config=self.spec.model.model_dump(), tags=tags)
-        self.writer.submit(snap)  # waits only if the previous write is still running
+        self.writer.submit(snap, self.retention_protect())  # waits only if the previous write still runs
         if sync or final:
             self.writer.wait()
         self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
+
+    def retention_protect(self) -> frozenset[int]:
+        """Steps of the healthy checkpoints written before the first anomaly of the last
+        PROTECT_FOR steps, which the supervisor may roll back to (see PROTECT_BEFORE)."""
+        recent = [s for s in self.anomaly_steps if self.step - s <= PROTECT_FOR]
+        if not recent:
+            return frozenset()
+        first = min(recent)
+        with self._written_lock:
+            before = sorted(c for c in self._healthy_written if c < first)
+        return frozenset({c for c in before if c >= first - PROTECT_BEFORE} | set(before[-PROTECT_AT_LEAST:]))
 
     def _on_written(self, res: WriteResult) -> None:
         """Writer thread: the checkpoint is in place (manifest last) and retention ran.
@@ -513,6 +533,8 @@ class Harness:
                 seq=seq, ref=res.ref, step=res.step, batch_cursor=int(res.manifest["batch_cursor"]),
                 healthy=bool(res.manifest["healthy"]), metrics=dict(res.manifest["metrics"]), tags=res.tags))
             self.own[res.path] = res.ref
+            if res.manifest["healthy"]:
+                self._healthy_written.append(res.step)
             self.last_checkpoint = res.path
             if "best" in res.tags:
                 self.best_path = res.path

@@ -168,3 +168,25 @@ def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
     assert second.result()["output_checkpoint"].startswith("memory://")
     a, b = _weights(full), _weights(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retention_keeps_the_checkpoints_before_a_recent_anomaly_for_the_rollback(tmp_path):
+    """keep_last 2, checkpoints every 5 steps, a NaN at step 17: the two checkpoints still there
+    before it (10, 15) must outlive a detection that comes many steps later; the others go as
+    usual (5 before the anomaly, 20-30 after it)."""
+    spec = tiny_spec(steps=40, faults=[{"kind": "nan", "at_step": 16, "duration": 1}])
+    spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"keep_last": 2})})
+    h = _harness(spec, tmp_path)
+    h.run()
+    assert h.anomaly_steps == [17]
+    steps = [m["step"] for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))]
+    assert steps == [10, 15, 35, 40]
+
+
+def test_retention_protects_nothing_without_an_anomaly(tmp_path):
+    spec = tiny_spec(steps=30)
+    spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"keep_last": 1})})
+    h = _harness(spec, tmp_path)
+    h.run()
+    assert [m["step"] for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))] == [30]
+    assert h.retention_protect() == frozenset()
