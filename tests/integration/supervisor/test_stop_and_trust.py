@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import shutil
 import threading
 from pathlib import Path
 
@@ -79,12 +81,17 @@ class _Payload:
 
 
 def _plant_pickle(ckpt: Path, marker: Path) -> None:
-    """Someone who can write checkpoint storage replaces extra.pt with code and fixes the manifest."""
+    """Someone who can write checkpoint storage replaces extra.pt with code and fixes the manifest,
+    swapping the folder in one rename (a half-planted folder would be plain corruption)."""
+    forged = ckpt.with_name(".forged-" + ckpt.name)
+    shutil.copytree(ckpt, forged)
     data = pickle.dumps({"kl_coef": _Payload(str(marker))})
-    (ckpt / "extra.pt").write_bytes(data)
-    m = json.loads((ckpt / "manifest.json").read_text())
+    (forged / "extra.pt").write_bytes(data)
+    m = json.loads((forged / "manifest.json").read_text())
     m["files"]["extra.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (ckpt / "manifest.json").write_text(json.dumps(m))
+    (forged / "manifest.json").write_text(json.dumps(m))
+    os.rename(ckpt, ckpt.with_name(".orig-" + ckpt.name))
+    os.rename(forged, ckpt)
 
 
 def test_tampered_checkpoint_never_runs_code_on_rollback_and_unreported_ones_are_never_registered(
@@ -93,16 +100,20 @@ def test_tampered_checkpoint_never_runs_code_on_rollback_and_unreported_ones_are
     spec = tiny_pipeline(steps=5000, every=10, keep_last=50, extra={"step_delay": 0.01})
     with running_controller(tmp_state) as ctl:
         run_id = ctl.submit(spec, actor="test")
-        wait_for(lambda: _step(ctl, run_id) >= 35, 90, what="step 35")
-        with ctl.session() as s:
-            rows = {c.step: c for c in crud.list_checkpoints(s, run_id=run_id, include_deleted=False)}
-        assert {10, 20, 30} <= set(rows) and all(r.files and "manifest.json" in r.files for r in rows.values())
+        def registered() -> dict:
+            with ctl.session() as s:
+                return {c.step: c for c in crud.list_checkpoints(s, run_id=run_id, include_deleted=False)}
+
+        rows = wait_for(lambda: (r := registered()) and {10, 20, 30} <= set(r) and r, 90,
+                        what="checkpoints 10-30 reported and registered")
+        assert all(r.files and "manifest.json" in r.files for r in rows.values())
         _plant_pickle(Path(rows[20].path), marker)
         # a folder the workers never reported: the supervisor does not register it
         fake = Path(rows[10].path).parent / "step-00000015"
         fake.mkdir()
         (fake / "manifest.json").write_text(json.dumps({"schema_version": 1, "step": 15, "files": {}}))
-        with pytest.raises(errors.Conflict, match="no longer holds the bytes"):
+        # refused: found replaced now, or already by the periodic re-verification
+        with pytest.raises(errors.Conflict, match="no longer holds the bytes|was deleted"):
             ctl.rollback(run_id, checkpoint_id=rows[20].id, actor="test")
         res = ctl.rollback(run_id, checkpoint_id=rows[30].id, actor="test", skip=False, lr_multiplier=1.0)
         assert res["rollback_to_step"] == 30
