@@ -57,7 +57,25 @@ def wait_state(ctl: Controller, run_id: str, states: tuple[str, ...] = TERMINAL,
         if st in states:
             return st
         time.sleep(0.2)
-    raise AssertionError(f"run {run_id} still {run_state(ctl, run_id)!r} after {timeout}s; wanted {states}")
+    raise AssertionError(f"run {run_id} still {run_state(ctl, run_id)!r} after {timeout}s; wanted {states}\n"
+                         f"{_threads_and_incidents(ctl, run_id)}")
+
+
+def _threads_and_incidents(ctl: Controller, run_id: str) -> str:
+    """What a stuck run looks like from inside: every thread's stack, the run's incidents and
+    events, the driver's pending recovery (a run stuck once in a full-suite run; see issue 8's note)."""
+    import sys
+    import traceback
+
+    frames = sys._current_frames()
+    stacks = [f"--- thread {t.name}\n" + "".join(traceback.format_stack(frames[t.ident]))
+              for t in threading.enumerate() if t.ident in frames]
+    with ctl.session() as s:
+        incs = [(i.id, i.kind, i.action, i.outcome, i.rollback_to_step) for i in crud.list_incidents(s, run_id=run_id)]
+        events = [(e.kind, e.result) for e in crud.list_events(s, run_id=run_id)]
+    d = ctl.drivers.get(run_id)
+    pending = d.active.pending if d and d.active else None
+    return f"incidents: {incs}\nevents: {events}\npending: {pending}\n" + "\n".join(stacks)
 
 
 def incidents(ctl: Controller, run_id: str) -> list[Any]:
