@@ -68,6 +68,7 @@ class ActiveStage:
     last_step_time: float | None = None  # unix time rank 0 finished `last_step`
     resumed_at: float = 0.0  # unix time of the last operator resume: hang clocks start again there
     live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
+    done: bool = False  # the stage completed: the watch has seen its last step and leaves it
 
     def reset_episodes(self) -> None:
         """The workers went back (rollback/restart): old episodes are gone from the buffers."""
@@ -199,6 +200,15 @@ class RunDriver(threading.Thread):
                     return False
                 continue
             if state == "finished":
+                # the stage is done only once the watch has seen its last steps: a problem in
+                # them is handled (a rollback the loop ended too soon to apply restarts it)
+                ctl.watch_once(run_ids=[self.run_id])
+                with ctl.lock(self.run_id):
+                    restart = self._rollback_missed(active, status)
+                    active.done = restart is None
+                if restart is not None:
+                    self._restart(stage_spec, outputs, restart)
+                    continue
                 self._finish_stage(active, status)
                 return True
             if state == "stopped":
@@ -207,6 +217,24 @@ class RunDriver(threading.Thread):
             if state == "failed":
                 ctl._worker_lost(self.run_id, active, status)
         return False
+
+    def _rollback_missed(self, active: ActiveStage, status: dict) -> dict | None:
+        """Called under the run's lock when the group finished with a rollback in flight.
+        Applied (the workers report its incident): it is recovered, whether or not its steps
+        were scraped. Not applied (the loop ended before its next boundary): the stage's output
+        holds what the rollback was to undo, so the stage is not done; returns the restart to
+        carry out from the rollback's checkpoint (the incident's skip and LR multiplier go to
+        the new group)."""
+        pend = active.pending
+        if pend is None or pend.get("restart"):
+            return None
+        if pend["incident"] in status.get("rollbacks_applied", []):
+            self.ctl._recovered(active, {"step": active.last_step, "time": time.time()})
+            return None
+        pend["restart"] = True
+        log.warning("run %s: stage %s finished before its rollback (incident %s) applied; restarting from %s",
+                    self.run_id, active.name, pend["incident"], pend.get("checkpoint"))
+        return {"checkpoint": pend.get("checkpoint"), "incident": pend["incident"]}
 
     def _poll(self) -> dict | None:
         with self.lock:
@@ -555,9 +583,10 @@ class Controller:
                     out.append((d, d.active))
         return out
 
-    def watch_once(self, now: float | None = None) -> None:
-        """Fetch every active worker's new signals; with the watch enabled, evaluate the detectors."""
-        pairs = self.active_stages()
+    def watch_once(self, now: float | None = None, *, run_ids: list[str] | None = None) -> None:
+        """Fetch every active worker's new signals; with the watch enabled, evaluate the detectors.
+        A stage marked done (its driver's own last pass saw every step) is not evaluated again."""
+        pairs = [(d, a) for d, a in self.active_stages() if run_ids is None or d.run_id in run_ids]
         targets = [t for _, a in pairs for t in a.targets]
         if not targets:
             return
@@ -565,6 +594,8 @@ class Controller:
         now = time.time() if now is None else now
         for driver, active in pairs:
             with self.lock(driver.run_id):
+                if active.done:
+                    continue
                 self._ingest(active, {t: snaps[t] for t in active.targets if t in snaps})
                 self._write_live(active)
                 if not self.settings.watch_enabled:
@@ -737,7 +768,8 @@ class Controller:
                 crud.update_incident(s, incident=crud.get_incident(s, incident_id=incident_id), **fields)
             self._set_state(run_id, "recovering", actor=actor, reason=f"{kind}: rollback")
             active.pending = {"incident": incident_id, "kind": kind, "detected_at": now,
-                              "target_step": decision.get("checkpoint_step"), "from_step": active.last_step}
+                              "target_step": decision.get("checkpoint_step"), "from_step": active.last_step,
+                              "checkpoint": ckpt}
             self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
             driver = self.drivers.get(run_id)
             sent = False
@@ -745,7 +777,8 @@ class Controller:
             if ref is not None and active.group is not None:
                 try:
                     active.group.control(ControlKind.ROLLBACK, {"checkpoint": ref.to_dict(), "skip": decision["skip"],
-                                                                 "lr_multiplier": decision["lr_multiplier"]})
+                                                                 "lr_multiplier": decision["lr_multiplier"],
+                                                                 "incident": incident_id})
                     sent = True
                 except Exception as e:  # noqa: BLE001 - dead group: restart with the same decision
                     log.warning("rollback control failed (%s); restarting the group instead", e)

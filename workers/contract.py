@@ -114,7 +114,9 @@ class Control:
       lr_multiplier: {"value": float}
       rollback:      {"checkpoint": CheckpointRef.to_dict() of the checkpoint to load,
                       "skip": [[start, end), ...] batch-index ranges to add to the skip list,
-                      "lr_multiplier": float | None}
+                      "lr_multiplier": float | None,
+                      "incident": int | None: the supervisor's incident id, echoed back in
+                      the group's `rollbacks_applied` once every rank has loaded it}
     """
 
     kind: ControlKind

@@ -239,19 +239,24 @@ class WorkerGroup:
             "failed_rank": failed[0]["rank"] if failed else None,
             "error": failed[0]["error"] if failed else None,
             "checkpoints": reports,
+            # once rank 0 returned: the incidents whose ROLLBACK it applied (each rank applies
+            # a control at the same boundary, so rank 0 speaks for all)
+            "rollbacks_applied": ranks[0]["rollbacks_applied"] if ranks else [],
         }
         self._last = out
         return out
 
     def _rank_info(self, r: int, ref: Any, sref: Any, timeout: float) -> dict[str, Any]:
         info: dict[str, Any] = {"rank": r, "step": None, "state": "running", "returned": False, "alive": True,
-                                "error": None, "output_checkpoint": None, "reports": []}
+                                "error": None, "output_checkpoint": None, "reports": [],
+                                "rollbacks_applied": []}
         done, _ = ray.wait([ref], timeout=0)
         if done:
             try:
                 res = ray.get(ref)
                 info.update(state=res["state"], step=res["step"], output_checkpoint=res["output_checkpoint"],
-                            returned=True, reports=list(res.get("checkpoints", [])))
+                            returned=True, reports=list(res.get("checkpoints", [])),
+                            rollbacks_applied=list(res.get("rollbacks_applied", [])))
             except RayActorError as e:
                 info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
             except Exception as e:  # noqa: BLE001 - the loop raised: report, do not re-raise

@@ -232,6 +232,9 @@ class Harness:
         self.reports: collections.deque[CheckpointReport] = collections.deque(maxlen=REPORTS_KEPT)
         self.own: dict[str, CheckpointRef] = {}
         self._healthy_written: list[int] = []  # steps of the healthy checkpoints rank 0 wrote
+        # the incident ids of the ROLLBACK controls applied: a supervisor learns from the result
+        # whether a rollback it sent took effect before the loop ended
+        self.rollbacks_applied: list[int] = []
         self._written_lock = threading.Lock()
         self._log = None
 
@@ -287,7 +290,8 @@ class Harness:
 
     def result(self) -> dict[str, Any]:
         return {"state": self.state, "step": self.step, "output_checkpoint": self.output_checkpoint(),
-                "last_checkpoint": self.last_checkpoint, "checkpoints": self.reports_since(-1)}
+                "last_checkpoint": self.last_checkpoint, "checkpoints": self.reports_since(-1),
+                "rollbacks_applied": list(self.rollbacks_applied)}
 
     def status(self, since: int = -1) -> dict[str, Any]:
         """`checkpoints`: the reports (as dicts) with seq > `since`."""
@@ -350,6 +354,8 @@ class Harness:
                 self._start_anneal(int(p["steps"]), float(p["final_lr"]), p.get("schedule", "linear"), p.get("mixture"))
             elif m.kind == ControlKind.ROLLBACK:
                 self.rollback(p["checkpoint"], p.get("skip") or [], p.get("lr_multiplier"))
+                if p.get("incident") is not None:
+                    self.rollbacks_applied.append(int(p["incident"]))
 
     def _start_anneal(self, steps: int, final_lr: float, schedule: str, mixture: dict[str, float] | None) -> None:
         # stored without the multiplier, so a later lr_multiplier still scales the anneal

@@ -128,3 +128,20 @@ def test_spike_that_keeps_coming_back_ends_in_needs_attention(ray_session, tmp_s
     assert actions[-1] == "needs_attention"
     lrs = [i.lr_multiplier for i in incs if i.action == "rollback"]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0], "LR lowered further on every attempt"
+
+
+def test_spike_in_a_stages_last_steps_is_rolled_back_not_shipped(ray_session, tmp_state):
+    """The loop may end before the watch has seen its last steps, or before a rollback sent to
+    it reaches a step boundary: the stage counts as done only after a last look, and a rollback
+    it did not apply restarts the stage from the rollback's checkpoint."""
+    spec = tiny_pipeline(steps=100, faults=[{"kind": "loss_spike", "at_step": 94, "duration": 4}])
+    with running_controller(tmp_state) as ctl:
+        run_id = ctl.submit(spec, actor="test")
+        assert wait_state(ctl, run_id) == "completed"
+        inc = _only(incidents(ctl, run_id), "loss_spike")[0]
+    assert inc.action == "rollback" and inc.outcome == "resolved", (inc.action, inc.outcome)
+    assert inc.rollback_to_step is not None and inc.rollback_to_step < 94
+    log = metrics_log(tmp_state, run_id, "pretrain")
+    back = [i for i in range(1, len(log)) if log[i]["step"] <= log[i - 1]["step"]]
+    assert back, "the workers went back before the stage's output was written"
+    assert log[-1]["step"] == 100 and log[back[-1]]["step"] == inc.rollback_to_step + 1
