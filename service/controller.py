@@ -459,14 +459,11 @@ class Controller:
                 return CheckpointRef(c.path, dict(c.files))
         return None
 
-    def _still_valid(self, ckpt: Any) -> bool:
-        return self._recheck(ckpt, force=True)
-
     def _ref_for(self, run_id: str, path: str) -> CheckpointRef | None:
         """The reference (path + recorded hashes) of one of the run's reported checkpoints."""
         with self.session() as s:
-            row = next((c for c in crud.list_checkpoints(s, run_id=run_id) if c.path == path and c.files), None)
-        return CheckpointRef(row.path, dict(row.files)) if row is not None else None
+            row = crud.find_checkpoint(s, run_id=run_id, path=path)
+        return CheckpointRef(row.path, dict(row.files)) if row is not None and row.files else None
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _register_reports(self, run_id: str, stage: str, reports: list[CheckpointReport]) -> None:
@@ -507,11 +504,13 @@ class Controller:
         No manifest, or another checkpoint's manifest, means it is gone (retention, a rollback,
         a step rewritten): marked deleted, never corrupt. Only bytes that differ under the
         recorded manifest are corruption. Local folders are re-read only when their size or
-        mtime changed (`force`: always)."""
+        mtime changed; an object store's are fetched and hashed only right before a use
+        (`force`: always re-read)."""
         from workers.runtime.checkpoint import CheckpointCorrupt, CheckpointError, verify_checkpoint
 
-        sig = _stat_sig(row.path) if "://" not in row.path else None
-        if not force and sig is not None and self._verified.get(row.path) == sig:
+        remote = "://" in row.path
+        sig = None if remote else _stat_sig(row.path)
+        if not force and (remote or (sig is not None and self._verified.get(row.path) == sig)):
             return True
         try:
             verify_checkpoint(CheckpointRef(row.path, dict(row.files)))
@@ -741,9 +740,8 @@ class Controller:
             if path is None or decision["action"] not in ("rollback", "restart"):
                 return decision
             with self.session() as s:
-                row = next((c for c in crud.list_checkpoints(s, run_id=run_id, stage_name=active.name)
-                            if c.path == path), None)
-            if row is None or self._still_valid(row):
+                row = crud.find_checkpoint(s, run_id=run_id, path=path, stage_name=active.name)
+            if row is None or self._recheck(row, force=True):
                 return decision
         return decision
 
@@ -983,7 +981,7 @@ class Controller:
                     wanted_step = ckpt.step
                 else:
                     ckpt, wanted_step = None, None
-            if ckpt is not None and not self._still_valid(ckpt):
+            if ckpt is not None and not self._recheck(ckpt, force=True):
                 raise errors.Conflict(f"checkpoint {checkpoint_id} no longer holds the bytes its worker wrote "
                                       f"(deleted, replaced or corrupt); nothing was changed")
             finding = {"kind": "operator_rollback", "onset_step": max(active.last_step, 0),

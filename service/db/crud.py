@@ -271,6 +271,14 @@ def count_checkpoints(session: Session, *, run_id: str, stage_name: str | None =
     return session.exec(select(func.count()).select_from(q.subquery())).one()
 
 
+def find_checkpoint(session: Session, *, run_id: str, path: str, stage_name: str | None = None) -> Checkpoint | None:
+    """The run's checkpoint registered at `path` (the newest row if it was registered twice)."""
+    q = select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.path == path)
+    if stage_name is not None:
+        q = q.where(Checkpoint.stage_name == stage_name)
+    return session.exec(q.order_by(col(Checkpoint.id).desc()).limit(1)).first()
+
+
 def get_checkpoint(session: Session, *, run_id: str, checkpoint_id: int) -> Checkpoint | None:
     """None when the id is unknown or belongs to another run."""
     ckpt = session.get(Checkpoint, checkpoint_id)

@@ -538,12 +538,16 @@ class Harness:
             self.reports.append(CheckpointReport(
                 seq=seq, ref=res.ref, step=res.step, batch_cursor=int(res.manifest["batch_cursor"]),
                 healthy=bool(res.manifest["healthy"]), metrics=dict(res.manifest["metrics"]), tags=res.tags))
+            self.own.pop(res.path, None)  # re-inserted as the newest
             self.own[res.path] = res.ref
+            if "best" in res.tags:
+                self.best_path = res.path
+            # bounded like the reports: the oldest go first, the best (the stage's output) stays
+            for old in [p for p in self.own if p != self.best_path][:max(0, len(self.own) - REPORTS_KEPT)]:
+                del self.own[old]
             if res.manifest["healthy"]:
                 self._healthy_written.append(res.step)
             self.last_checkpoint = res.path
-            if "best" in res.tags:
-                self.best_path = res.path
             if "final" in res.tags:
                 self.final_checkpoint = res.path
         self.faults.after_checkpoint(res.path, res.step)

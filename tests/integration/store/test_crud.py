@@ -99,6 +99,15 @@ def test_upsert_checkpoint_is_idempotent_and_keeps_bad_marks(session):
     assert first.metrics == {"train_loss": 2.0}
 
 
+def test_find_checkpoint_by_path_is_scoped_to_the_run_and_stage(session):
+    run, other = _run(session), _run(session, name="other")
+    mine = _ckpt(session, run.id, 20, path="/ckpt/shared/step-20")
+    _ckpt(session, other.id, 20, path="/ckpt/shared/step-20")
+    assert crud.find_checkpoint(session, run_id=run.id, path="/ckpt/shared/step-20").id == mine.id
+    assert crud.find_checkpoint(session, run_id=run.id, path="/ckpt/shared/step-20", stage_name="sft") is None
+    assert crud.find_checkpoint(session, run_id=run.id, path="/ckpt/shared/step-40") is None
+
+
 def test_get_checkpoint_of_another_run_returns_none(session):
     mine, other = _run(session), _run(session)
     theirs = _ckpt(session, other.id, 20)
