@@ -15,9 +15,9 @@ import re
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
-from service.config import OBJECT_STORE_SCHEMES, Settings
-from service.errors import InvalidRequest
-from workers.spec import PipelineSpec
+from trainguard.service.config import OBJECT_STORE_SCHEMES, Settings
+from trainguard.service.errors import InvalidRequest
+from trainguard.workers.spec import PipelineSpec
 
 __all__ = ["check_pipeline_access", "data_path_allowed", "storage_allowed"]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.domain import detectors as d
-from service.domain.series import Sample, as_samples
+from trainguard.service.domain import detectors as d
+from trainguard.service.domain.series import Sample, as_samples
 
 __all__ = ["AnalyzeConfig", "AnalyzeError", "analyze_file", "analyze_series", "load_series", "add_analyze_parser", "run_analyze", "main"]
 

@@ -8,10 +8,10 @@ from fastapi import FastAPI
 
 
 def build_app(settings=None, controller=None) -> FastAPI:
-    from service.api import create_app
-    from service.config import Settings
-    from service.controller import Controller
-    from service.scheduler import build_scheduler
+    from trainguard.service.api import create_app
+    from trainguard.service.config import Settings
+    from trainguard.service.controller import Controller
+    from trainguard.service.scheduler import build_scheduler
 
     settings = settings or Settings()
     controller = controller or Controller(settings)
@@ -35,8 +35,8 @@ def build_app(settings=None, controller=None) -> FastAPI:
 def embedded_supervisor(settings: Any) -> Iterator[Any]:
     """A started Controller with its scheduler jobs, in this process (demo, tests, benchmarks);
     stopped on exit."""
-    from service.controller import Controller
-    from service.scheduler import build_scheduler
+    from trainguard.service.controller import Controller
+    from trainguard.service.scheduler import build_scheduler
 
     controller = Controller(settings)
     controller.start()

@@ -363,8 +363,8 @@ def _page_table(page: dict, columns: list[Column], offset: int) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import build_app  # the wiring with the real controller and scheduler
-    from service.config import Settings
+    from trainguard.service.app import build_app  # the wiring with the real controller and scheduler
+    from trainguard.service.config import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
     try:
@@ -387,7 +387,7 @@ def _settings_problems(e: ValueError) -> str:
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
-    from service.adapters import grafana  # grafana-client (~0.5 s to import) only when asked for
+    from trainguard.service.adapters import grafana  # grafana-client (~0.5 s to import) only when asked for
 
     if args.dir is None:
         args.dir = grafana.DASHBOARD_DIR
@@ -496,7 +496,7 @@ def _add_dashboards(sub: Any) -> None:
 
 def _add_demo(sub: Any) -> None:
     try:
-        from service.demo import add_demo_parser, run_demo
+        from trainguard.service.demo import add_demo_parser, run_demo
     except ImportError as e:  # the demo pulls in Ray and torch lazily; a broken install still gets the rest
         p = sub.add_parser("demo", help=f"(unavailable: {e})")
         p.set_defaults(func=lambda _a, err=e: _unavailable("demo", err), local=True)  # `e` dies with the block
@@ -507,7 +507,7 @@ def _add_demo(sub: Any) -> None:
 
 def _add_analyze(sub: Any) -> None:
     try:
-        from service.analyze import add_analyze_parser, run_analyze
+        from trainguard.service.analyze import add_analyze_parser, run_analyze
     except ImportError as e:
         p = sub.add_parser("analyze", help=f"(unavailable: {e})")
         p.set_defaults(func=lambda _a, err=e: _unavailable("analyze", err), local=True)
@@ -526,7 +526,7 @@ def _connection(args: argparse.Namespace) -> tuple[str, str | None]:
     if url and token:
         return url, token
     try:  # same machine as the server: its settings know the address and the operator token
-        from service.config import Settings
+        from trainguard.service.config import Settings
 
         s = Settings()
         host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service import errors
-from service.adapters.metrics import DirectScrapeSource, MetricsSource, PrometheusSource, Target
-from service.db import crud
-from service.telemetry import SupervisorMetrics
-from service.domain.policy import dedup_key
-from service.watch import WatchConfig, alert_finding, evaluate_stage, recovery_decision
-from workers.contract import CheckpointRef, CheckpointReport, ControlKind
-from workers.spec import PipelineSpec, parse_pipeline
+from trainguard.service import errors
+from trainguard.service.adapters.metrics import DirectScrapeSource, MetricsSource, PrometheusSource, Target
+from trainguard.service.db import crud
+from trainguard.service.telemetry import SupervisorMetrics
+from trainguard.service.domain.policy import dedup_key
+from trainguard.service.watch import WatchConfig, alert_finding, evaluate_stage, recovery_decision
+from trainguard.workers.contract import CheckpointRef, CheckpointReport, ControlKind
+from trainguard.workers.spec import PipelineSpec, parse_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class RunDriver(threading.Thread):
     def _new_group(self, stage_spec: Any, outputs: dict[str, str], resume_from: CheckpointRef | None) -> Any:
         """The earlier stages' outputs go to the workers with the hashes recorded when they were
         reported; an output the store has no hashes for is not handed over."""
-        from workers.group import WorkerGroup
+        from trainguard.workers.group import WorkerGroup
 
         skip, lr_mult = self.ctl._accumulated_recovery(self.run_id, stage_spec.name)
         inputs = {name: ref for name, path in outputs.items()
@@ -313,7 +313,7 @@ class Controller:
 
     def __init__(self, settings: Any, *, engine: Any = None, source: MetricsSource | None = None,
                  watch_config: WatchConfig | None = None, metrics: SupervisorMetrics | None = None) -> None:
-        from service.db import make_engine, init_db
+        from trainguard.service.db import make_engine, init_db
 
         self.settings = settings
         self.state_dir = Path(settings.state_dir).resolve()
@@ -357,7 +357,7 @@ class Controller:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                      log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
-        from workers.group import warm_pool
+        from trainguard.workers.group import warm_pool
 
         warm_pool().refill()  # spare workers import torch now, not when the first stage starts
         self._started = True
@@ -413,7 +413,7 @@ class Controller:
             crud.add_event(s, run_id=run_id, actor=actor, kind=kind, detail=detail, result=result)
 
     def _set_state(self, run_id: str, state: str, *, actor: str, reason: str) -> None:
-        from service.domain.state import RunState, transition_to
+        from trainguard.service.domain.state import RunState, transition_to
 
         with self.lock(run_id), self.session() as s:
             run = crud.get_run(s, run_id=run_id)
@@ -506,7 +506,7 @@ class Controller:
         recorded manifest are corruption. Local folders are re-read only when their size or
         mtime changed; an object store's are fetched and hashed only right before a use
         (`force`: always re-read)."""
-        from workers.runtime.checkpoint import CheckpointCorrupt, CheckpointError, verify_checkpoint
+        from trainguard.workers.runtime.checkpoint import CheckpointCorrupt, CheckpointError, verify_checkpoint
 
         remote = "://" in row.path
         sig = None if remote else _stat_sig(row.path)

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PIPELINE = REPO / "examples" / "tiny-faults.yaml"
+from trainguard.resources import examples_dir
+
+DEFAULT_PIPELINE = examples_dir() / "tiny-faults.yaml"
 
 # which incident kind answers which injected fault
 FAULT_TO_INCIDENT = {
@@ -39,7 +40,7 @@ def add_demo_parser(sub: Any) -> None:
 
 
 def summarize(ctl: Any, run_id: str, spec: Any, wall: float) -> dict:
-    from service.db import crud
+    from trainguard.service.db import crud
 
     with ctl.session() as s:
         run = crud.get_run(s, run_id=run_id)
@@ -99,7 +100,7 @@ class LiveView(threading.Thread):
         self.seen: set[int] = set()
 
     def run(self) -> None:
-        from service.db import crud
+        from trainguard.service.db import crud
 
         while not self.stop.wait(1.0):
             try:
@@ -122,9 +123,9 @@ class LiveView(threading.Thread):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from service.app import embedded_supervisor
-    from service.config import DEV_TOKENS, Settings
-    from workers.spec import load_pipeline
+    from trainguard.service.app import embedded_supervisor
+    from trainguard.service.config import DEV_TOKENS, Settings
+    from trainguard.workers.spec import load_pipeline
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spec = load_pipeline(args.pipeline)
@@ -159,7 +160,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _wait_for_end(ctl: Any, run_id: str, deadline: float) -> None:
-    from service.db import crud
+    from trainguard.service.db import crud
 
     while time.time() < deadline:
         with ctl.session() as s:
@@ -180,7 +181,7 @@ def _serve(settings: Any, ctl: Any):
     """The REST API in a background thread, so the CLI can watch and control the demo run."""
     import uvicorn
 
-    from service.api import create_app
+    from trainguard.service.api import create_app
 
     app = create_app(settings, ctl, engine=ctl.engine)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))

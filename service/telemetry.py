@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from workers.contract import M
+from trainguard.workers.contract import M
 
 RUN_STATES = ("pending", "running", "paused", "recovering", "needs_attention", "completed", "failed", "stopped")
 

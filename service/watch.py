@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.db import crud
-from service.domain import detectors as D
-from service.domain.policy import (
+from trainguard.service.db import crud
+from trainguard.service.domain import detectors as D
+from trainguard.service.domain.policy import (
     Action, Attempt, CheckpointInfo, RecoveryConfig, RunSnapshot, budget_source, decide,
 )
-from service.domain.series import Sample
+from trainguard.service.domain.series import Sample
 
 __all__ = ["WatchConfig", "evaluate_stage", "alert_finding", "recovery_decision"]
 
@@ -227,7 +227,7 @@ def recovery_decision(ctl: Any, run_id: str, active: Any, inc: Any, cfg: WatchCo
 
 def _operator_rollback(ckpts: list[CheckpointInfo], inc: Any, active: Any, batch_at: dict[int, int],
                        cfg: WatchConfig) -> dict:
-    from service.domain.policy import is_good_checkpoint
+    from trainguard.service.domain.policy import is_good_checkpoint
 
     evidence = inc.evidence or {}
     wanted = evidence.get("requested_checkpoint_step")

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests run from
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.tokenizer import BOS, EOS, PAD, SEP, encode
+from trainguard.workers.tokenizer import BOS, EOS, PAD, SEP, encode
 
 __all__ = [
     "STDLIB_MODULES",

@@ -18,8 +18,8 @@ from typing import Any, Iterable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
-from workers.spec import PipelineSpec
+from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
+from trainguard.workers.spec import PipelineSpec
 
 __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV"]
 
@@ -35,9 +35,9 @@ class TrainWorker:
     def __init__(self) -> None:
         import torch
 
-        import workers.runtime.harness  # noqa: F401 - the heavy imports happen here, once
-        import workers.stages  # noqa: F401
-        from workers.runtime.control import ControlInbox
+        import trainguard.workers.runtime.harness  # noqa: F401 - the heavy imports happen here, once
+        import trainguard.workers.stages  # noqa: F401
+        from trainguard.workers.runtime.control import ControlInbox
 
         torch.set_num_threads(1)  # the CPUs are shared; one intra-op thread per rank
         self.args: dict[str, Any] = {}
@@ -54,7 +54,7 @@ class TrainWorker:
         and the first optimizer step (constructing AdamW imports torch._dynamo: seconds)."""
         import torch
 
-        from workers.data import get_mixture
+        from trainguard.workers.data import get_mixture
 
         get_mixture()
         p = torch.nn.Parameter(torch.ones(2))
@@ -67,8 +67,8 @@ class TrainWorker:
                   state_dir: str, resume_from: dict[str, Any] | None, skip: list[list[int]],
                   lr_multiplier: float | None, inputs: dict[str, dict[str, Any]], fired_dir: str, bind_host: str | None,
                   checkpoint_root: str | None) -> dict[str, Any]:
-        from workers.runtime.exporter import Exporter
-        from workers.runtime.gpu import make_gpu_health
+        from trainguard.workers.runtime.exporter import Exporter
+        from trainguard.workers.runtime.gpu import make_gpu_health
 
         self.args = dict(run_id=run_id, spec=spec, stage_name=stage_name, rank=rank, world_size=world_size,
                          state_dir=state_dir, resume_from=resume_from, skip=skip, lr_multiplier=lr_multiplier,
@@ -87,7 +87,7 @@ class TrainWorker:
 
     def rendezvous(self, world_size: int) -> tuple[str, int]:
         """Rank 0: the tcp:// address of the process group (this node, a free port)."""
-        from workers.runtime.distributed import free_port
+        from trainguard.workers.runtime.distributed import free_port
 
         host = "127.0.0.1" if world_size == 1 else ray.util.get_node_ip_address()
         return host, free_port(host)
@@ -97,10 +97,10 @@ class TrainWorker:
         (a threaded actor may otherwise run the two calls concurrently)."""
         import torch
 
-        from workers.runtime.distributed import Dist
-        from workers.runtime.harness import Harness, make_context
-        from workers.spec import parse_pipeline
-        from workers.stages import STAGES
+        from trainguard.workers.runtime.distributed import Dist
+        from trainguard.workers.runtime.harness import Harness, make_context
+        from trainguard.workers.spec import parse_pipeline
+        from trainguard.workers.stages import STAGES
 
         a = self.args
         dist = None

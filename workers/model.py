@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.spec import ModelSpec
-from workers.tokenizer import BOS, PAD, SEP, VOCAB_SIZE
+from trainguard.workers.spec import ModelSpec
+from trainguard.workers.tokenizer import BOS, PAD, SEP, VOCAB_SIZE
 
 __all__ = [
     "GPT",
@@ -257,7 +257,7 @@ def load_model_state(ref: Any, map_location: Any = "cpu") -> dict[str, torch.Ten
     """The `model.pt` state dict of a checkpoint (GPT, or RewardModel for reward_model stages),
     its bytes checked against the recorded hashes in `ref` (a workers.contract.CheckpointRef)
     before they are deserialized."""
-    from workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
+    from trainguard.workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
 
     data = io.BytesIO(read_verified(ref, ["model.pt"])["model.pt"])
     return torch.load(data, map_location=map_location, weights_only=True)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.contract import FaultKind
+from trainguard.workers.contract import FaultKind
 
 __all__ = [
     "ModelSpec",

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException, GrafanaUnauthorizedError
 
-from service.adapters.promql_inventory import DASHBOARD_DIR
+from trainguard.service.adapters.promql_inventory import DASHBOARD_DIR
 
 __all__ = [
     "GrafanaError",

@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "REPO_ROOT",
     "DASHBOARD_DIR",
     "RULES_DIR",
     "iter_dashboard_queries",
@@ -29,9 +28,10 @@ __all__ = [
     "prometheus_rule_manifest",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD_DIR = REPO_ROOT / "dashboards"
-RULES_DIR = REPO_ROOT / "deploy" / "prometheus" / "rules"
+from trainguard.resources import dashboards_dir, rules_dir
+
+DASHBOARD_DIR = dashboards_dir()
+RULES_DIR = rules_dir()
 
 
 def _panels(panels: list[dict[str, Any]]):
@@ -179,11 +179,11 @@ _BlockDumper.add_representer(
 
 def _main(argv: list[str]) -> int:
     if argv[:1] != ["prometheusrule"]:
-        print("usage: python -m service.adapters.promql_inventory prometheusrule > deploy/k8s/prometheusrule.yaml",
+        print("usage: python -m trainguard.service.adapters.promql_inventory prometheusrule > deploy/k8s/prometheusrule.yaml",
               file=sys.stderr)
         return 2
     sys.stdout.write("# Generated from deploy/prometheus/rules/*.yml by\n"
-                     "#   python -m service.adapters.promql_inventory prometheusrule\n"
+                     "#   python -m trainguard.service.adapters.promql_inventory prometheusrule\n"
                      "# Do not edit: change the rule files and regenerate "
                      "(tests/integration/deploy checks they agree).\n")
     yaml.dump(prometheus_rule_manifest(), sys.stdout, Dumper=_BlockDumper, sort_keys=False, width=120)

@@ -12,14 +12,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.limits import MAX_ERRORS_LISTED, BodyLimit, capped
-from service.api.ports import ControllerPort
-from service.api.routes import alerts, ops, runs
-from service.api.schemas import AlertmanagerPayload, ErrorBody
-from service.config import Settings
-from service.db import init_db, make_engine
-from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from workers.spec import SpecError
+from trainguard.service.api.limits import MAX_ERRORS_LISTED, BodyLimit, capped
+from trainguard.service.api.ports import ControllerPort
+from trainguard.service.api.routes import alerts, ops, runs
+from trainguard.service.api.schemas import AlertmanagerPayload, ErrorBody
+from trainguard.service.config import Settings
+from trainguard.service.db import init_db, make_engine
+from trainguard.service.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from trainguard.workers.spec import SpecError
 
 __all__ = ["create_app", "API_PREFIX", "ERROR_RESPONSES"]
 

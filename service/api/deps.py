@@ -15,10 +15,10 @@ from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from service.api.ports import ControllerPort
-from service.config import Settings
-from service.db import crud
-from service.db.models import RUN_ID_PATTERN, Run
+from trainguard.service.api.ports import ControllerPort
+from trainguard.service.config import Settings
+from trainguard.service.db import crud
+from trainguard.service.db.models import RUN_ID_PATTERN, Run
 
 __all__ = [
     "Principal",

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from workers.spec import PipelineSpec
+from trainguard.workers.spec import PipelineSpec
 
 if TYPE_CHECKING:
-    from service.api.schemas import AlertmanagerPayload
+    from trainguard.service.api.schemas import AlertmanagerPayload
 
 __all__ = ["ControllerPort"]
 

@@ -1,4 +1,4 @@
 """The store: SQLModel tables (models), keyword-only operations (crud), engines and migrations."""
-from service.db.engine import init_db, make_engine
+from trainguard.service.db.engine import init_db, make_engine
 
 __all__ = ["init_db", "make_engine"]

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import flag_modified
 from sqlmodel import Session, col, select
 
-from service.db.models import (
+from trainguard.service.db.models import (
     INCIDENT_OUTCOMES,
     INCIDENT_SOURCES,
     OPEN_OUTCOMES,
@@ -29,7 +29,7 @@ from service.db.models import (
     RunStage,
     utcnow,
 )
-from service.errors import NotFound
+from trainguard.service.errors import NotFound
 
 __all__ = [
     "new_run_id",

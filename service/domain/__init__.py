@@ -3,10 +3,10 @@
 No I/O and no fastapi/ray/sqlmodel/httpx/torch imports here (standard library only),
 so every decision can be unit-tested on plain data.
 """
-from service.domain.detectors import Finding, IncidentKind
-from service.domain.policy import Action, Attempt, CheckpointInfo, Decision, RecoveryConfig, RunSnapshot, decide, dedup_key
-from service.domain.series import Sample, SeriesKey, Window
-from service.domain.state import InvalidTransition, RunEvent, RunState, transition, transition_to
+from trainguard.service.domain.detectors import Finding, IncidentKind
+from trainguard.service.domain.policy import Action, Attempt, CheckpointInfo, Decision, RecoveryConfig, RunSnapshot, decide, dedup_key
+from trainguard.service.domain.series import Sample, SeriesKey, Window
+from trainguard.service.domain.state import InvalidTransition, RunEvent, RunState, transition, transition_to
 
 __all__ = [
     "Action",

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.domain.series import Sample, SampleLike, Window, as_samples, asof
+from trainguard.service.domain.series import Sample, SampleLike, Window, as_samples, asof
 
 __all__ = [
     "IncidentKind",

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.domain.detectors import IncidentKind
+from trainguard.service.domain.detectors import IncidentKind
 
 __all__ = [
     "Action",

@@ -36,7 +36,7 @@ class FakeControllerForBench:
     def submit(self, spec, *, actor):
         from sqlmodel import Session
 
-        from service.db import crud
+        from trainguard.service.db import crud
 
         with Session(self.engine) as s:
             return crud.create_run(s, name=spec.name, spec_json=spec.model_dump_json(), actor=actor).id
@@ -73,9 +73,9 @@ def serve(db_url: str, state_dir: str, port: int) -> None:
     """Entry point of the server process."""
     import uvicorn
 
-    from service.api import create_app
-    from service.config import Settings
-    from service.db import init_db, make_engine
+    from trainguard.service.api import create_app
+    from trainguard.service.config import Settings
+    from trainguard.service.db import init_db, make_engine
 
     settings = Settings(state_dir=Path(state_dir), environment="development", database_url=db_url)
     engine = init_db(make_engine(db_url))
@@ -86,7 +86,7 @@ def serve(db_url: str, state_dir: str, port: int) -> None:
 def _populate(db_url: str, n: int) -> list[str]:
     from sqlmodel import Session
 
-    from service.db import crud, init_db, make_engine
+    from trainguard.service.db import crud, init_db, make_engine
     from tests.bench.workload import pipeline
 
     engine = init_db(make_engine(db_url))

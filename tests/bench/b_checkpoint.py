@@ -24,8 +24,8 @@ from tests.bench.workload import pipeline
 
 
 def _harness(state_dir: Path, *, size: str, steps: int, every: int):
-    from workers.runtime.harness import Harness, make_context
-    from workers.stages import STAGES
+    from trainguard.workers.runtime.harness import Harness, make_context
+    from trainguard.workers.stages import STAGES
 
     spec = pipeline(size=size, steps=steps, world_size=1, batch_size=8, every=every, keep_last=2)
     ctx = make_context(spec, "pretrain", run_id="bench-ckpt")

@@ -67,7 +67,7 @@ class _Server:
     def __init__(self, ctl, port: int) -> None:
         import uvicorn
 
-        from service.api import create_app
+        from trainguard.service.api import create_app
 
         app = create_app(ctl.settings, ctl, engine=ctl.engine)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -85,7 +85,7 @@ class _Server:
 
 
 def _prometheus_run(ctx: Context, at: int, steps: int) -> SupervisedRun:
-    from service.db import crud
+    from trainguard.service.db import crud
     from tests.bench.shared import controller
 
     binary = shutil.which("prometheus")
@@ -93,7 +93,7 @@ def _prometheus_run(ctx: Context, at: int, steps: int) -> SupervisedRun:
         raise RuntimeError("no prometheus binary on PATH")
     d = ctx.sub("detect-prometheus")
     api_port, prom_port = free_port(), free_port()
-    from service.config import DEV_TOKENS
+    from trainguard.service.config import DEV_TOKENS
 
     (d / "prometheus.yml").write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
@@ -128,7 +128,7 @@ scrape_configs:
 
 
 def _state(ctl, run_id: str) -> str:
-    from service.db import crud
+    from trainguard.service.db import crud
 
     with ctl.session() as s:
         return crud.get_run(s, run_id=run_id).state

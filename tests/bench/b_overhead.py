@@ -31,8 +31,8 @@ def _spec(smoke: bool, steps: int):
 
 
 def _ours(spec, state_dir, warmup: int) -> list[float]:
-    from workers.runtime.harness import Harness, make_context
-    from workers.stages import STAGES
+    from trainguard.workers.runtime.harness import Harness, make_context
+    from trainguard.workers.stages import STAGES
 
     ctx = make_context(spec, "pretrain", run_id="bench-overhead")
     stage = STAGES["pretrain"](ctx)
@@ -63,8 +63,8 @@ def _ours(spec, state_dir, warmup: int) -> list[float]:
 
 
 def _bare(spec, warmup: int) -> list[float]:
-    from workers.runtime.harness import make_context, schedule_lr
-    from workers.stages import STAGES
+    from trainguard.workers.runtime.harness import make_context, schedule_lr
+    from trainguard.workers.stages import STAGES
 
     s = spec.stage("pretrain")
     ctx = make_context(spec, "pretrain", run_id="bench-overhead")

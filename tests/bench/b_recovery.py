@@ -70,8 +70,8 @@ def recovery_worker_crash(ctx: Context) -> dict[str, Measurement]:
 def _spike_pair(ctx: Context, at: int) -> tuple[tuple[float, int], tuple[float, int]]:
     """One run: the spike, an in-process rollback (ours); replay to the same step, then the same
     rollback done by stopping the group and starting a new one (baseline)."""
-    from workers.contract import ControlKind
-    from workers.group import WorkerGroup
+    from trainguard.workers.contract import ControlKind
+    from trainguard.workers.group import WorkerGroup
 
     state = ctx.sub("spike")
     dur = 3

@@ -50,7 +50,7 @@ class SimulatedSource:
         self.spike_now = False
 
     def fetch(self, targets):
-        from service.adapters.metrics import Snapshot
+        from trainguard.service.adapters.metrics import Snapshot
 
         out = {}
         now = time.time()
@@ -84,12 +84,12 @@ class SimulatedSource:
 
 
 def _setup(ctx: Context, n: int, tag: str):
-    from service.adapters.metrics import Target
-    from service.config import Settings
-    from service.controller import ActiveStage, Controller, RunDriver
-    from service.db import crud
+    from trainguard.service.adapters.metrics import Target
+    from trainguard.service.config import Settings
+    from trainguard.service.controller import ActiveStage, Controller, RunDriver
+    from trainguard.service.db import crud
     from tests.bench.workload import pipeline
-    import workers.runtime.checkpoint  # noqa: F401 - a one-time import (torch), not a cost of the cycle
+    import trainguard.workers.runtime.checkpoint  # noqa: F401 - a one-time import (torch), not a cost of the cycle
 
     state = ctx.sub(f"scale-{tag}")
     settings = Settings(state_dir=state, environment="development")
@@ -114,7 +114,7 @@ def _setup(ctx: Context, n: int, tag: str):
 
 
 def _cycle(ctx: Context, n: int, tag: str, *, trace_fill: bool) -> dict[str, float]:
-    from service.db import crud
+    from trainguard.service.db import crud
 
     ctl, src = _setup(ctx, n, tag)
     out: dict[str, float] = {}

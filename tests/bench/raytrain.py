@@ -27,10 +27,10 @@ def train_func(config: dict[str, Any]) -> None:
 
     import ray.train
     from ray.train import Checkpoint
-    from workers.runtime.distributed import Dist
-    from workers.runtime.harness import make_context, schedule_lr
-    from workers.spec import parse_pipeline
-    from workers.stages import STAGES
+    from trainguard.workers.runtime.distributed import Dist
+    from trainguard.workers.runtime.harness import make_context, schedule_lr
+    from trainguard.workers.spec import parse_pipeline
+    from trainguard.workers.stages import STAGES
 
     torch.set_num_threads(1)
     tctx = ray.train.get_context()

@@ -67,8 +67,8 @@ def ts(dt: Any) -> float:
 @contextlib.contextmanager
 def controller(state_dir: Path, **overrides: Any) -> Iterator[Any]:
     """The real supervisor: Controller + APScheduler jobs, embedded scrape path unless prometheus_url."""
-    from service.config import Settings
-    from service.app import embedded_supervisor
+    from trainguard.service.config import Settings
+    from trainguard.service.app import embedded_supervisor
 
     opts: dict[str, Any] = dict(state_dir=state_dir, environment="development", watch_interval=0.5,
                                 hang_timeout=5.0)
@@ -79,7 +79,7 @@ def controller(state_dir: Path, **overrides: Any) -> Iterator[Any]:
 
 
 def supervised_run(ctx: Context, name: str, spec: Any, *, timeout: float = 600, **settings: Any) -> SupervisedRun:
-    from service.db import crud
+    from trainguard.service.db import crud
 
     key = ("ours", name, spec.model_dump_json(), tuple(sorted(settings.items())))
     if ctx.smoke and key in _CACHE:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from workers.spec import PipelineSpec, parse_pipeline
+from trainguard.workers.spec import PipelineSpec, parse_pipeline
 
 MODELS = {
     "tiny": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
@@ -37,7 +37,7 @@ def pipeline(*, name: str = "bench", size: str = "tiny", steps: int = 100, world
 
 
 def metrics_log(state_dir: Path, run_id: str, rank: int = 0, stage: str = "pretrain") -> Path:
-    from workers.runtime.harness import metrics_log_path
+    from trainguard.workers.runtime.harness import metrics_log_path
 
     return metrics_log_path(Path(state_dir), run_id, stage, rank)
 

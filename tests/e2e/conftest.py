@@ -49,8 +49,8 @@ import pytest
 import uvicorn
 import yaml
 
-from service.adapters.promql_inventory import REPO_ROOT, RULES_DIR
-from service.api import create_app
+from trainguard.service.adapters.promql_inventory import REPO_ROOT, RULES_DIR
+from trainguard.service.api import create_app
 from tests.conftest import free_port, require_binary, wait_for
 from tests.support import stop_process
 from tests.integration.supervisor.harness import running_controller

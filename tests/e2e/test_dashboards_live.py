@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from service.adapters.promql_inventory import (
+from trainguard.service.adapters.promql_inventory import (
     iter_dashboard_queries,
     iter_dashboard_variables,
     iter_rule_exprs,
@@ -37,7 +37,7 @@ from service.adapters.promql_inventory import (
     render_expr,
 )
 from tests.integration.supervisor.harness import TERMINAL, incidents, run_state, wait_state
-from workers.spec import parse_pipeline
+from trainguard.workers.spec import parse_pipeline
 
 pytestmark = pytest.mark.e2e
 

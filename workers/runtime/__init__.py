@@ -1,7 +1,7 @@
 """Worker runtime: the step loop and everything around a stage's objective."""
 from __future__ import annotations
 
-from workers.runtime.checkpoint import (
+from trainguard.workers.runtime.checkpoint import (
     CheckpointError,
     CheckpointWriter,
     list_checkpoints,
@@ -9,13 +9,13 @@ from workers.runtime.checkpoint import (
     read_manifest,
     verify_checkpoint,
 )
-from workers.runtime.control import ControlInbox
-from workers.runtime.distributed import Dist
-from workers.runtime.exporter import Exporter
-from workers.runtime.faults import FaultInjector
-from workers.runtime.gpu import FakeNvmlGpuHealth, GpuHealth, NvmlGpuHealth, make_gpu_health
-from workers.runtime.guard import Guard, SpikeScorer
-from workers.runtime.harness import Harness, make_context, metrics_log_path
+from trainguard.workers.runtime.control import ControlInbox
+from trainguard.workers.runtime.distributed import Dist
+from trainguard.workers.runtime.exporter import Exporter
+from trainguard.workers.runtime.faults import FaultInjector
+from trainguard.workers.runtime.gpu import FakeNvmlGpuHealth, GpuHealth, NvmlGpuHealth, make_gpu_health
+from trainguard.workers.runtime.guard import Guard, SpikeScorer
+from trainguard.workers.runtime.harness import Harness, make_context, metrics_log_path
 
 __all__ = [
     "CheckpointError",

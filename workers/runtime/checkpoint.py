@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 import fsspec
 import torch
 
-from workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, CheckpointRef
+from trainguard.workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, CheckpointRef
 
 __all__ = [
     "CheckpointError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from workers.contract import Control
+from trainguard.workers.contract import Control
 
 __all__ = ["ControlInbox"]
 

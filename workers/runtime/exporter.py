@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from workers.contract import WORKER_LABELS, AnomalyKind, M
-from workers.runtime.gpu import GpuHealth
+from trainguard.workers.contract import WORKER_LABELS, AnomalyKind, M
+from trainguard.workers.runtime.gpu import GpuHealth
 
 __all__ = ["Exporter", "STAGE_GAUGES", "CHECKPOINT_STALL"]
 

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.contract import FaultKind
-from workers.spec import FaultSpec
-from workers.runtime.checkpoint import storage_for
-from workers.runtime.gpu import GpuHealth
+from trainguard.workers.contract import FaultKind
+from trainguard.workers.spec import FaultSpec
+from trainguard.workers.runtime.checkpoint import storage_for
+from trainguard.workers.runtime.gpu import GpuHealth
 
 __all__ = ["FaultEffects", "FaultInjector", "corrupt_file"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
-from workers.contract import AnomalyKind
+from trainguard.workers.contract import AnomalyKind
 
 __all__ = ["SpikeScorer", "Guard", "GuardVerdict"]
 

@@ -20,16 +20,16 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from workers.contract import AnomalyKind, CheckpointRef, CheckpointReport, Control, ControlKind, M, StageKind
-from workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_path,
+from trainguard.workers.contract import AnomalyKind, CheckpointRef, CheckpointReport, Control, ControlKind, M, StageKind
+from trainguard.workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_path,
                                         discard_after, load_checkpoint, stage_root, to_cpu)
-from workers.runtime.control import ControlInbox
-from workers.runtime.distributed import Dist
-from workers.runtime.exporter import CHECKPOINT_STALL, Exporter
-from workers.runtime.faults import FaultInjector
-from workers.runtime.gpu import GpuHealth
-from workers.runtime.guard import Guard
-from workers.stages.base import Stage, StageContext
+from trainguard.workers.runtime.control import ControlInbox
+from trainguard.workers.runtime.distributed import Dist
+from trainguard.workers.runtime.exporter import CHECKPOINT_STALL, Exporter
+from trainguard.workers.runtime.faults import FaultInjector
+from trainguard.workers.runtime.gpu import GpuHealth
+from trainguard.workers.runtime.guard import Guard
+from trainguard.workers.stages.base import Stage, StageContext
 
 __all__ = [
     "Harness",

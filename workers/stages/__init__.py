@@ -1,13 +1,13 @@
 """Training stages, one module each; `STAGES` maps a stage kind to its class."""
 from __future__ import annotations
 
-from workers.stages.anneal import AnnealStage
-from workers.stages.base import Stage, StageContext, StepResult
-from workers.stages.dpo import DPOStage
-from workers.stages.ppo import PPOStage
-from workers.stages.pretrain import PretrainStage
-from workers.stages.reward_model import RewardModelStage
-from workers.stages.sft import SFTStage
+from trainguard.workers.stages.anneal import AnnealStage
+from trainguard.workers.stages.base import Stage, StageContext, StepResult
+from trainguard.workers.stages.dpo import DPOStage
+from trainguard.workers.stages.ppo import PPOStage
+from trainguard.workers.stages.pretrain import PretrainStage
+from trainguard.workers.stages.reward_model import RewardModelStage
+from trainguard.workers.stages.sft import SFTStage
 
 __all__ = [
     "STAGES",

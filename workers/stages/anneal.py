@@ -5,7 +5,7 @@ mixture is mostly curated. Only the kind differs from pretraining.
 """
 from __future__ import annotations
 
-from workers.stages.pretrain import PretrainStage
+from trainguard.workers.stages.pretrain import PretrainStage
 
 __all__ = ["AnnealStage"]
 

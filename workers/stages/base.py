@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from workers.contract import CheckpointRef
+from trainguard.workers.contract import CheckpointRef
 
 
 @dataclass

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.data import collate_preferences, preference_batch, preference_pairs
-from workers.model import GPT, build_gpt, load_weights, sequence_logprobs
-from workers.stages.base import Stage, StageContext, StepResult
-from workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size
-from workers.stages.reward_model import EVAL_CHUNK, corrupt_preferences
-from workers.tokenizer import PAD
+from trainguard.workers.data import collate_preferences, preference_batch, preference_pairs
+from trainguard.workers.model import GPT, build_gpt, load_weights, sequence_logprobs
+from trainguard.workers.stages.base import Stage, StageContext, StepResult
+from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size
+from trainguard.workers.stages.reward_model import EVAL_CHUNK, corrupt_preferences
+from trainguard.workers.tokenizer import PAD
 
 __all__ = ["DPOStage", "policy_and_reference"]
 

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.data import prompt_batch, sft_batch
-from workers.model import GPT, RewardModel, build_reward_model, generate, lm_loss, load_weights, token_logprobs
-from workers.stages.base import Stage, StageContext, StepResult
-from workers.stages.dpo import policy_and_reference
-from workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size, step_generator
-from workers.tokenizer import EOS, PAD, RARE_BYTE
+from trainguard.workers.data import prompt_batch, sft_batch
+from trainguard.workers.model import GPT, RewardModel, build_reward_model, generate, lm_loss, load_weights, token_logprobs
+from trainguard.workers.stages.base import Stage, StageContext, StepResult
+from trainguard.workers.stages.dpo import policy_and_reference
+from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size, step_generator
+from trainguard.workers.tokenizer import EOS, PAD, RARE_BYTE
 
 __all__ = ["PPOStage", "kl_controller_update", "response_mask", "CLIP_EPS", "PTX_COEF"]
 

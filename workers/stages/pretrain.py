@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from workers.contract import MANIFEST_NAME, CheckpointRef
-from workers.data import derive_seed, get_mixture
-from workers.model import GPT, build_gpt, lm_loss, load_weights
-from workers.stages.base import Stage, StageContext, StepResult
-from workers.tokenizer import RARE_BYTE
+from trainguard.workers.contract import MANIFEST_NAME, CheckpointRef
+from trainguard.workers.data import derive_seed, get_mixture
+from trainguard.workers.model import GPT, build_gpt, lm_loss, load_weights
+from trainguard.workers.stages.base import Stage, StageContext, StepResult
+from trainguard.workers.tokenizer import RARE_BYTE
 
 __all__ = ["PretrainStage", "local_batch_size", "evaluating", "find_input", "frozen", "init_seed", "step_generator"]
 
@@ -57,7 +57,7 @@ def evaluating(ctx: StageContext, *modules: nn.Module) -> Iterator[None]:
 
 
 def _stage_kind(ref: CheckpointRef) -> str | None:
-    from workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
+    from trainguard.workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
 
     return json.loads(read_verified(ref, [])[MANIFEST_NAME]).get("stage_kind")
 

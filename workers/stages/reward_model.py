@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.data import collate_preferences, garble_responses, preference_batch, preference_pairs
-from workers.model import RewardModel, build_reward_model, load_weights
-from workers.stages.base import Stage, StageContext, StepResult
-from workers.stages.pretrain import evaluating, init_seed, local_batch_size
-from workers.tokenizer import PAD
+from trainguard.workers.data import collate_preferences, garble_responses, preference_batch, preference_pairs
+from trainguard.workers.model import RewardModel, build_reward_model, load_weights
+from trainguard.workers.stages.base import Stage, StageContext, StepResult
+from trainguard.workers.stages.pretrain import evaluating, init_seed, local_batch_size
+from trainguard.workers.tokenizer import PAD
 
 __all__ = ["RewardModelStage", "corrupt_preferences", "EVAL_CHUNK"]
 

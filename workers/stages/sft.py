@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from workers.data import collate_sft, sft_batch, sft_pairs
-from workers.model import lm_loss
-from workers.stages.base import StepResult
-from workers.stages.pretrain import PretrainStage, evaluating, local_batch_size
-from workers.tokenizer import PAD, RARE_BYTE
+from trainguard.workers.data import collate_sft, sft_batch, sft_pairs
+from trainguard.workers.model import lm_loss
+from trainguard.workers.stages.base import StepResult
+from trainguard.workers.stages.pretrain import PretrainStage, evaluating, local_batch_size
+from trainguard.workers.tokenizer import PAD, RARE_BYTE
 
 __all__ = ["SFTStage", "EVAL_CHUNK"]
 

@@ -13,10 +13,10 @@ import logging
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import ValidationError
 
-from service.api.deps import ControllerDep, WebhookDep
-from service.api.limits import MAX_ERRORS_LISTED, capped
-from service.api.schemas import AlertmanagerPayload, AlertsResult
-from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from trainguard.service.api.deps import ControllerDep, WebhookDep
+from trainguard.service.api.limits import MAX_ERRORS_LISTED, capped
+from trainguard.service.api.schemas import AlertmanagerPayload, AlertsResult
+from trainguard.service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["alerts"])

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from service.api.deps import ControllerDep, Principal, SessionDep, require_viewer_for
+from trainguard.service.api.deps import ControllerDep, Principal, SessionDep, require_viewer_for
 
 api_router = APIRouter(tags=["discovery"])
 root_router = APIRouter(tags=["ops"])

@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, status
 
-from service.access import check_pipeline_access
-from service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, SettingsDep, ViewerDep
-from service.api.schemas import MAX_DB_INT, AnnealRequest, RollbackAccepted, RollbackRequest
-from service.db import crud
-from service.db.models import (
+from trainguard.service.access import check_pipeline_access
+from trainguard.service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, SettingsDep, ViewerDep
+from trainguard.service.api.schemas import MAX_DB_INT, AnnealRequest, RollbackAccepted, RollbackRequest
+from trainguard.service.db import crud
+from trainguard.service.db.models import (
     RUN_STATES,
     CheckpointsPublic,
     EventsPublic,
@@ -21,8 +21,8 @@ from service.db.models import (
     RunPublic,
     RunsPublic,
 )
-from service.errors import Conflict, InvalidRequest
-from workers.spec import PipelineSpec, parse_pipeline, parse_pipeline_text
+from trainguard.service.errors import Conflict, InvalidRequest
+from trainguard.workers.spec import PipelineSpec, parse_pipeline, parse_pipeline_text
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-from service.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from trainguard.service.db import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -15,7 +15,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from service.config import Settings
+    from trainguard.service.config import Settings
 
     return Settings().database_url
 
@@ -42,7 +42,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run_with(connection)
         return
-    from service.db.engine import make_engine
+    from trainguard.service.db.engine import make_engine
 
     engine = make_engine(_url())
     try:

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 import uvicorn
 from sqlmodel import Session, SQLModel
 
-from service.api import create_app
-from service.config import Settings
-from service.db import crud, init_db, make_engine
+from trainguard.service.api import create_app
+from trainguard.service.config import Settings
+from trainguard.service.db import crud, init_db, make_engine
 from tests.conftest import free_port, wait_for
 
 VIEWER, OPERATOR, WEBHOOK = "viewer-test-token-1234", "operator-test-token-1234", "webhook-test-token-1234"

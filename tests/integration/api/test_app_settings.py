@@ -7,7 +7,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.api import create_app
+from trainguard.service.api import create_app
 from tests.integration.api.conftest import VIEWER, RecordingControllerForApiTests, _settings
 
 pytestmark = pytest.mark.integration

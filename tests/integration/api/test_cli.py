@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlmodel import Session
 
-from service.cli import main
-from service.db import crud
+from trainguard.service.cli import main
+from trainguard.service.db import crud
 from tests.conftest import free_port
 from tests.integration.api.conftest import OPERATOR, VIEWER
 

@@ -10,8 +10,8 @@ import json
 import pytest
 from sqlmodel import Session
 
-from service.db import crud
-from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from trainguard.service.db import crud
+from trainguard.service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from tests.integration.api.conftest import OPERATOR, VIEWER, WEBHOOK
 
 pytestmark = pytest.mark.integration

@@ -34,9 +34,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlmodel import Session
 
-from service.api import create_app
-from service.db import crud, make_engine
-from service.db.models import RUN_ID_PATTERN
+from trainguard.service.api import create_app
+from trainguard.service.db import crud, make_engine
+from trainguard.service.db.models import RUN_ID_PATTERN
 from tests.integration.api.conftest import (
     OPERATOR,
     VIEWER,

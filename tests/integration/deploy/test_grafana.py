@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.adapters.grafana import (
+from trainguard.service.adapters.grafana import (
     GrafanaAuthError,
     GrafanaClient,
     GrafanaError,
@@ -17,7 +17,7 @@ from service.adapters.grafana import (
     push_dashboards,
     run_dashboards,
 )
-from service.adapters.promql_inventory import DASHBOARD_DIR
+from trainguard.service.adapters.promql_inventory import DASHBOARD_DIR
 from tests.conftest import free_port
 from tests.integration.deploy.fake_grafana import FakeGrafanaServer
 
@@ -140,7 +140,7 @@ def test_cli_dashboards_push_needs_url_and_token(monkeypatch, capsys):
 
 
 def test_trainguard_cli_wires_dashboards_push(grafana, capsys):
-    from service.cli import main
+    from trainguard.service.cli import main
 
     assert main(["dashboards", "push", "--url", grafana.url, "--token", grafana.token]) == 0
     assert len(grafana.dashboards) == 2

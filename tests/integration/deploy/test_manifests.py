@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from service.adapters.promql_inventory import REPO_ROOT, RULES_DIR, prometheus_rule_manifest
+from tests.support import REPO_ROOT
+from trainguard.service.adapters.promql_inventory import RULES_DIR, prometheus_rule_manifest
 from tests.conftest import require_binary
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ import httpx
 import pytest
 import yaml
 
-from service.adapters.promql_inventory import (
+from tests.support import REPO_ROOT
+from trainguard.service.adapters.promql_inventory import (
     DASHBOARD_DIR,
-    REPO_ROOT,
     RULES_DIR,
     iter_dashboard_queries,
     iter_rule_exprs,

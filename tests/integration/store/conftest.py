@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session
 
-from service.db import init_db, make_engine
+from trainguard.service.db import init_db, make_engine
 
 
 @pytest.fixture

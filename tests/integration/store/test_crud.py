@@ -7,8 +7,8 @@ from datetime import timezone
 import pytest
 from sqlmodel import Session
 
-from service.db import crud
-from service.errors import NotFound
+from trainguard.service.db import crud
+from trainguard.service.errors import NotFound
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
-from service.db import init_db, make_engine
-from service.db import models  # noqa: F401
-from service.db.engine import alembic_config
+from trainguard.service.db import init_db, make_engine
+from trainguard.service.db import models  # noqa: F401
+from trainguard.service.db.engine import alembic_config
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.controller import RunDriver
+from trainguard.service.controller import RunDriver
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
-from service.config import Settings
-from service.controller import Controller
-from service.db import crud
-from service.app import embedded_supervisor
+from trainguard.service.config import Settings
+from trainguard.service.controller import Controller
+from trainguard.service.db import crud
+from trainguard.service.app import embedded_supervisor
 from tests.conftest import wait_for
-from workers.spec import parse_pipeline
+from trainguard.workers.spec import parse_pipeline
 
 TERMINAL = ("completed", "failed", "stopped", "needs_attention")
 FINAL_STAGE_STATES = ("completed", "stopped", "failed", "skipped")

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from service.config import Settings
-from service.controller import Controller
-from service.db import crud
+from trainguard.service.config import Settings
+from trainguard.service.controller import Controller
+from trainguard.service.db import crud
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service import demo
+from trainguard.service import demo
 
 pytestmark = pytest.mark.integration
 

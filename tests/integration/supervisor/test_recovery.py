@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from service.analyze import analyze_file
+from trainguard.service.analyze import analyze_file
 
 from tests.conftest import wait_for
 from tests.integration.supervisor.harness import (

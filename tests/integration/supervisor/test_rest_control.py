@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api import create_app
+from trainguard.service.api import create_app
 from tests.conftest import free_port, wait_for
 from tests.integration.supervisor.harness import assert_nothing_survives, running_controller, tiny_pipeline, wait_state
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service import errors
-from service.controller import Controller
-from service.db import crud
+from trainguard.service import errors
+from trainguard.service.controller import Controller
+from trainguard.service.db import crud
 from tests.conftest import wait_for
 from tests.integration.supervisor.harness import (assert_nothing_survives, incidents, run_state, running_controller,
                                                   tiny_pipeline, wait_state)

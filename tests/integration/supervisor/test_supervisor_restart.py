@@ -22,7 +22,7 @@ def _serve(state_dir: Path, port: int, ray_address: str, log: Path) -> subproces
     env = {**os.environ, "TRAINGUARD_STATE_DIR": str(state_dir), "TRAINGUARD_PORT": str(port),
            "TRAINGUARD_ENVIRONMENT": "development", "TRAINGUARD_WATCH_INTERVAL": "0.25",
            "TRAINGUARD_HANG_TIMEOUT": "5", "RAY_ADDRESS": ray_address}
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "trainguard.service.cli", "serve"], env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tests.conftest import wait_for
-from workers.contract import ControlKind, M
-from workers.group import WorkerGroup
-from workers.runtime.checkpoint import list_checkpoints, load_checkpoint, stage_root
-from workers.spec import parse_pipeline
+from trainguard.workers.contract import ControlKind, M
+from trainguard.workers.group import WorkerGroup
+from trainguard.workers.runtime.checkpoint import list_checkpoints, load_checkpoint, stage_root
+from trainguard.workers.spec import parse_pipeline
 
 from ._helpers import history, scrape, tiny_pipeline, value
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.contract import M
-from workers.runtime.checkpoint import CheckpointError, list_checkpoints, stage_root, verify_checkpoint
-from workers.runtime.exporter import Exporter
-from workers.runtime.harness import Harness, make_context
-from workers.spec import parse_pipeline
-from workers.stages import STAGES
+from trainguard.workers.contract import M
+from trainguard.workers.runtime.checkpoint import CheckpointError, list_checkpoints, stage_root, verify_checkpoint
+from trainguard.workers.runtime.exporter import Exporter
+from trainguard.workers.runtime.harness import Harness, make_context
+from trainguard.workers.spec import parse_pipeline
+from trainguard.workers.stages import STAGES
 
 from ._helpers import history, scrape, tiny_pipeline, value
 

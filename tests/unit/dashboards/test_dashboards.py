@@ -7,9 +7,9 @@ import re
 import pytest
 import yaml
 
-from service.adapters.promql_inventory import (
+from tests.support import REPO_ROOT
+from trainguard.service.adapters.promql_inventory import (
     DASHBOARD_DIR,
-    REPO_ROOT,
     RULES_DIR,
     iter_dashboard_queries,
     iter_rule_exprs,
@@ -17,7 +17,7 @@ from service.adapters.promql_inventory import (
     recording_rule_names,
     render_expr,
 )
-from workers.contract import M
+from trainguard.workers.contract import M
 
 DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 
-from service.domain.series import Sample
+from trainguard.service.domain.series import Sample
 
 
 def healthy_loss(seed: int, steps: int, *, sigma: float | None = None, start: int = 0) -> list[Sample]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.analyze import AnalyzeError, add_analyze_parser, analyze_file, load_series, main, run_analyze
+from trainguard.service.analyze import AnalyzeError, add_analyze_parser, analyze_file, load_series, main, run_analyze
 from tests.unit.service.curves import healthy_loss, inject_spike
 
 SPIKES = [(800, 5, 4.0), (1600, 3, 3.0)]
@@ -178,7 +178,7 @@ def test_log_with_a_rollback_still_shows_the_spike_it_was_rolled_back_from(tmp_p
     import json as _json
     import math as _math
 
-    from service.analyze import analyze_file as _analyze
+    from trainguard.service.analyze import analyze_file as _analyze
 
     rows = [{"step": s, "loss": 3.0 * _math.exp(-s / 300) * (1 + 0.02 * ((s * 7) % 5 - 2))} for s in range(1, 81)]
     for r in rows[60:70]:

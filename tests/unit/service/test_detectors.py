@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from service.domain import detectors as d
-from service.domain.series import Sample, Window
+from trainguard.service.domain import detectors as d
+from trainguard.service.domain.series import Sample, Window
 from tests.unit.service.curves import healthy_loss, inject_divergence, inject_spike
 
 FA_SEEDS = range(5)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from service.domain.detectors import Finding
-from service.domain.policy import (
+from trainguard.service.domain.detectors import Finding
+from trainguard.service.domain.policy import (
     Action,
     Attempt,
     CheckpointInfo,

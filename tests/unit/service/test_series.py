@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from service.domain.series import Sample, SeriesKey, Window, align, align_many, as_samples, asof, merge
+from trainguard.service.domain.series import Sample, SeriesKey, Window, align, align_many, as_samples, asof, merge
 
 
 def test_window_keeps_step_order_and_bound():
@@ -54,7 +54,7 @@ def test_asof_and_align_many():
 
 def test_domain_imports_no_io_frameworks():
     code = (
-        "import sys, service.domain, service.domain.detectors, service.domain.policy, service.domain.state;"
+        "import sys, trainguard.service.domain, trainguard.service.domain.detectors, trainguard.service.domain.policy, trainguard.service.domain.state;"
         "bad = [m for m in ('fastapi','ray','sqlmodel','httpx','torch','pydantic','numpy') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

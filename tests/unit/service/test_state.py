@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from service.domain.state import TRANSITIONS, InvalidTransition, RunEvent, RunState, transition, transition_to
+from trainguard.service.domain.state import TRANSITIONS, InvalidTransition, RunEvent, RunState, transition, transition_to
 
 LEGAL = [
     ("pending", "start", "running"),

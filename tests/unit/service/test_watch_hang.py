@@ -1,10 +1,10 @@
 """The watch's hang check against an operator's pause (pure: an ActiveStage and a clock)."""
 from __future__ import annotations
 
-from service.adapters.metrics import Target
-from service.controller import ActiveStage
-from service.domain import detectors as D
-from service.watch import WatchConfig, _hang
+from trainguard.service.adapters.metrics import Target
+from trainguard.service.controller import ActiveStage
+from trainguard.service.domain import detectors as D
+from trainguard.service.watch import WatchConfig, _hang
 
 
 def _stage(last_beat: float) -> ActiveStage:

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from service.access import check_pipeline_access
-from service.config import Settings
-from service.errors import InvalidRequest
-from workers.spec import parse_pipeline
+from trainguard.service.access import check_pipeline_access
+from trainguard.service.config import Settings
+from trainguard.service.errors import InvalidRequest
+from trainguard.workers.spec import parse_pipeline
 
 BUCKET = "s3://tg-bucket/checkpoints"
 

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from service.cli import build_parser, format_table, parse_mixture
+from trainguard.service.cli import build_parser, format_table, parse_mixture
 
 
 def test_table_aligns_text_left_and_numbers_right():
@@ -59,8 +59,8 @@ def test_rollback_options_show_their_defaults_in_help(capsys):
 
 
 def test_the_lr_default_shown_is_the_policys():
-    from service.cli import POLICY_LR_BACKOFF
-    from service.domain.policy import RecoveryConfig
+    from trainguard.service.cli import POLICY_LR_BACKOFF
+    from trainguard.service.domain.policy import RecoveryConfig
 
     assert POLICY_LR_BACKOFF == RecoveryConfig().lr_backoff
 
@@ -68,8 +68,8 @@ def test_the_lr_default_shown_is_the_policys():
 def test_serve_refuses_development_tokens_on_a_reachable_address(monkeypatch, capsys):
     import uvicorn
 
-    from service.cli import main
-    from service.config import DEV_TOKENS
+    from trainguard.service.cli import main
+    from trainguard.service.config import DEV_TOKENS
 
     for k in [k for k in __import__("os").environ if k.startswith("TRAINGUARD_")]:
         monkeypatch.delenv(k)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.config import DEV_TOKENS, MIN_TOKEN_LENGTH, Settings, is_loopback
+from trainguard.service.config import DEV_TOKENS, MIN_TOKEN_LENGTH, Settings, is_loopback
 
 
 LONG = {"viewer_token": "v" * 40, "operator_token": "o" * 40, "webhook_token": "w" * 40}

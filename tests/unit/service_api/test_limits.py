@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from service.api.limits import BodyLimit, capped
+from trainguard.service.api.limits import BodyLimit, capped
 
 
 def _run(declared: int | None, chunks: list[bytes], limit: int = 100) -> tuple[list[dict], list[bytes]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.api.schemas import AlertmanagerPayload, AnnealRequest, RollbackAccepted, RollbackRequest
+from trainguard.service.api.schemas import AlertmanagerPayload, AnnealRequest, RollbackAccepted, RollbackRequest
 
 
 def test_anneal_defaults_and_known_sources():

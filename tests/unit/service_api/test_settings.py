@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.config import DEV_TOKENS, Settings
+from trainguard.service.config import DEV_TOKENS, Settings
 
 
 SECRETS = {"viewer_token": "v" * 40, "operator_token": "o" * 40, "webhook_token": "w" * 40}

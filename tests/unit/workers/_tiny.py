@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.contract import CheckpointRef
-from workers.spec import parse_pipeline
-from workers.stages.base import Stage, StepResult
+from trainguard.workers.contract import CheckpointRef
+from trainguard.workers.spec import parse_pipeline
+from trainguard.workers.stages.base import Stage, StepResult
 
 VOCAB = 16
 

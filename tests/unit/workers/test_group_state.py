@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.group import group_state
+from trainguard.workers.group import group_state
 
 
 def _rank(state: str, *, returned: bool, alive: bool = True) -> dict:

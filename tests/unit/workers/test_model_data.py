@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers import data
-from workers.model import (
+from trainguard.workers import data
+from trainguard.workers.model import (
     GPT,
     RewardModel,
     build_gpt,
@@ -18,8 +18,8 @@ from workers.model import (
     load_weights,
     sequence_logprobs,
 )
-from workers.spec import ModelSpec
-from workers.tokenizer import BOS, EOS, PAD, SEP, VOCAB_SIZE, decode, encode
+from trainguard.workers.spec import ModelSpec
+from trainguard.workers.tokenizer import BOS, EOS, PAD, SEP, VOCAB_SIZE, decode, encode
 
 from ._tiny import recorded
 
@@ -168,7 +168,7 @@ def test_user_text_and_jsonl_sources(tmp_path: Path):
 
 
 def test_load_weights_refuses_bytes_that_do_not_match_the_recorded_hashes(tmp_path: Path):
-    from workers.runtime.checkpoint import CheckpointCorrupt
+    from trainguard.workers.runtime.checkpoint import CheckpointCorrupt
 
     (tmp_path / "manifest.json").write_text("{}")
     torch.save(build_gpt(SPEC, seed=1).state_dict(), tmp_path / "model.pt")

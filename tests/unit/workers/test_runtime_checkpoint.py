@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from workers.contract import CheckpointRef
-from workers.runtime.checkpoint import (
+from trainguard.workers.contract import CheckpointRef
+from trainguard.workers.runtime.checkpoint import (
     CheckpointCorrupt,
     CheckpointError,
     CheckpointIncomplete,
@@ -21,7 +21,7 @@ from workers.runtime.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from workers.runtime.faults import corrupt_file
+from trainguard.workers.runtime.faults import corrupt_file
 
 
 def _snap(step: int, tags=()) -> Snapshot:

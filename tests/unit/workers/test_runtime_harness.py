@@ -7,9 +7,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers.contract import Control, ControlKind, M
-from workers.runtime.checkpoint import CheckpointCorrupt, list_checkpoints, stage_root, verify_checkpoint
-from workers.runtime.harness import Harness, make_context, metrics_log_path
+from trainguard.workers.contract import Control, ControlKind, M
+from trainguard.workers.runtime.checkpoint import CheckpointCorrupt, list_checkpoints, stage_root, verify_checkpoint
+from trainguard.workers.runtime.harness import Harness, make_context, metrics_log_path
 
 from ._tiny import TinyStage, tiny_spec
 

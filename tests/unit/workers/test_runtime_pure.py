@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from workers.contract import AnomalyKind, Control, ControlKind
-from workers.runtime.control import ControlInbox
-from workers.runtime.guard import Guard, SpikeScorer
-from workers.runtime.harness import DataCursor, anneal_lr, merge_ranges, schedule_lr
+from trainguard.workers.contract import AnomalyKind, Control, ControlKind
+from trainguard.workers.runtime.control import ControlInbox
+from trainguard.workers.runtime.guard import Guard, SpikeScorer
+from trainguard.workers.runtime.harness import DataCursor, anneal_lr, merge_ranges, schedule_lr
 
 
 def test_schedule_warms_up_then_decays_to_min_ratio():

@@ -8,13 +8,13 @@ import urllib.request
 import pytest
 import torch
 
-from workers.contract import FaultKind
-from workers.runtime.exporter import Exporter
-from workers.runtime.faults import FaultInjector
-from workers.runtime.gpu import FakeNvmlGpuHealth, GpuHealth, make_gpu_health
-from workers.runtime.harness import Harness, make_context
-from workers.runtime.checkpoint import read_manifest
-from workers.spec import FaultSpec, parse_pipeline
+from trainguard.workers.contract import FaultKind
+from trainguard.workers.runtime.exporter import Exporter
+from trainguard.workers.runtime.faults import FaultInjector
+from trainguard.workers.runtime.gpu import FakeNvmlGpuHealth, GpuHealth, make_gpu_health
+from trainguard.workers.runtime.harness import Harness, make_context
+from trainguard.workers.runtime.checkpoint import read_manifest
+from trainguard.workers.spec import FaultSpec, parse_pipeline
 
 from ._tiny import TinyStage
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.spec import SpecError, load_pipeline, parse_pipeline
+from trainguard.workers.spec import SpecError, load_pipeline, parse_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 BASE = {

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers import spec as S
-from workers.contract import CheckpointRef, StageKind
-from workers.stages import STAGES, Stage, StageContext, StepResult
-from workers.stages.ppo import kl_controller_update
-from workers.stages.pretrain import find_input
+from trainguard.workers import spec as S
+from trainguard.workers.contract import CheckpointRef, StageKind
+from trainguard.workers.stages import STAGES, Stage, StageContext, StepResult
+from trainguard.workers.stages.ppo import kl_controller_update
+from trainguard.workers.stages.pretrain import find_input
 
 from ._tiny import recorded
 

@@ -1,0 +1,1 @@
+"""Grafana dashboards (JSON), shipped as package data: `trainguard.resources.dashboards_dir()`."""

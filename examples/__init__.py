@@ -1,0 +1,1 @@
+"""Example pipelines (YAML), shipped as package data: `trainguard.resources.examples_dir()`."""
