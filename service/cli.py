@@ -13,22 +13,36 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from trainguard.service.cli_format import (
+    CHECKPOINT_COLUMNS,
+    EVENT_COLUMNS,
+    INCIDENT_COLUMNS,
+    RUN_COLUMNS,
+    Column,
+    cell,
+    current_stage,
+    format_table,
+    page_table,
+    progress_line,
+    render_run,
+)
+from trainguard.service.domain.policy import RecoveryConfig
+from trainguard.service.domain.state import TERMINAL_RUN_STATES, RunState
+
 __all__ = ["main", "build_parser", "format_table", "parse_mixture", "ApiClient", "CliError"]
 
 API = "/api/v1"
-TERMINAL = ("completed", "failed", "stopped")
 EXIT_OK, EXIT_ERROR, EXIT_NEEDS_ATTENTION = 0, 1, 3
-# RecoveryConfig.lr_backoff's default (tests keep them equal; importing the policy here would
-# slow every command down for one number in --help).
-POLICY_LR_BACKOFF = 0.5
+POLICY_LR_BACKOFF = RecoveryConfig().lr_backoff  # what `rollback` without --lr-multiplier applies
 PROGRESS_REPEAT_S = 30.0  # --wait repeats an unchanged progress line this often: a stall stays visible
+# `submit --wait` returns once the run is over or needs an operator (`stop --wait`: once it is over)
+SETTLED_RUN_STATES = TERMINAL_RUN_STATES | {RunState.NEEDS_ATTENTION}
 
 
 class CliError(Exception):
@@ -75,153 +89,12 @@ def _error_detail(r: httpx.Response) -> str:
     return str(detail)
 
 
-# --- output ----------------------------------------------------------------------------------
-
-Column = tuple[str, Callable[[dict], Any]]
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v, separators=(",", ":"))
-    return str(v)
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
-    """Left-aligned text columns, right-aligned numbers, two spaces apart."""
-    header = [name for name, _ in columns]
-    raw = [[get(row) for _, get in columns] for row in rows]
-    cells = [[_cell(v) for v in r] for r in raw]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    numeric = [bool(raw) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) or r[i] is None for r in raw)
-               for i in range(len(header))]
-
-    def line(values: list[str]) -> str:
-        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(header)] + [line(r) for r in cells])
-
-
-def _time(v: str | None) -> str | None:
-    return v[:19].replace("T", " ") if v else v
-
-
-def _age(v: str | None, now: datetime | None = None) -> str | None:
-    """"2026-01-01T00:00:00Z" -> "12s ago" (from this machine's clock)."""
-    if not v:
-        return None
-    try:
-        at = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        return v
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
-    seconds = max(0, int(((now or datetime.now(timezone.utc)) - at).total_seconds()))
-    if seconds < 60:
-        return f"{seconds}s ago"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s ago"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
-
-
-def _checkpoint_status(r: dict) -> str:
-    # Deleted by retention is not unhealthy: it is gone, and was fine.
-    if r.get("deleted_at"):
-        return "deleted"
-    if r.get("bad_reason") or not r.get("healthy", True):
-        return "bad"
-    return "good" if r.get("verified") else "unverified"
-
-
-RUN_COLUMNS: list[Column] = [
-    ("ID", lambda r: r["id"]),
-    ("NAME", lambda r: r["name"]),
-    ("STATE", lambda r: r["state"]),
-    ("STAGE", lambda r: r.get("current_stage")),
-    ("LR_MULT", lambda r: r.get("lr_multiplier")),
-    ("GOODPUT", lambda r: r.get("goodput")),
-    ("UPDATED", lambda r: _time(r.get("updated_at"))),
-]
-STAGE_COLUMNS: list[Column] = [
-    ("#", lambda r: r["index"]),
-    ("STAGE", lambda r: r["name"]),
-    ("KIND", lambda r: r["kind"]),
-    ("STATE", lambda r: r["state"]),
-    ("STEP", lambda r: r["step"]),
-    ("STEPS", lambda r: r["steps"]),
-    ("LOSS", lambda r: r.get("last_loss")),
-    ("LAST_STEP", lambda r: _age(r.get("last_step_at")) if r.get("state") == "running" else None),
-    ("FIRST_LOSS", lambda r: r.get("first_loss")),
-    ("FINAL_LOSS", lambda r: r.get("final_loss")),
-    ("RESTARTS", lambda r: r.get("restarts")),
-]
-CHECKPOINT_COLUMNS: list[Column] = [
-    ("ID", lambda r: r["id"]),
-    ("STAGE", lambda r: r["stage_name"]),
-    ("STEP", lambda r: r["step"]),
-    ("CURSOR", lambda r: r["batch_cursor"]),
-    ("STATUS", _checkpoint_status),
-    ("TAGS", lambda r: ",".join(r.get("tags") or []) or None),
-    ("BAD_REASON", lambda r: r.get("bad_reason")),
-    ("PATH", lambda r: r["path"]),
-]
-INCIDENT_COLUMNS: list[Column] = [
-    ("ID", lambda r: r["id"]),
-    ("STAGE", lambda r: r.get("stage_name")),
-    ("KIND", lambda r: r["kind"]),
-    ("SOURCE", lambda r: r["source"]),
-    ("ONSET", lambda r: r.get("onset_step")),
-    ("DETECTED", lambda r: r.get("detected_at_step")),
-    ("ACTION", lambda r: r.get("action")),
-    ("ROLLBACK_TO", lambda r: r.get("rollback_to_step")),
-    ("SKIP", lambda r: r.get("skip") or None),
-    ("LR_MULT", lambda r: r.get("lr_multiplier")),
-    ("ATTEMPT", lambda r: r.get("attempt")),
-    ("OUTCOME", lambda r: r["outcome"]),
-    ("RECOVERY_S", lambda r: r.get("recovery_seconds")),
-]
-EVENT_COLUMNS: list[Column] = [
-    ("ID", lambda r: r["id"]),
-    ("AT", lambda r: _time(r["at"])),
-    ("ACTOR", lambda r: r["actor"]),
-    ("KIND", lambda r: r["kind"]),
-    ("RESULT", lambda r: r.get("result")),
-    ("DETAIL", lambda r: r.get("detail") or None),
-]
+# --- commands --------------------------------------------------------------------------------
 
 
 def _emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> int:
     print(json.dumps(data, indent=2) if args.json else render(data))
     return EXIT_OK
-
-
-def _render_run(run: dict) -> str:
-    head = [
-        ("run", run["id"]),
-        ("name", run["name"]),
-        ("state", run["state"]),
-        ("stage", run.get("current_stage") or "-"),
-        ("lr multiplier", _cell(run.get("lr_multiplier"))),
-        ("goodput", _cell(run.get("goodput"))),
-        ("created", _time(run.get("created_at"))),
-        ("updated", _time(run.get("updated_at"))),
-    ]
-    if run.get("error"):
-        head.append(("error", run["error"]))
-    width = max(len(k) for k, _ in head)
-    text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in head)
-    if run.get("stages"):
-        text += "\n\n" + format_table(run["stages"], STAGE_COLUMNS)
-    return text
-
-
-# --- commands --------------------------------------------------------------------------------
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -238,28 +111,13 @@ def parse_mixture(text: str) -> dict[str, float]:
     return out
 
 
-def _current_stage(run: dict) -> dict | None:
-    return next((s for s in run.get("stages", []) if s["name"] == run.get("current_stage")), None)
-
-
-def _progress_line(run: dict) -> str:
-    """"run-x  running  pretrain step 40/100  loss 2.31  last step 2s ago" (live while a stage runs)."""
-    stage = _current_stage(run)
-    where = f"  {stage['name']} step {stage['step']}/{stage['steps']}" if stage else ""
-    if stage and stage.get("last_loss") is not None:
-        where += f"  loss {_cell(stage['last_loss'])}"
-    if stage and stage.get("state") == "running" and stage.get("last_step_at"):
-        where += f"  last step {_age(stage['last_step_at'])}"
-    return f"{run['id']}  {run['state']}{where}"
-
-
 def _progress_key(run: dict) -> tuple:
     # What counts as progress; the age of the last step alone does not.
-    stage = _current_stage(run) or {}
+    stage = current_stage(run) or {}
     return run["state"], stage.get("name"), stage.get("step"), stage.get("last_loss")
 
 
-def _wait(client: ApiClient, run_id: str, *, until: Sequence[str], interval: float, timeout: float | None) -> dict:
+def _wait(client: ApiClient, run_id: str, *, until: Collection[str], interval: float, timeout: float | None) -> dict:
     """Poll the run, printing progress to stderr when it changes (and every PROGRESS_REPEAT_S
     while it does not); return the final run."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -268,7 +126,7 @@ def _wait(client: ApiClient, run_id: str, *, until: Sequence[str], interval: flo
         run = client.get(f"/runs/{run_id}")
         key = _progress_key(run)
         if key != last or time.monotonic() - printed_at >= PROGRESS_REPEAT_S:
-            print(_progress_line(run), file=sys.stderr, flush=True)
+            print(progress_line(run), file=sys.stderr, flush=True)
             last, printed_at = key, time.monotonic()
         if run["state"] in until:
             return run
@@ -278,10 +136,10 @@ def _wait(client: ApiClient, run_id: str, *, until: Sequence[str], interval: flo
 
 
 def _wait_exit(run: dict) -> int:
-    if run["state"] == "needs_attention":
+    if run["state"] == RunState.NEEDS_ATTENTION:
         print(f"run {run['id']} needs attention (see `trainguard incidents {run['id']}`)", file=sys.stderr)
         return EXIT_NEEDS_ATTENTION
-    return EXIT_ERROR if run["state"] == "failed" else EXIT_OK
+    return EXIT_ERROR if run["state"] == RunState.FAILED else EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
@@ -293,8 +151,8 @@ def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
     if not args.wait:
         return _emit(args, run, lambda r: f"submitted {r['id']} ({r['name']})")
     print(f"submitted {run['id']} ({run['name']})", file=sys.stderr)
-    run = _wait(client, run["id"], until=(*TERMINAL, "needs_attention"), interval=args.interval, timeout=args.timeout)
-    _emit(args, run, _render_run)
+    run = _wait(client, run["id"], until=SETTLED_RUN_STATES, interval=args.interval, timeout=args.timeout)
+    _emit(args, run, render_run)
     return _wait_exit(run)
 
 
@@ -304,14 +162,14 @@ def cmd_runs(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def cmd_status(args: argparse.Namespace, client: ApiClient) -> int:
-    return _emit(args, client.get(f"/runs/{args.run}"), _render_run)
+    return _emit(args, client.get(f"/runs/{args.run}"), render_run)
 
 
 def _control(action: str) -> Callable[[argparse.Namespace, ApiClient], int]:
     def cmd(args: argparse.Namespace, client: ApiClient) -> int:
         run = client.post(f"/runs/{args.run}/{action}")
         if action == "stop" and getattr(args, "wait", False):
-            run = _wait(client, args.run, until=TERMINAL, interval=args.interval, timeout=args.timeout)
+            run = _wait(client, args.run, until=TERMINAL_RUN_STATES, interval=args.interval, timeout=args.timeout)
         return _emit(args, run, lambda r: f"{action}: {r['id']} is {r['state']}")
 
     return cmd
@@ -327,7 +185,7 @@ def cmd_rollback(args: argparse.Namespace, client: ApiClient) -> int:
     body = {"checkpoint_id": args.checkpoint, "skip": args.skip, "lr_multiplier": args.lr_multiplier}
     res = client.post(f"/runs/{args.run}/rollback", {k: v for k, v in body.items() if v is not None})
     return _emit(
-        args, res, lambda r: f"rollback of {r['run_id']}: incident {_cell(r.get('incident_id'))}, to step {_cell(r.get('target_step'))}"
+        args, res, lambda r: f"rollback of {r['run_id']}: incident {cell(r.get('incident_id'))}, to step {cell(r.get('target_step'))}"
     )
 
 
@@ -347,17 +205,9 @@ def _listing(path: str, columns: list[Column]) -> Callable[[argparse.Namespace, 
         if getattr(args, "all", False):
             params["all"] = "true"
         page = client.get(f"/runs/{args.run}/{path}", **params)
-        return _emit(args, page, lambda p: _page_table(p, columns, args.offset))
+        return _emit(args, page, lambda p: page_table(p, columns, args.offset))
 
     return cmd
-
-
-def _page_table(page: dict, columns: list[Column], offset: int) -> str:
-    text = format_table(page["data"], columns)
-    shown = len(page["data"])
-    if offset or shown < page["count"]:
-        text += f"\n({shown} of {page['count']} from offset {offset}; see --limit/--offset)"
-    return text
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -10,7 +10,16 @@ from typing import Callable
 
 import pytest
 
+from tests.markers import require_folder_markers
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m`/`-k` deselect anything
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test under tests/integration, tests/e2e or tests/bench without its folder's marker
+    fails the session: it would otherwise run in the fast tier (README, "Tests and benchmarks")."""
+    require_folder_markers(items, Path(__file__).parent)
 
 
 def require(condition: bool, why: str) -> None:

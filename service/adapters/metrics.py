@@ -15,15 +15,18 @@ from typing import Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainguard.workers.contract import M
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Target", "Snapshot", "MetricsSource", "DirectScrapeSource", "PrometheusSource"]
 
-# history-record keys the detectors use (the worker's per-step record, docs/internals.md)
-RECORD_KEYS = (
-    "loss", "grad_norm", "lr", "spike_score", "val_loss", "reward_mean", "kl", "kl_coef", "kl_target",
-    "preference_accuracy", "dpo_reward_margin", "dpo_chosen_logprob", "step_seconds",
-)
+# Names as exposed: prometheus-client adds _total to a counter's name, _sum/_count to a histogram's.
+_ANOMALIES_TOTAL = M.ANOMALIES + "_total"
+_GPU_XID_TOTAL = M.GPU_XID + "_total"
+_GPU_ECC_TOTAL = M.GPU_ECC + "_total"
+_STEP_SECONDS_SUM = M.STEP_SECONDS + "_sum"
+_STEP_SECONDS_COUNT = M.STEP_SECONDS + "_count"
 
 
 @dataclass(frozen=True)
@@ -61,17 +64,17 @@ class MetricsSource(Protocol):
 
 def _counters_from_samples(samples: list[tuple[str, dict[str, str], float]], snap: Snapshot) -> None:
     for name, labels, value in samples:
-        if name == "trainguard_anomalies_total":
+        if name == _ANOMALIES_TOTAL:
             snap.counters[f"anomalies:{labels.get('kind', '')}"] = value
-        elif name == "trainguard_gpu_xid_errors_total":
+        elif name == _GPU_XID_TOTAL:
             snap.counters["gpu_xid"] = snap.counters.get("gpu_xid", 0.0) + value
-        elif name == "trainguard_gpu_ecc_errors_total":
+        elif name == _GPU_ECC_TOTAL:
             snap.counters["gpu_ecc"] = snap.counters.get("gpu_ecc", 0.0) + value
-        elif name == "trainguard_last_step_timestamp_seconds":
+        elif name == M.LAST_STEP_TS:
             snap.last_step_time = value if value > 0 else None
-        elif name == "trainguard_step":
+        elif name == M.STEP:
             snap.step = int(value)
-        elif name == "trainguard_worker_paused":
+        elif name == M.WORKER_PAUSED:
             snap.paused = value >= 1
 
 
@@ -110,19 +113,18 @@ class DirectScrapeSource:
         self._client.close()
 
 
-_PROM_SELECTOR = (
-    '{__name__=~"trainguard_(step|train_loss|val_loss|grad_norm|learning_rate|spike_score|reward_mean|kl|'
-    'kl_target|kl_coef|preference_accuracy|dpo_reward_margin|dpo_chosen_logprob|last_step_timestamp_seconds|'
-    'worker_paused|anomalies_total|gpu_xid_errors_total|gpu_ecc_errors_total|step_seconds_sum|'
-    'step_seconds_count)",run!=""}'
-)
+# gauge -> the key of the worker's per-step history record that carries the same value
 _PROM_TO_RECORD = {
-    "trainguard_train_loss": "loss", "trainguard_val_loss": "val_loss", "trainguard_grad_norm": "grad_norm",
-    "trainguard_learning_rate": "lr", "trainguard_spike_score": "spike_score",
-    "trainguard_reward_mean": "reward_mean", "trainguard_kl": "kl", "trainguard_kl_target": "kl_target",
-    "trainguard_kl_coef": "kl_coef", "trainguard_preference_accuracy": "preference_accuracy",
-    "trainguard_dpo_reward_margin": "dpo_reward_margin", "trainguard_dpo_chosen_logprob": "dpo_chosen_logprob",
+    M.TRAIN_LOSS: "loss", M.VAL_LOSS: "val_loss", M.GRAD_NORM: "grad_norm", M.LEARNING_RATE: "lr",
+    M.SPIKE_SCORE: "spike_score", M.REWARD_MEAN: "reward_mean", M.KL: "kl", M.KL_TARGET: "kl_target",
+    M.KL_COEF: "kl_coef", M.PREFERENCE_ACCURACY: "preference_accuracy", M.DPO_REWARD_MARGIN: "dpo_reward_margin",
+    M.DPO_CHOSEN_LOGPROB: "dpo_chosen_logprob",
 }
+_PROM_NAMES = (
+    M.STEP, *_PROM_TO_RECORD, M.LAST_STEP_TS, M.WORKER_PAUSED, _ANOMALIES_TOTAL, _GPU_XID_TOTAL, _GPU_ECC_TOTAL,
+    _STEP_SECONDS_SUM, _STEP_SECONDS_COUNT,
+)
+_PROM_SELECTOR = '{__name__=~"' + "|".join(_PROM_NAMES) + '",run!=""}'
 
 
 class PrometheusSource:
@@ -169,12 +171,12 @@ class PrometheusSource:
             _counters_from_samples([(n, lab, v) for n, lab, v, _ in rows], snap)
             if snap.step is not None and snap.step != self._last_step.get(t):
                 rec: dict = {"step": snap.step, "time": max(ts for *_, ts in rows)}
-                sums = {n: v for n, _, v, _ in rows if n.startswith("trainguard_step_seconds_")}
+                sums = {n: v for n, _, v, _ in rows if n in (_STEP_SECONDS_SUM, _STEP_SECONDS_COUNT)}
                 for n, _, v, _ in rows:
                     if n in _PROM_TO_RECORD:  # NaN passes through: the NaN detector needs it
                         rec[_PROM_TO_RECORD[n]] = v
-                if "trainguard_step_seconds_sum" in sums and "trainguard_step_seconds_count" in sums:
-                    s, c = sums["trainguard_step_seconds_sum"], sums["trainguard_step_seconds_count"]
+                if _STEP_SECONDS_SUM in sums and _STEP_SECONDS_COUNT in sums:
+                    s, c = sums[_STEP_SECONDS_SUM], sums[_STEP_SECONDS_COUNT]
                     ps, pc = self._last_sums.get(t, (0.0, 0.0))
                     if c > pc:
                         rec["step_seconds"] = (s - ps) / (c - pc)

@@ -38,6 +38,9 @@ __all__ = [
     "RunSnapshot",
     "Decision",
     "decide",
+    "operator_rollback",
+    "recovery_lr",
+    "in_effect",
     "is_good_checkpoint",
     "newest_good_checkpoint",
     "budget_source",
@@ -150,6 +153,8 @@ class Attempt:
     checkpoint_step: int | None = None
     lr_multiplier: float = 1.0
     """Absolute LR multiplier the run had after this attempt."""
+    skip: Sequence[tuple[int, int]] = ()
+    """Batch ranges this attempt added to the skip list."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,8 +170,6 @@ class RunSnapshot:
     """The run's current skip list (half-open batch-index ranges)."""
     batch_index_at: Mapping[int, int] = field(default_factory=dict)
     """Known step -> batch index (from the per-step history); computed from a checkpoint otherwise."""
-    state: str | None = None
-    """Run state value (service.domain.state.RunState); terminal / needs_attention runs are left alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,9 +272,6 @@ def decide(incident: Any, snapshot: RunSnapshot, cfg: RecoveryConfig = RecoveryC
     onset = int(incident.onset_step)
     if kind not in ROLLBACK_KINDS | NO_SKIP_ROLLBACK_KINDS | RESTART_KINDS | NOTIFY_KINDS:
         raise ValueError(f"unknown incident kind {kind!r}")
-    if snapshot.state in ("completed", "failed", "stopped", "needs_attention"):
-        return Decision(Action.IGNORE, f"{kind} at step {onset}: run is {snapshot.state}, nothing to do")
-
     if kind in NOTIFY_KINDS:
         return _notify(kind, onset, snapshot, cfg)
 
@@ -335,10 +335,8 @@ def _rollback(kind: str, onset: int, snapshot: RunSnapshot, cfg: RecoveryConfig,
     # Good = verified, healthy, and saved at least `margin` steps before the onset: a
     # checkpoint written while the spike was under way (step >= onset) never qualifies.
     ck = newest_good_checkpoint(snapshot.checkpoints, cfg, min(onset, onset - cfg.margin + 1))
-    base_lr = ck.lr_multiplier if ck else 1.0
-    prior_lr = min((a.lr_multiplier for a in region), default=base_lr)
-    lr_target = prior_lr * cfg.lr_backoff
-    lr_factor = lr_target / base_lr
+    lr_target, lr_factor = recovery_lr(ck.lr_multiplier if ck else 1.0, cfg.lr_backoff,
+                                       [a.lr_multiplier for a in region])
     skip: list[tuple[int, int]] = []
     skip_text = "no skip"
     if kind in ROLLBACK_KINDS:
@@ -360,6 +358,55 @@ def _rollback(kind: str, onset: int, snapshot: RunSnapshot, cfg: RecoveryConfig,
         lr_target=lr_target,
         attempt=n + 1,
         source=source,
+    )
+
+
+def recovery_lr(checkpoint_lr: float, factor: float, region_lrs: Sequence[float] = ()) -> tuple[float, float]:
+    """The one place a recovery's LR multiplier is computed: (absolute multiplier, factor on the
+    multiplier stored in the checkpoint it goes back to). The absolute one is `factor` times
+    the lowest multiplier an earlier rollback in the same region reached (compounding), else
+    times the checkpoint's own."""
+    target = min(region_lrs, default=checkpoint_lr) * factor
+    return target, (target / checkpoint_lr if checkpoint_lr > 0 else target)
+
+
+def in_effect(attempts: Sequence[Attempt]) -> tuple[list[tuple[int, int]], float]:
+    """The skip list and absolute LR multiplier a stage's (re)started worker group must apply:
+    every rollback's skip ranges, and the newest rollback's multiplier (1.0 without one).
+    `attempts` oldest first."""
+    skip: list[tuple[int, int]] = []
+    lr = 1.0
+    for a in attempts:
+        if a.action == Action.ROLLBACK.value:
+            skip.extend((int(lo), int(hi)) for lo, hi in a.skip)
+            lr = a.lr_multiplier
+    return skip, lr
+
+
+def operator_rollback(
+    checkpoints: Sequence[CheckpointInfo], *, requested_step: int | None, skip: bool, factor: float | None,
+    last_step: int, next_batch: int, cfg: RecoveryConfig = RecoveryConfig(),
+) -> Decision:
+    """An operator's rollback: to the checkpoint at `requested_step` (None: the newest good one
+    before the current step). `skip`: never train again on the batches from the checkpoint's
+    cursor to `next_batch` (the batch after the current step's); `factor` on the checkpoint's
+    LR multiplier (None: the policy's `lr_backoff`). No budget is spent."""
+    if requested_step is not None:
+        ck = next((c for c in checkpoints if c.step == requested_step), None)
+    else:
+        ck = newest_good_checkpoint(checkpoints, cfg, last_step + 1)
+    ranges = [(ck.batch_cursor, next_batch)] if skip and ck is not None and next_batch > ck.batch_cursor else []
+    lr_target, lr_factor = recovery_lr(ck.lr_multiplier if ck else 1.0, cfg.lr_backoff if factor is None else factor)
+    where = f"checkpoint {ck.step}" if ck else "the stage input"
+    return Decision(
+        Action.ROLLBACK,
+        f"operator rollback to {where}, skip {[list(r) for r in ranges]}, LR multiplier {lr_target:g}",
+        checkpoint_step=ck.step if ck else None,
+        checkpoint_ref=ck.ref if ck else None,
+        skip=ranges,
+        lr_multiplier=lr_factor,
+        lr_target=lr_target,
+        attempt=1,
     )
 
 

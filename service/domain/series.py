@@ -8,23 +8,11 @@ Detectors count *samples*, so both work; they never assume consecutive steps.
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union, overload
 
-__all__ = [
-    "Sample",
-    "SeriesKey",
-    "Window",
-    "SampleLike",
-    "as_samples",
-    "merge",
-    "align",
-    "align_many",
-    "asof",
-    "finite",
-]
+__all__ = ["Sample", "SampleLike", "Window", "as_samples", "asof"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +25,7 @@ class Sample:
 
 
 # A (step, value) or (step, value, time) tuple is accepted wherever a Sample is.
-SampleLike = Union[Sample, tuple]
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesKey:
-    """Identity of a series. `rank=None` is a run-level series (e.g. rank 0's loss for the group)."""
-
-    run: str
-    stage: str
-    rank: int | None
-    metric: str
+SampleLike = Union[Sample, tuple[Any, ...]]
 
 
 def _to_sample(x: SampleLike) -> Sample:
@@ -75,12 +53,11 @@ class Window(Sequence[Sample]):
     history and are dropped before the new one is kept.
     """
 
-    __slots__ = ("key", "maxlen", "_samples")
+    __slots__ = ("maxlen", "_samples")
 
-    def __init__(self, key: SeriesKey | None = None, maxlen: int = 2048, samples: Iterable[SampleLike] = ()) -> None:
+    def __init__(self, *, maxlen: int = 2048, samples: Iterable[SampleLike] = ()) -> None:
         if maxlen < 1:
             raise ValueError(f"maxlen must be positive, got {maxlen}")
-        self.key = key
         self.maxlen = maxlen
         self._samples: list[Sample] = []
         self.extend(samples)
@@ -98,24 +75,13 @@ class Window(Sequence[Sample]):
         for s in samples:
             self.append(s)
 
-    def since(self, step: int) -> list[Sample]:
-        """Samples with step > `step`."""
-        i = bisect.bisect_right([x.step for x in self._samples], step)
-        return self._samples[i:]
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
 
-    def last(self) -> Sample | None:
-        return self._samples[-1] if self._samples else None
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
 
-    def steps(self) -> list[int]:
-        return [s.step for s in self._samples]
-
-    def values(self) -> list[float]:
-        return [s.value for s in self._samples]
-
-    def pairs(self) -> list[tuple[int, float]]:
-        return [(s.step, s.value) for s in self._samples]
-
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
         return self._samples[i]
 
     def __len__(self) -> int:
@@ -125,59 +91,10 @@ class Window(Sequence[Sample]):
         return iter(self._samples)
 
     def __repr__(self) -> str:
-        return f"Window(key={self.key!r}, n={len(self._samples)})"
-
-
-def merge(*series: Iterable[SampleLike]) -> list[Sample]:
-    """One series from several partial views of the same metric (e.g. /history and
-    scrapes), sorted by step; where two give the same step the later argument wins."""
-    out: dict[int, Sample] = {}
-    for xs in series:
-        for x in xs:
-            s = _to_sample(x)
-            out[s.step] = s
-    return [out[k] for k in sorted(out)]
+        return f"Window(n={len(self._samples)}, maxlen={self.maxlen})"
 
 
 def asof(samples: Sequence[Sample], step: int) -> Sample | None:
     """The last sample at or before `step` (samples sorted by step), or None."""
     i = bisect.bisect_right([s.step for s in samples], step)
     return samples[i - 1] if i else None
-
-
-def align(a: Iterable[SampleLike], b: Iterable[SampleLike], how: str = "inner") -> list[tuple[int, float, float]]:
-    """(step, a_value, b_value) rows.
-
-    how="inner": steps present in both. how="asof": every step of `a`, with the
-    last `b` value at or before it (rows before `b`'s first sample are dropped) —
-    the join for a sparse series (val loss every N steps) against a dense one.
-    """
-    sa, sb = as_samples(a), as_samples(b)
-    if how == "inner":
-        bv = {s.step: s.value for s in sb}
-        return [(s.step, s.value, bv[s.step]) for s in sa if s.step in bv]
-    if how == "asof":
-        steps_b = [s.step for s in sb]
-        rows = []
-        for s in sa:
-            i = bisect.bisect_right(steps_b, s.step)
-            if i:
-                rows.append((s.step, s.value, sb[i - 1].value))
-        return rows
-    raise ValueError(f"how must be 'inner' or 'asof', got {how!r}")
-
-
-def align_many(series: Mapping[str, Iterable[SampleLike]]) -> list[tuple[int, dict[str, float]]]:
-    """Outer join by step: (step, {metric: value}) for every step any series has;
-    a metric missing at a step is absent from that row's dict (NaN is kept as a value)."""
-    rows: dict[int, dict[str, float]] = {}
-    for name, xs in series.items():
-        for x in xs:
-            s = _to_sample(x)
-            rows.setdefault(s.step, {})[name] = s.value
-    return [(k, rows[k]) for k in sorted(rows)]
-
-
-def finite(samples: Iterable[Sample]) -> list[Sample]:
-    """The samples whose value is finite."""
-    return [s for s in samples if math.isfinite(s.value)]

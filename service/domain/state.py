@@ -1,105 +1,116 @@
-"""Run state machine: states that carry their attributes, one transition function.
+"""Run and stage states: the run's state machine (states that carry their attributes, one
+transition function) and the states a pipeline stage goes through.
 
-The controller persists every transition and exports it as trainguard_run_state.
+The controller persists every run transition and exports it as trainguard_run_state. Both
+enums are `str` enums: a member equals the string stored in the database and sent by the API
+(`RunState.RUNNING == "running"`), so they can be written and compared as they are.
 """
 from __future__ import annotations
 
 import enum
 
-__all__ = ["RunState", "RunEvent", "InvalidTransition", "transition", "transition_to", "TRANSITIONS"]
+__all__ = [
+    "RunState",
+    "StageState",
+    "InvalidTransition",
+    "transition_to",
+    "TRANSITIONS",
+    "ACTIVE_RUN_STATES",
+    "TERMINAL_RUN_STATES",
+    "FINAL_STAGE_STATES",
+]
 
 
 class RunState(str, enum.Enum):
-    """`is_terminal`: nothing more happens to the run. `is_active`: workers are (or are being
-    brought back) training, so the watch loop runs the detectors on it."""
+    """A run's state; `is_terminal` and `is_training` say what it means for the supervisor."""
 
-    PENDING = ("pending", False, False)
-    RUNNING = ("running", False, True)
-    PAUSED = ("paused", False, False)
-    RECOVERING = ("recovering", False, True)
-    NEEDS_ATTENTION = ("needs_attention", False, False)
-    COMPLETED = ("completed", True, False)
-    FAILED = ("failed", True, False)
-    STOPPED = ("stopped", True, False)
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    RECOVERING = "recovering"
+    NEEDS_ATTENTION = "needs_attention"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
 
-    def __new__(cls, value: str, is_terminal: bool, is_active: bool) -> "RunState":
-        obj = str.__new__(cls, value)
-        obj._value_ = value
-        obj.is_terminal = is_terminal  # type: ignore[attr-defined]
-        obj.is_active = is_active  # type: ignore[attr-defined]
-        return obj
+    @property
+    def is_terminal(self) -> bool:
+        """Nothing more happens to the run."""
+        return self in TERMINAL_RUN_STATES
 
-    is_terminal: bool
-    is_active: bool
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class RunEvent(str, enum.Enum):
-    START = "start"
-    PAUSE = "pause"
-    RESUME = "resume"
-    STOP = "stop"
-    RECOVER = "recover"  # a rollback / restart begins (automatic or an operator's)
-    RECOVERED = "recovered"  # the workers run again from the recovery point
-    ATTENTION = "attention"  # the policy gave up: pause and alert an operator
-    COMPLETE = "complete"
-    FAIL = "fail"
+    @property
+    def is_training(self) -> bool:
+        """Workers are (or are being brought back) training, so the watch loop runs the detectors on it."""
+        return self is RunState.RUNNING or self is RunState.RECOVERING
 
     def __str__(self) -> str:
-        return self.value
+        return str(self.value)
+
+
+class StageState(str, enum.Enum):
+    """A pipeline stage's state in the store. A stage starts pending, runs, and ends completed,
+    or stopped / failed with its run; a pause or a recovery shows on the run, not the stage."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"  # accepted by the store; no code writes it today
+    RECOVERING = "recovering"  # accepted by the store; no code writes it today
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    SKIPPED = "skipped"  # accepted by the store; no code writes it today
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+ACTIVE_RUN_STATES: frozenset[RunState] = frozenset(
+    {RunState.PENDING, RunState.RUNNING, RunState.PAUSED, RunState.RECOVERING}
+)
+"""Runs with a driver: the supervisor picks them up again when it restarts. A run that needs
+attention waits for an operator instead, and a terminal one is done."""
+
+TERMINAL_RUN_STATES: frozenset[RunState] = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.STOPPED})
+"""Nothing more happens to the run (`RunState.is_terminal`)."""
+
+FINAL_STAGE_STATES: frozenset[StageState] = frozenset(
+    {StageState.COMPLETED, StageState.FAILED, StageState.STOPPED, StageState.SKIPPED}
+)
+"""Stages that will not run again in this run (the rest are still to run, or running)."""
 
 
 class InvalidTransition(ValueError):
-    """An event (or a target state) that is not allowed in the run's current state."""
+    """A target state that is not reachable in one move from the run's current state."""
 
-    def __init__(self, current: RunState, event: RunEvent | None = None, target: RunState | None = None) -> None:
-        allowed = sorted(e.value for e in TRANSITIONS.get(current, {}))
-        what = f"{event.value} a run" if event is not None else f"move a run to {target.value if target else '?'} when it"
+    def __init__(self, current: RunState, target: RunState) -> None:
+        allowed = sorted(s.value for s in TRANSITIONS.get(current, ()))
         super().__init__(
-            f"cannot {what} that is {current.value}" + (f" (allowed: {', '.join(allowed)})" if allowed else " (it is finished)")
+            f"cannot move a run to {target.value} when it is {current.value}"
+            + (f" (allowed: {', '.join(allowed)})" if allowed else " (it is finished)")
         )
         self.current = current
-        self.event = event
         self.target = target
 
 
-S, E = RunState, RunEvent
-TRANSITIONS: dict[RunState, dict[RunEvent, RunState]] = {
-    S.PENDING: {E.START: S.RUNNING, E.PAUSE: S.PAUSED, E.STOP: S.STOPPED, E.FAIL: S.FAILED},
-    S.RUNNING: {
-        E.PAUSE: S.PAUSED,
-        E.STOP: S.STOPPED,
-        E.RECOVER: S.RECOVERING,
-        E.ATTENTION: S.NEEDS_ATTENTION,
-        E.COMPLETE: S.COMPLETED,
-        E.FAIL: S.FAILED,
-    },
+S = RunState
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    # started; paused, stopped or failed before it started
+    S.PENDING: frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.FAILED}),
+    # recovering: a rollback / restart begins (automatic or an operator's); needs_attention:
+    # the policy gave up (pause and alert an operator)
+    S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.RECOVERING, S.NEEDS_ATTENTION, S.COMPLETED, S.FAILED}),
     # A run can finish while a pause or a recovery is being applied (the last step raced it).
-    S.PAUSED: {
-        E.RESUME: S.RUNNING,
-        E.STOP: S.STOPPED,
-        E.RECOVER: S.RECOVERING,
-        E.ATTENTION: S.NEEDS_ATTENTION,
-        E.COMPLETE: S.COMPLETED,
-        E.FAIL: S.FAILED,
-    },
-    S.RECOVERING: {
-        E.RECOVERED: S.RUNNING,
-        E.PAUSE: S.PAUSED,
-        E.ATTENTION: S.NEEDS_ATTENTION,
-        E.COMPLETE: S.COMPLETED,
-        E.STOP: S.STOPPED,
-        E.FAIL: S.FAILED,
-    },
-    # An operator resumes as is, or rolls back (recover), or gives up (stop).
-    S.NEEDS_ATTENTION: {E.RESUME: S.RUNNING, E.RECOVER: S.RECOVERING, E.STOP: S.STOPPED, E.FAIL: S.FAILED},
-    S.COMPLETED: {},
-    S.FAILED: {},
-    S.STOPPED: {},
+    S.PAUSED: frozenset({S.RUNNING, S.STOPPED, S.RECOVERING, S.NEEDS_ATTENTION, S.COMPLETED, S.FAILED}),
+    # running: the workers run again from the recovery point
+    S.RECOVERING: frozenset({S.RUNNING, S.PAUSED, S.NEEDS_ATTENTION, S.COMPLETED, S.STOPPED, S.FAILED}),
+    # An operator resumes as is, or rolls back (recovering), or gives up (stopped).
+    S.NEEDS_ATTENTION: frozenset({S.RUNNING, S.RECOVERING, S.STOPPED, S.FAILED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.STOPPED: frozenset(),
 }
-del S, E
+"""The states a run may move to in one step from each state."""
+del S
 
 
 def _state(value: RunState | str) -> RunState:
@@ -109,24 +120,11 @@ def _state(value: RunState | str) -> RunState:
         raise ValueError(f"unknown run state {value!r} (known: {', '.join(s.value for s in RunState)})") from None
 
 
-def transition(current: RunState | str, event: RunEvent | str) -> RunState:
-    """The state after `event`; raises InvalidTransition (a ValueError) when it is not allowed.
-    Strings are accepted for both (the values stored in the database / sent by the API)."""
-    cur = _state(current)
-    try:
-        ev = RunEvent(event)
-    except ValueError:
-        raise ValueError(f"unknown run event {event!r} (known: {', '.join(e.value for e in RunEvent)})") from None
-    nxt = TRANSITIONS[cur].get(ev)
-    if nxt is None:
-        raise InvalidTransition(cur, ev)
-    return nxt
-
-
 def transition_to(current: RunState | str, target: RunState | str) -> RunState:
-    """`target` when some event leads there from `current` in one move; raises
-    InvalidTransition otherwise (for callers that record states rather than events)."""
+    """`target` (as a RunState) when a run may move there from `current` in one step; raises
+    InvalidTransition (a ValueError) otherwise. Strings are accepted for both (the values
+    stored in the database)."""
     cur, tgt = _state(current), _state(target)
-    if tgt not in TRANSITIONS[cur].values():
-        raise InvalidTransition(cur, target=tgt)
+    if tgt not in TRANSITIONS[cur]:
+        raise InvalidTransition(cur, tgt)
     return tgt

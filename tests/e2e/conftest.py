@@ -49,7 +49,8 @@ import pytest
 import uvicorn
 import yaml
 
-from trainguard.service.adapters.promql_inventory import REPO_ROOT, RULES_DIR
+from tests.support import REPO_ROOT
+from trainguard.service.adapters.promql_inventory import RULES_DIR
 from trainguard.service.api import create_app
 from tests.conftest import free_port, require_binary, wait_for
 from tests.support import stop_process

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainguard.service.controller import RunDriver
+from trainguard.service.supervisor.driver import RunDriver
 
 
 @pytest.fixture

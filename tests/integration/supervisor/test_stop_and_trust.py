@@ -14,6 +14,7 @@ import pytest
 
 from trainguard.service import errors
 from trainguard.service.controller import Controller
+from trainguard.service.supervisor.ingest import Watch
 from trainguard.service.db import crud
 from tests.conftest import wait_for
 from tests.integration.supervisor.harness import (assert_nothing_survives, incidents, run_state, running_controller,
@@ -48,7 +49,7 @@ def test_stop_leaves_no_actor_driver_target_or_running_stage(ray_session, tmp_st
 def test_stop_while_the_group_is_restarting_kills_the_new_group(ray_session, tmp_state, groups, monkeypatch):
     """Forces the interleaving the review saw: stop arrives while a restart brings a new group up."""
     arrived, release = threading.Event(), threading.Event()
-    real = Controller._targets_of
+    real = Watch.targets_of
     calls: list[int] = []
 
     def slow_second_start(self, active, group):
@@ -58,7 +59,7 @@ def test_stop_while_the_group_is_restarting_kills_the_new_group(ray_session, tmp
             release.wait(60)
         return real(self, active, group)
 
-    monkeypatch.setattr(Controller, "_targets_of", slow_second_start)
+    monkeypatch.setattr(Watch, "targets_of", slow_second_start)
     spec = tiny_pipeline(steps=5000, every=10, world_size=2,
                          faults=[{"kind": "worker_crash", "at_step": 15, "rank": 1}], extra={"step_delay": 0.01})
     with running_controller(tmp_state) as ctl:

@@ -13,6 +13,8 @@ from trainguard.workers.stages import STAGES
 
 from ._helpers import history, scrape, tiny_pipeline, value
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 L = {"run": "r1", "stage": "pretrain", "rank": "0"}
 

@@ -7,6 +7,9 @@ import pytest
 
 from trainguard.service.domain.detectors import Finding
 from trainguard.service.domain.policy import (
+    in_effect,
+    operator_rollback,
+    recovery_lr,
     Action,
     Attempt,
     CheckpointInfo,
@@ -177,9 +180,25 @@ def test_val_divergence_notifies_and_names_best_checkpoint():
     assert dec.action is Action.NOTIFY and dec.checkpoint_step == 40 and "keep checkpoint 40" in dec.reason
 
 
-@pytest.mark.parametrize("state", ["completed", "failed", "stopped", "needs_attention"])
-def test_runs_not_in_a_state_to_act_are_ignored(state):
-    assert decide(incident("loss_spike", 95), RunSnapshot(checkpoints=CKS, state=state), CFG).action is Action.IGNORE
+def test_operator_rollback_goes_to_the_named_checkpoint_skips_to_now_and_backs_off_from_its_lr():
+    cks = [ck(20), ck(40, lr_multiplier=0.5), ck(60)]
+    dec = operator_rollback(cks, requested_step=40, skip=True, factor=None, last_step=70, next_batch=75, cfg=CFG)
+    assert (dec.action, dec.checkpoint_step, dec.skip) == (Action.ROLLBACK, 40, [(40, 75)])
+    assert dec.lr_target == 0.25 and dec.lr_multiplier == 0.5  # 0.5 stored x backoff 0.5; factor on the stored
+    plain = operator_rollback(cks, requested_step=None, skip=False, factor=1.0, last_step=70, next_batch=75, cfg=CFG)
+    assert (plain.checkpoint_step, plain.skip, plain.lr_target) == (60, [], 1.0)
+    none = operator_rollback([], requested_step=None, skip=True, factor=None, last_step=5, next_batch=6, cfg=CFG)
+    assert none.checkpoint_step is None and none.skip == [] and "stage input" in none.reason
+
+
+def test_recovery_lr_compounds_over_the_region_and_in_effect_carries_the_newest():
+    assert recovery_lr(1.0, 0.5) == (0.5, 0.5)
+    assert recovery_lr(0.5, 0.5, [0.25]) == (0.125, 0.25)  # below the lowest multiplier the region reached
+    attempts = [Attempt(kind="loss_spike", onset_step=50, action="rollback", lr_multiplier=0.5, skip=[(40, 71)]),
+                Attempt(kind="hang", onset_step=60, action="restart", lr_multiplier=1.0),
+                Attempt(kind="nan", onset_step=90, action="rollback", lr_multiplier=0.25, skip=[(80, 111)])]
+    assert in_effect(attempts) == ([(40, 71), (80, 111)], 0.25)
+    assert in_effect([]) == ([], 1.0)
 
 
 def test_unknown_kind_is_rejected():

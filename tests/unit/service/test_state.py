@@ -1,81 +1,112 @@
-"""Run state machine."""
+"""Run state machine, stage states, and the state sets other modules use."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
 
-from trainguard.service.domain.state import TRANSITIONS, InvalidTransition, RunEvent, RunState, transition, transition_to
+from trainguard.service.domain.state import (
+    ACTIVE_RUN_STATES,
+    FINAL_STAGE_STATES,
+    TERMINAL_RUN_STATES,
+    TRANSITIONS,
+    InvalidTransition,
+    RunState,
+    StageState,
+    transition_to,
+)
 
 LEGAL = [
-    ("pending", "start", "running"),
-    ("running", "pause", "paused"),
-    ("paused", "resume", "running"),
-    ("running", "recover", "recovering"),
-    ("recovering", "recovered", "running"),
-    ("recovering", "attention", "needs_attention"),
-    ("running", "attention", "needs_attention"),
-    ("needs_attention", "resume", "running"),
-    ("needs_attention", "recover", "recovering"),
-    ("paused", "recover", "recovering"),
-    ("running", "complete", "completed"),
-    ("running", "fail", "failed"),
-    ("running", "stop", "stopped"),
-    ("paused", "stop", "stopped"),
-    ("pending", "stop", "stopped"),
+    ("pending", "running"),
+    ("pending", "paused"),
+    ("pending", "stopped"),
+    ("running", "paused"),
+    ("paused", "running"),
+    ("running", "recovering"),
+    ("recovering", "running"),
+    ("recovering", "paused"),
+    ("recovering", "needs_attention"),
+    ("running", "needs_attention"),
+    ("needs_attention", "running"),
+    ("needs_attention", "recovering"),
+    ("paused", "recovering"),
+    ("paused", "completed"),
+    ("running", "completed"),
+    ("running", "failed"),
+    ("running", "stopped"),
+    ("paused", "stopped"),
 ]
 
 
-@pytest.mark.parametrize("cur, event, nxt", LEGAL)
-def test_legal_transitions(cur, event, nxt):
-    assert transition(cur, event) is RunState(nxt)
-    assert transition(RunState(cur), RunEvent(event)) is RunState(nxt)
+@pytest.mark.parametrize("cur, target", LEGAL)
+def test_legal_transitions(cur, target):
+    assert transition_to(cur, target) is RunState(target)
+    assert transition_to(RunState(cur), RunState(target)) is RunState(target)
 
 
-@pytest.mark.parametrize("cur, event", [("pending", "resume"), ("paused", "pause"), ("running", "start"), ("recovering", "resume"), ("running", "recovered")])
-def test_illegal_transitions_raise(cur, event):
-    with pytest.raises(InvalidTransition, match=f"cannot {event} a run that is {cur}"):
-        transition(cur, event)
+@pytest.mark.parametrize("cur, target", [("pending", "recovering"), ("pending", "needs_attention"), ("pending", "completed"),
+                                         ("needs_attention", "paused"), ("needs_attention", "completed"),
+                                         ("running", "pending"), ("paused", "paused")])
+def test_illegal_transitions_raise(cur, target):
+    with pytest.raises(InvalidTransition, match=f"cannot move a run to {target} when it is {cur} \\(allowed: "):
+        transition_to(cur, target)
 
 
-@pytest.mark.parametrize("state, event", list(itertools.product(["completed", "failed", "stopped"], [e.value for e in RunEvent])))
-def test_terminal_states_accept_nothing(state, event):
+@pytest.mark.parametrize("state, target", list(itertools.product(["completed", "failed", "stopped"], [s.value for s in RunState])))
+def test_terminal_states_accept_nothing(state, target):
     with pytest.raises(InvalidTransition, match="finished"):
-        transition(state, event)
+        transition_to(state, target)
 
 
 def test_invalid_transition_is_a_value_error():
     assert issubclass(InvalidTransition, ValueError)
 
 
-def test_unknown_names_are_value_errors():
+def test_unknown_states_are_value_errors():
     with pytest.raises(ValueError, match="unknown run state"):
-        transition("exploding", "start")
-    with pytest.raises(ValueError, match="unknown run event"):
-        transition("running", "explode")
+        transition_to("exploding", "running")
+    with pytest.raises(ValueError, match="unknown run state"):
+        transition_to("running", "exploded")
 
 
 def test_attributes():
     assert {s.value for s in RunState if s.is_terminal} == {"completed", "failed", "stopped"}
-    assert {s.value for s in RunState if s.is_active} == {"running", "recovering"}
+    assert {s.value for s in RunState if s.is_training} == {"running", "recovering"}
     assert RunState.RUNNING == "running" and str(RunState.PAUSED) == "paused"
+    assert StageState.SKIPPED == "skipped" and str(StageState.RUNNING) == "running"
 
 
 def test_every_state_has_a_row_and_non_terminal_states_can_stop_or_fail():
     assert set(TRANSITIONS) == set(RunState)
     for s in RunState:
         if not s.is_terminal:
-            assert TRANSITIONS[s][RunEvent.FAIL] is RunState.FAILED
-            assert TRANSITIONS[s][RunEvent.STOP] is RunState.STOPPED
+            assert {RunState.FAILED, RunState.STOPPED} <= TRANSITIONS[s]
 
 
-@pytest.mark.parametrize("cur, target", [("pending", "running"), ("running", "recovering"), ("recovering", "running"),
-                                         ("needs_attention", "running"), ("pending", "paused"), ("recovering", "paused")])
-def test_transition_to_target_state(cur, target):
-    assert transition_to(cur, target) is RunState(target)
+def test_every_run_state_is_active_terminal_or_waiting_for_an_operator():
+    assert TERMINAL_RUN_STATES == {"completed", "failed", "stopped"}
+    assert ACTIVE_RUN_STATES == {"pending", "running", "paused", "recovering"}
+    assert not ACTIVE_RUN_STATES & TERMINAL_RUN_STATES
+    assert set(RunState) - ACTIVE_RUN_STATES - TERMINAL_RUN_STATES == {RunState.NEEDS_ATTENTION}
+    assert {s for s in RunState if s.is_training} <= ACTIVE_RUN_STATES
 
 
-@pytest.mark.parametrize("cur, target", [("completed", "running"), ("pending", "recovering"), ("stopped", "stopped")])
-def test_transition_to_illegal_target_raises(cur, target):
-    with pytest.raises(InvalidTransition, match=f"cannot move a run to {target}"):
-        transition_to(cur, target)
+def test_final_stage_states_are_the_ends_of_a_stage():
+    assert FINAL_STAGE_STATES == {"completed", "failed", "stopped", "skipped"}
+    assert StageState.PENDING not in FINAL_STAGE_STATES and StageState.RUNNING not in FINAL_STAGE_STATES
+    # a stopped or failed run's stage ends in the state of the same name
+    assert {RunState.STOPPED.value, RunState.FAILED.value} <= {s.value for s in FINAL_STAGE_STATES}
+
+
+def test_the_states_the_store_accepts_are_exactly_the_enums():
+    """The store validates states against its own lists (db.models); they must not drift."""
+    from trainguard.service.db.models import RUN_STATES, STAGE_STATES
+
+    assert set(RUN_STATES) == {s.value for s in RunState}
+    assert set(STAGE_STATES) == {s.value for s in StageState}
+
+
+def test_the_run_state_metric_covers_every_state():
+    from trainguard.service.telemetry import RUN_STATES
+
+    assert set(RUN_STATES) == {s.value for s in RunState}

@@ -1,0 +1,225 @@
+"""What the watch concludes from one stage's buffered signals: pure, no I/O.
+
+`evaluate_stage(signals, cfg, now)` turns the per-step records of every rank into the
+detectors' inputs and returns their findings, earliest onset first, at most one per kind.
+`alert_finding(signals, kind, labels, cfg)` turns an Alertmanager alert into a finding: the
+same detectors locate its onset in the buffers, else the current step is taken.
+
+The supervisor's `ActiveStage` is the `StageSignals` passed in; `WatchConfig` holds every
+detector's thresholds (documented defaults in the detector configs) and the recovery policy's.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence, Set as AbstractSet
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from trainguard.service.domain import detectors
+from trainguard.service.domain.detectors import Finding, IncidentKind
+from trainguard.service.domain.policy import RecoveryConfig
+from trainguard.service.domain.series import Sample
+
+__all__ = ["WatchConfig", "StageSignals", "evaluate_stage", "alert_finding", "DEFAULT_STARTUP_GRACE_S",
+           "GPU_COUNTERS"]
+
+DEFAULT_STARTUP_GRACE_S = 120.0
+"""Seconds a new worker group may take to its first step before it counts as hung."""
+GPU_COUNTERS = ("gpu_xid", "gpu_ecc")
+"""The counters (as the metrics adapter names them) whose rise is a GPU fault."""
+Record = Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchConfig:
+    loss_spike: detectors.LossSpikeConfig = field(default_factory=detectors.LossSpikeConfig)
+    grad_explosion: detectors.GradExplosionConfig = field(default_factory=detectors.GradExplosionConfig)
+    divergence: detectors.DivergenceConfig = field(default_factory=detectors.DivergenceConfig)
+    nan: detectors.NanConfig = field(default_factory=detectors.NanConfig)
+    val_divergence: detectors.ValDivergenceConfig = field(default_factory=detectors.ValDivergenceConfig)
+    reward_hacking: detectors.RewardHackingConfig = field(default_factory=detectors.RewardHackingConfig)
+    dpo_collapse: detectors.DpoCollapseConfig = field(default_factory=detectors.DpoCollapseConfig)
+    hang: detectors.HangConfig = field(default_factory=detectors.HangConfig)
+    straggler: detectors.StragglerConfig = field(default_factory=detectors.StragglerConfig)
+    gpu: detectors.GpuFaultConfig = field(default_factory=detectors.GpuFaultConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    startup_grace: float = DEFAULT_STARTUP_GRACE_S
+    """Seconds a new worker group may take to its first step before it counts as hung."""
+    sparse: bool = False
+    """Series come from Prometheus scrapes (several steps apart): a guard-counted loss spike
+    between two scrapes is a finding on its own, since the spike detector may see one sample."""
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "WatchConfig":
+        """The deployment's overrides (service/config.py `Settings`): hang timeout, start-up grace,
+        Prometheus as the source. Every other threshold keeps its documented default."""
+        return cls(hang=replace(detectors.HangConfig(), timeout_s=float(settings.hang_timeout)),
+                   startup_grace=float(settings.startup_grace), sparse=bool(settings.prometheus_url))
+
+
+class StageSignals(Protocol):
+    """What the watch has buffered about one running stage (the supervisor's ActiveStage)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def records(self) -> Mapping[int, Sequence[Record]]: ...  # rank -> per-step records, oldest first
+    @property
+    def after(self) -> Mapping[str, int]: ...  # kind -> step of the last episode handled: detect only later ones
+    @property
+    def counter_series(self) -> Mapping[tuple[int, str], Sequence[Sample]]: ...  # (rank, counter) -> changes
+    @property
+    def heartbeat(self) -> Mapping[int, float]: ...  # rank -> unix time of its last finished step
+    @property
+    def paused_ranks(self) -> AbstractSet[int]: ...
+    @property
+    def last_step(self) -> int: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def resumed_at(self) -> float: ...
+    @property
+    def ranks(self) -> Sequence[int]: ...
+
+
+def _samples(records: Sequence[Record], key: str) -> list[Sample]:
+    out = []
+    for r in records:
+        v = r.get(key)
+        if v is None:
+            continue
+        try:
+            out.append(Sample(int(r["step"]), float(v), float(r.get("time") or 0.0)))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _anomaly_series(records: Sequence[Record]) -> dict[str, list[Sample]]:
+    """Cumulative count per anomaly kind, one sample per step (from the records' `anomaly` field)."""
+    counts: dict[str, int] = {}
+    out: dict[str, list[Sample]] = {}
+    for r in records:
+        kind = r.get("anomaly")
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+        for k, c in counts.items():
+            out.setdefault(k, []).append(Sample(int(r["step"]), float(c), float(r.get("time") or 0.0)))
+    return out
+
+
+def _earliest(findings: list[Finding | None]) -> Finding | None:
+    found = [f for f in findings if f is not None]
+    return min(found, key=lambda f: f.onset_step) if found else None
+
+
+def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
+                   after: Mapping[str, int] | None = None) -> list[Finding]:
+    """Findings for one running stage, earliest onset first; at most one per kind. Only
+    episodes after `after[kind]` (default: the stage's handled episodes) count."""
+    ranks = sorted(signals.records)
+    recs = {r: list(signals.records[r]) for r in ranks}
+    after = signals.after if after is None else after
+    out: list[Finding] = []
+
+    def add(f: Finding | None) -> None:
+        if f is not None:
+            out.append(f)
+
+    add(_earliest([detectors.detect_nan(_samples(recs[r], "loss"), _samples(recs[r], "grad_norm"),
+                                        _anomaly_series(recs[r]), cfg.nan, after=after.get("nan")) for r in ranks]))
+    add(_earliest([detectors.detect_loss_spike(_samples(recs[r], "loss"), cfg.loss_spike,
+                                               after=after.get("loss_spike")) for r in ranks]))
+    add(_earliest([detectors.detect_grad_explosion(_samples(recs[r], "grad_norm"), cfg.grad_explosion,
+                                                   after=after.get("grad_explosion")) for r in ranks]))
+    add(_earliest([detectors.detect_divergence(_samples(recs[r], "loss"), cfg.divergence,
+                                               after=after.get("divergence")) for r in ranks[:1]]))
+    if 0 in recs:
+        add(_stage_kind_finding(signals.kind, recs[0], cfg, after))
+    if cfg.sparse:
+        add(_earliest([_guard_spike(recs[r], after.get("loss_spike")) for r in ranks]))
+    if len(ranks) > 1:
+        # compute time (before the gradient all-reduce): wall-clock step time is equal on all ranks,
+        # since the fast ones wait for the straggler in the collective
+        key = "compute_seconds" if any("compute_seconds" in r for r in recs[ranks[0]][-3:]) else "step_seconds"
+        f = detectors.detect_straggler({r: _samples(recs[r], key) for r in ranks}, cfg.straggler)
+        if f is not None and f.onset_step > after.get("straggler", -1):
+            add(f)
+    add(_gpu_fault(signals, cfg, after.get("gpu_fault")))
+    add(_hang(signals, cfg, now))
+    return sorted(out, key=lambda f: f.onset_step)
+
+
+def _stage_kind_finding(kind: str, r0: list[Record], cfg: WatchConfig, after: Mapping[str, int]) -> Finding | None:
+    """The detectors that only make sense for some stage kinds (rank 0's series)."""
+    if kind in ("sft", "pretrain", "anneal"):
+        return detectors.detect_val_divergence(_samples(r0, "val_loss"), _samples(r0, "loss"), cfg.val_divergence,
+                                               after=after.get("val_divergence"))
+    if kind == "ppo":
+        return detectors.detect_reward_hacking(_samples(r0, "reward_mean"), _samples(r0, "kl"),
+                                               _samples(r0, "kl_target") or None, cfg.reward_hacking,
+                                               after=after.get("reward_hacking"))
+    if kind == "dpo":
+        return detectors.detect_dpo_collapse(_samples(r0, "dpo_chosen_logprob"), _samples(r0, "dpo_reward_margin"),
+                                             cfg.dpo_collapse, after=after.get("dpo_collapse"))
+    return None
+
+
+def _guard_spike(records: Sequence[Record], after: int | None) -> Finding | None:
+    """The worker's guard counted a loss/grad spike between two scrapes (sparse series only)."""
+    for r in records:
+        if r.get("anomaly") in ("loss_spike", "grad_spike"):
+            # The spike began somewhere in (previous scrape, this scrape]. Taking the latest
+            # possible onset makes the skip reach far enough past the bad data; the rollback
+            # target stays safe because checkpoints saved with anomalies in their window are
+            # not healthy.
+            onset = int(r["step"])
+            if after is None or onset > after:
+                return Finding(IncidentKind.LOSS_SPIKE.value, onset, onset,
+                               {"source": "guard counter", "anomaly": r["anomaly"], "step": r["step"],
+                                "earliest_onset": r.get("anomaly_since"), "loss": r.get("loss"),
+                                "end_step": None})
+    return None
+
+
+def _gpu_fault(signals: StageSignals, cfg: WatchConfig, after: int | None) -> Finding | None:
+    """A GPU error counter rose since the group started (detect_gpu_fault over each rank's
+    counter changes, named "<counter>/rank<r>")."""
+    series = {f"{key}/rank{rank}": xs for (rank, key), xs in sorted(signals.counter_series.items())
+              if key in GPU_COUNTERS}
+    return detectors.detect_gpu_fault(series, cfg.gpu, after=after) if series else None
+
+
+def _hang(signals: StageSignals, cfg: WatchConfig, now: float) -> Finding | None:
+    if signals.paused_ranks or not signals.ranks:
+        return None
+    # time paused by an operator is not time without a step: a rank's clock restarts at the resume
+    beats = {r: Sample(int(signals.records[r][-1]["step"]) if signals.records.get(r) else 0, b, b)
+             for r, t in signals.heartbeat.items() for b in [max(t, signals.resumed_at)]}
+    for rank in signals.ranks:  # a rank that never finished a step: counted from the group's start
+        if rank not in beats and now - signals.started_at > cfg.startup_grace:
+            beats[rank] = Sample(0, signals.started_at, signals.started_at)
+    if not beats:
+        return None
+    recent = [float(r["step_seconds"]) for r in list(signals.records.get(0, []))[-20:] if r.get("step_seconds")]
+    typical = sorted(recent)[len(recent) // 2] if recent else None
+    return detectors.detect_hang(beats, now, cfg.hang, step_seconds=typical)
+
+
+def alert_finding(signals: StageSignals, kind: str, labels: Mapping[str, str], cfg: WatchConfig) -> Finding | None:
+    """An alert names a kind; find its onset in the buffered series (the same detectors, every
+    episode considered), or take the current step when the buffers cannot tell. None for the
+    alerts that are for people, not for recovery (needs_attention, supervisor_down, ...)."""
+    try:
+        kind = IncidentKind(kind).value
+    except ValueError:
+        return None
+    step = max(signals.last_step, 0)
+    found = [f for f in evaluate_stage(signals, cfg, now=math.inf if kind == "hang" else 0.0, after={})
+             if f.kind == kind]
+    evidence = {"alert_labels": dict(labels)}
+    if found:
+        f = found[-1]
+        return Finding(f.kind, f.onset_step, f.detected_at_step, {**f.evidence, **evidence})
+    return Finding(kind, step, step, evidence)
+

@@ -1,0 +1,278 @@
+"""The run driver: one thread per run that walks its stages and owns the current stage's
+worker group.
+
+    for each unfinished stage: start a group (from the stage's resume point, with the skip list
+    and LR multiplier its recoveries left in effect) --> poll it --> register the checkpoints
+    its rank 0 reports --> finished: a last watch pass, then the stage is done (or, if a
+    rollback was decided that the loop ended too soon to apply, restarted) | failed: worker
+    lost | restart requested: a new group from the decided checkpoint | stop: end the stage
+
+Other threads talk to it through `request_restart`, `request_stop` and `halt`; the group is
+swapped only on this thread.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainguard.service.domain.policy import in_effect
+from trainguard.service.domain.state import RunState, StageState
+from trainguard.service.supervisor.catalog import CheckpointCatalog
+from trainguard.service.supervisor.executor import RecoveryExecutor
+from trainguard.service.supervisor.goodput import GoodputClock
+from trainguard.service.supervisor.ingest import Watch
+from trainguard.service.supervisor.ledger import Ledger
+from trainguard.service.supervisor.stage import ActiveStage
+from trainguard.workers.contract import CheckpointRef, ControlKind
+from trainguard.workers.spec import PipelineSpec
+
+__all__ = ["RunDriver", "DriverParts", "STOP_GRACE_S", "start_worker_group"]
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 30.0
+"""How long a stopped group may take to write its last checkpoint before it is killed."""
+_POLL_S = 0.2
+
+
+def start_worker_group(**kwargs: Any) -> Any:
+    """The real thing: a Ray worker group for one stage (trainguard.workers.group)."""
+    from trainguard.workers.group import WorkerGroup
+
+    group = WorkerGroup(**kwargs)
+    group.start()
+    return group
+
+
+@dataclass
+class DriverParts:
+    """What a driver works with: the supervisor's parts, and how to start a worker group."""
+
+    ledger: Ledger
+    catalog: CheckpointCatalog
+    executor: RecoveryExecutor
+    watch: Watch
+    goodput: GoodputClock
+    state_dir: Path
+    start_group: Callable[..., Any] = start_worker_group
+    publish_goodput: Callable[[str], None] = lambda run_id: None
+    on_exit: Callable[[str], None] = lambda run_id: None
+
+
+class RunDriver(threading.Thread):
+    def __init__(self, parts: DriverParts, run_id: str, spec: PipelineSpec, *, start_paused: bool = False) -> None:
+        super().__init__(name=f"driver-{run_id}", daemon=True)
+        self.parts = parts
+        self.run_id = run_id
+        self.spec = spec
+        self.commands: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.active: ActiveStage | None = None
+        self.stage_lock = threading.RLock()  # guards `active` and its group against the swap
+        self.start_paused = start_paused
+        self._halt = threading.Event()
+        self._stop_deadline: float | None = None  # set by request_stop: wait for the workers' stop, then end
+
+    # ---- requests from other threads -----------------------------------------------------------
+    def request_restart(self, *, checkpoint: str | None, incident: int | None) -> None:
+        self.commands.put(("restart", {"checkpoint": checkpoint, "incident": incident}))
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.commands.put(("halt", {}))
+
+    def request_stop(self) -> None:
+        """The run was stopped: let the workers write their stop checkpoint (they got the STOP
+        control), then end the stage; kill the group if that takes longer than STOP_GRACE_S."""
+        self._stop_deadline = time.monotonic() + STOP_GRACE_S
+        self.commands.put(("stop", {}))
+
+    def running_stage(self) -> ActiveStage | None:
+        """The stage with a live worker group, if any."""
+        with self.stage_lock:
+            return self.active if self.active is not None and self.active.group is not None else None
+
+    # ---- thread body ---------------------------------------------------------------------------
+    def run(self) -> None:
+        ledger = self.parts.ledger
+        try:
+            self._run_stages()
+        except Exception as e:  # noqa: BLE001 - a driver failure must mark the run, not vanish
+            log.exception("run %s failed", self.run_id)
+            ledger.set_state(self.run_id, RunState.FAILED, actor="supervisor", reason=f"driver error: {e}")
+        finally:
+            self._shutdown_group()
+            ledger.close_stages(self.run_id)
+            self.parts.on_exit(self.run_id)
+
+    def _run_stages(self) -> None:
+        ledger = self.parts.ledger
+        while not self._halt.is_set():
+            if ledger.run_state(self.run_id) in (RunState.STOPPED, RunState.FAILED, RunState.COMPLETED,
+                                                 RunState.NEEDS_ATTENTION):
+                return
+            stages = ledger.stages(self.run_id)
+            todo = [st for st in stages if st.state != StageState.COMPLETED]
+            outputs = {st.name: st.output_checkpoint for st in stages if st.output_checkpoint}
+            if not todo:
+                self.parts.goodput.ended(self.run_id)
+                self.parts.publish_goodput(self.run_id)
+                ledger.set_state(self.run_id, RunState.COMPLETED, actor="supervisor", reason="all stages completed")
+                return
+            st = todo[0]
+            if not self._run_stage(ActiveStage(run_id=self.run_id, name=st.name, kind=st.kind, index=st.index,
+                                               steps=st.steps), outputs):
+                return
+
+    def _new_group(self, stage: str, outputs: dict[str, str], resume_from: CheckpointRef | None) -> Any:
+        """The earlier stages' outputs go to the workers with the hashes recorded when they were
+        reported; an output the store has no hashes for is not handed over."""
+        skip, lr = in_effect(self.parts.ledger.attempts(self.run_id, stage))
+        inputs = {name: ref for name, path in outputs.items()
+                  if (ref := self.parts.catalog.ref_for(self.run_id, path)) is not None}
+        return self.parts.start_group(
+            run_id=self.run_id, spec=self.spec, stage_name=stage, state_dir=self.parts.state_dir,
+            resume_from=resume_from, skip=skip, lr_multiplier=lr, inputs=inputs,
+            fired_dir=self.parts.state_dir / "runs" / self.run_id / "faults")
+
+    def _run_stage(self, active: ActiveStage, outputs: dict[str, str]) -> bool:
+        """True when the stage completed; False when the run ends here (stop, halt, failure)."""
+        parts, ledger = self.parts, self.parts.ledger
+        resume = parts.catalog.resume_point(self.run_id, active.name)
+        ledger.start_stage(self.run_id, active.name)
+        group = self._new_group(active.name, outputs, resume)
+        targets = parts.watch.targets_of(active, group)  # waits for the workers: not under the lock
+        with self.stage_lock:
+            active.group, active.targets = group, targets
+            self.active = active
+        state = ledger.run_state(self.run_id)
+        if state == RunState.PENDING:
+            ledger.set_state(self.run_id, RunState.RUNNING, actor="supervisor", reason=f"stage {active.name} started")
+        if self.start_paused or state == RunState.PAUSED:
+            self.start_paused = False
+            group.control(ControlKind.PAUSE, {})
+        ledger.event(self.run_id, "supervisor", "stage_started",
+                     {"stage": active.name, "resume_from": resume.path if resume else None}, "ok")
+        while not self._halt.is_set():
+            try:
+                cmd, arg = self.commands.get(timeout=_POLL_S)
+            except queue.Empty:
+                cmd, arg = "", {}
+            if cmd == "halt":
+                return False
+            if cmd == "restart" and self._stop_deadline is None:
+                self._restart(active, outputs, arg)
+                continue
+            status = self._poll()
+            if status is None:
+                if self._stop_deadline is not None:
+                    return False  # stopped while no group runs (a restart was under way)
+                continue
+            parts.catalog.register(self.run_id, active.name, status.get("checkpoints", []))
+            outcome = self._react(active, outputs, status)
+            if outcome is not None:
+                return outcome
+        return False
+
+    def _react(self, active: ActiveStage, outputs: dict[str, str], status: dict[str, Any]) -> bool | None:
+        """What the group's state means for the stage: True done, False the run ends, None go on."""
+        state = status["state"]
+        if self._stop_deadline is not None:
+            return False if state in ("stopped", "finished", "failed") or time.monotonic() > self._stop_deadline else None
+        if state == "finished":
+            # done only once the watch has seen its last steps: a problem in them is handled (a
+            # rollback the loop ended too soon to apply restarts the stage)
+            self.parts.watch.once(run_ids=[self.run_id])
+            with self.parts.ledger.lock(self.run_id):
+                restart = self._rollback_missed(active, status)
+                active.done = restart is None
+            if restart is not None:
+                self._restart(active, outputs, restart)
+                return None
+            self._finish_stage(active, status)
+            return True
+        if state == "stopped":
+            self.parts.ledger.set_state(self.run_id, RunState.STOPPED, actor="supervisor",
+                                        reason=f"stage {active.name} stopped")
+            return False
+        if state == "failed":
+            self.parts.executor.worker_lost(self.run_id, active, status)
+        return None
+
+    def _rollback_missed(self, active: ActiveStage, status: dict[str, Any]) -> dict[str, Any] | None:
+        """Under the run's lock, the group finished with a rollback in flight. Applied (the
+        workers report its incident): recovered, whether or not its steps were scraped. Not
+        applied (the loop ended before its next boundary): the stage's output holds what the
+        rollback was to undo; returns the restart from the rollback's checkpoint to carry out
+        (the incident's skip and LR multiplier go to the new group)."""
+        pend = active.pending
+        if pend is None or pend.restart:
+            return None
+        if pend.incident in status.get("rollbacks_applied", []):
+            self.parts.executor.recovered(active, step=active.last_step, at=time.time())
+            return None
+        pend.restart = True
+        log.warning("run %s: stage %s finished before its rollback (incident %s) applied; restarting from %s",
+                    self.run_id, active.name, pend.incident, pend.checkpoint)
+        return {"checkpoint": pend.checkpoint, "incident": pend.incident}
+
+    def _poll(self) -> dict[str, Any] | None:
+        active = self.running_stage()
+        if active is None:
+            return None
+        try:
+            status: dict[str, Any] = active.group.poll()
+            return status
+        except Exception as e:  # noqa: BLE001 - Ray errors while polling are worker loss
+            log.warning("poll of %s failed: %s", self.run_id, e)
+            return {"state": "failed", "error": str(e), "failed_rank": None, "ranks": []}
+
+    def _restart(self, active: ActiveStage, outputs: dict[str, str], arg: dict[str, Any]) -> None:
+        parts = self.parts
+        with self.stage_lock:
+            old, active.group, active.targets = active.group, None, []
+        if old is not None:
+            try:
+                old.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("shutdown of old group failed")
+        parts.watch.forget(old)
+        checkpoint = arg.get("checkpoint")
+        group = self._new_group(active.name, outputs, parts.catalog.ref_for(self.run_id, checkpoint) if checkpoint else None)
+        targets = parts.watch.targets_of(active, group)
+        with parts.ledger.lock(self.run_id), self.stage_lock:  # the lock order everywhere: run, then stage
+            if self._halt.is_set() or self._stop_deadline is not None:
+                # stopped while the new group was coming up: it ends with the run (the driver's
+                # finally kills it), it does not train
+                active.group, active.targets = group, targets
+                self._halt.set()
+                return
+            active.new_group(group, targets)
+        parts.ledger.event(self.run_id, "supervisor", "group_restarted", {"stage": active.name, "checkpoint": checkpoint},
+                           "ok")
+
+    def _finish_stage(self, active: ActiveStage, status: dict[str, Any]) -> None:
+        parts = self.parts
+        parts.catalog.scan([self.run_id])  # what retention deleted in the last seconds
+        parts.goodput.stage_finished(self.run_id, active.productive_seconds())
+        parts.ledger.update_stage(self.run_id, active.name, state=StageState.COMPLETED.value,
+                                  finished_at=parts.ledger.now(), output_checkpoint=status.get("output_checkpoint"),
+                                  step=active.steps, final_loss=active.last_loss, last_loss=active.last_loss)
+        parts.ledger.event(self.run_id, "supervisor", "stage_completed",
+                           {"stage": active.name, "output_checkpoint": status.get("output_checkpoint")}, "ok")
+        self._shutdown_group()
+
+    def _shutdown_group(self) -> None:
+        with self.stage_lock:
+            active, self.active = self.active, None
+        if active is not None and active.group is not None:
+            try:
+                active.group.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("group shutdown failed")
+            self.parts.watch.forget(active.group)

@@ -1,0 +1,224 @@
+"""The recovery executor: a finding becomes an incident (once), the policy decides, and the
+decision is carried out on the stage's worker group.
+
+    Finding --record--> incident --decide (policy, over the catalog's checkpoints)--> Decision
+            --carry out--> ROLLBACK control to the live group | RESTART of the group by its driver
+                           | NEEDS_ATTENTION (pause) | NOTIFY (recorded)
+
+A recovery in flight is the stage's `PendingRecovery`; the ingest completes it when rank 0's
+steps show it took effect (`recovered`). Everything here runs under the run's lock.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from trainguard.service.domain.detectors import Finding, detect_worker_lost
+from trainguard.service.domain.evaluate import WatchConfig
+from trainguard.service.domain.policy import (
+    Action, Decision, RunSnapshot, budget_source, decide, dedup_key, in_effect, operator_rollback,
+)
+from trainguard.service.domain.state import TERMINAL_RUN_STATES, RunState
+from trainguard.service.supervisor.catalog import CheckpointCatalog
+from trainguard.service.supervisor.ledger import Ledger, row_id
+from trainguard.service.supervisor.stage import ActiveStage, PendingRecovery
+from trainguard.service.telemetry import SupervisorMetrics
+from trainguard.workers.contract import ControlKind
+
+__all__ = ["RecoveryExecutor", "Handled", "OPERATOR_ROLLBACK", "SPIKE_FAMILY"]
+
+log = logging.getLogger(__name__)
+
+OPERATOR_ROLLBACK = "operator_rollback"
+SPIKE_FAMILY = frozenset({"loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking", "dpo_collapse"})
+"""Kinds that are one problem seen by several detectors: while a recovery from one is in
+flight, another is the same problem (merged), not a new incident."""
+_MAX_CHECKPOINT_RETRIES = 10
+
+
+class GroupRestarter(Protocol):
+    def request_restart(self, run_id: str, *, checkpoint: str | None, incident: int) -> bool:
+        """Ask the run's driver for a new worker group from `checkpoint`; False: no driver."""
+        ...
+
+
+@dataclass(frozen=True)
+class Handled:
+    incident: int | None
+    created: bool
+    action: Action | None = None
+    ignored: str | None = None
+
+
+class RecoveryExecutor:
+    def __init__(self, ledger: Ledger, catalog: CheckpointCatalog, metrics: SupervisorMetrics,
+                 config: WatchConfig, restarter: GroupRestarter) -> None:
+        self.ledger, self.catalog, self.metrics, self.config = ledger, catalog, metrics, config
+        self.restarter = restarter
+
+    # ---- record --------------------------------------------------------------------------------
+    def handle(self, run_id: str, active: ActiveStage, finding: Finding, *, source: str,
+               fingerprint: str | None = None, actor: str = "supervisor") -> Handled:
+        """Record the incident (de-duplicated) and carry out the policy's decision once."""
+        kind = finding.kind
+        with self.ledger.lock(run_id):
+            if self.ledger.run_state(run_id) in TERMINAL_RUN_STATES:
+                return Handled(None, False, ignored="run has ended")
+            pend = active.pending
+            if pend is not None and (kind in SPIKE_FAMILY or kind == pend.kind):
+                # a recovery is already in flight for this stage: the same problem seen again
+                return self._merge(pend.incident, fingerprint)
+            active.after[kind] = finding.detected_at_step
+            open_same = [i for i in self.ledger.stage_incidents(run_id, active.name, open_only=True) if i.kind == kind]
+            if open_same:
+                return self._merge(row_id(open_same[0]), fingerprint)
+            generation = len(self.ledger.attempts(run_id, active.name))
+            key = dedup_key(run_id, active.name, kind, finding.onset_step, generation=generation)
+            if source == "operator":
+                key += f"/op{time.time_ns()}"  # every operator request is its own incident
+            inc, created = self.ledger.create_incident(
+                run_id=run_id, stage_name=active.name, kind=kind, onset_step=finding.onset_step,
+                detected_at_step=finding.detected_at_step, source=source, evidence=finding.evidence,
+                dedup_key=key, alert_fingerprints=[fingerprint] if fingerprint else [])
+            incident_id = row_id(inc)
+            if not created:
+                return self._merge(incident_id, fingerprint)
+            self.metrics.incidents.labels(run=run_id, stage=active.name, kind=kind).inc()
+            log.warning("incident %s: %s in %s/%s at step %s (%s)", incident_id, kind, run_id, active.name,
+                        finding.onset_step, source)
+            decision = self._decide_on_valid_checkpoint(run_id, active, incident_id, finding)
+            self._carry_out(run_id, active, incident_id, kind, decision, actor=actor)
+            return Handled(incident_id, True, decision.action)
+
+    def _merge(self, incident_id: int, fingerprint: str | None) -> Handled:
+        self.ledger.add_fingerprint(incident_id, fingerprint)
+        return Handled(incident_id, False)
+
+    def worker_lost(self, run_id: str, active: ActiveStage, status: dict[str, Any]) -> None:
+        """The group's poll found a dead or failed rank (detect_worker_lost over the poll)."""
+        with self.ledger.lock(run_id):
+            if active.pending is not None and active.pending.restart:
+                return  # already restarting
+            # a dead rank's step is unknown: the stage's last step stands in for it
+            here = max(active.last_step, 0)
+            ranks = [{**r, "step": here if r.get("step") is None else r["step"]} for r in status.get("ranks") or []]
+            finding = detect_worker_lost({**status, "ranks": ranks})
+            if finding is None:
+                step = max(active.last_step, 0)
+                finding = Finding("worker_lost", step, step, {"group_error": status.get("error")})
+            self.handle(run_id, active, finding, source="watch")
+
+    # ---- decide --------------------------------------------------------------------------------
+    def _decide_on_valid_checkpoint(self, run_id: str, active: ActiveStage, incident_id: int,
+                                    finding: Finding) -> Decision:
+        """The policy's decision, taken again while its checkpoint fails verification right
+        before use (a corrupt one is quarantined and the next older one considered)."""
+        self.catalog.pull(run_id, active.name, active.group)  # the driver's poll may lag behind
+        self.catalog.scan([run_id])
+        decision = self.decide(run_id, active, incident_id, finding)
+        for _ in range(_MAX_CHECKPOINT_RETRIES):
+            if (decision.checkpoint_ref is None or decision.action not in (Action.ROLLBACK, Action.RESTART)
+                    or self.catalog.verified_now(run_id, decision.checkpoint_ref, active.name)):
+                break
+            decision = self.decide(run_id, active, incident_id, finding)
+        return decision
+
+    def decide(self, run_id: str, active: ActiveStage, incident_id: int, finding: Finding) -> Decision:
+        """The policy over the stage's checkpoints and earlier recoveries; an operator rollback
+        goes to the named checkpoint (or the newest good one)."""
+        checkpoints = self.ledger.checkpoint_infos(run_id, active.name)
+        batch_at = {int(r["step"]): int(r["batch_index"]) for r in active.records.get(0, []) if "batch_index" in r}
+        if finding.kind == OPERATOR_ROLLBACK:
+            ev = finding.evidence
+            factor = ev.get("lr_multiplier")
+            return operator_rollback(
+                checkpoints, requested_step=ev.get("requested_checkpoint_step"), skip=bool(ev.get("skip", True)),
+                factor=None if factor is None else float(factor), last_step=active.last_step,
+                next_batch=batch_at.get(active.last_step, active.batch_cursor) + 1, cfg=self.config.recovery)
+        attempts = self.ledger.attempts(run_id, active.name, exclude=incident_id)
+        used: dict[str, int] = {}
+        for a in attempts:
+            if (src := budget_source(a.kind)) is not None:
+                used[src] = used.get(src, 0) + 1
+        skip, _ = in_effect(attempts)
+        snapshot = RunSnapshot(checkpoints=checkpoints, attempts=attempts, budgets_used=used, skip=skip,
+                               batch_index_at=batch_at)
+        return decide(finding, snapshot, self.config.recovery)
+
+    # ---- carry out -----------------------------------------------------------------------------
+    def _carry_out(self, run_id: str, active: ActiveStage, incident_id: int, kind: str, decision: Decision,
+                   *, actor: str) -> None:
+        action = decision.action
+        if action in (Action.ROLLBACK, Action.RESTART):
+            self._recover(run_id, active, incident_id, kind, decision, actor=actor)
+        elif action == Action.NEEDS_ATTENTION:
+            self.ledger.update_incident(incident_id, action=action.value, outcome="needs_attention",
+                                        attempt=decision.attempt)
+            if active.group is not None:
+                try:
+                    active.group.control(ControlKind.PAUSE, {})
+                except Exception:  # noqa: BLE001
+                    log.exception("pause for needs_attention failed")
+            self.ledger.set_state(run_id, RunState.NEEDS_ATTENTION, actor=actor, reason=decision.reason or kind)
+        else:  # notify: recorded, nothing to carry out
+            self.ledger.update_incident(incident_id, action=action.value, outcome="resolved",
+                                        resolved_at=self.ledger.now(), recovery_seconds=0.0)
+        self.ledger.event(run_id, actor, "recovery_decision",
+                          {"incident": incident_id, "kind": kind, **decision.to_dict(),
+                           "checkpoint": decision.checkpoint_ref}, action.value)
+
+    def _recover(self, run_id: str, active: ActiveStage, incident_id: int, kind: str, decision: Decision,
+                 *, actor: str) -> None:
+        rollback = decision.action == Action.ROLLBACK
+        lr = decision.lr_target if decision.lr_target is not None else 1.0
+        fields: dict[str, Any] = {"action": decision.action.value, "rollback_to_step": decision.checkpoint_step,
+                                  "outcome": "recovering"}
+        if rollback:
+            fields.update(skip=decision.skip, lr_multiplier=lr, attempt=decision.attempt)
+        self.ledger.update_incident(incident_id, **fields)
+        if rollback:
+            self.ledger.update_run(run_id, lr_multiplier=lr)
+        self.ledger.set_state(run_id, RunState.RECOVERING, actor=actor,
+                              reason=f"{kind}: {'rollback' if rollback else 'restart worker group'}")
+        ckpt = decision.checkpoint_ref
+        active.pending = PendingRecovery(incident=incident_id, kind=kind, detected_at=time.time(),
+                                         target_step=decision.checkpoint_step, checkpoint=ckpt,
+                                         from_step=active.last_step, restart=not rollback)
+        self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
+        if rollback and self._send_rollback(run_id, active, incident_id, decision, lr):
+            return
+        active.pending.restart = True
+        self.restarter.request_restart(run_id, checkpoint=ckpt, incident=incident_id)
+
+    def _send_rollback(self, run_id: str, active: ActiveStage, incident_id: int, decision: Decision,
+                       lr: float) -> bool:
+        ref = self.catalog.ref_for(run_id, decision.checkpoint_ref) if decision.checkpoint_ref else None
+        if ref is None or active.group is None:
+            return False  # to the stage input, or no live group: a new group does it
+        try:
+            active.group.control(ControlKind.ROLLBACK, {"checkpoint": ref.to_dict(), "skip": decision.skip,
+                                                        "lr_multiplier": lr, "incident": incident_id})
+            return True
+        except Exception as e:  # noqa: BLE001 - dead group: restart with the same decision
+            log.warning("rollback control failed (%s); restarting the group instead", e)
+            return False
+
+    def recovered(self, active: ActiveStage, *, step: int, at: float) -> None:
+        """The recovery in flight took effect at rank 0's `step` (unix time `at`)."""
+        pend, active.pending = active.pending, None
+        if pend is None:
+            return
+        secs = max(0.0, at - pend.detected_at)
+        inc = self.ledger.incident(pend.incident)
+        if inc is not None and inc.outcome == "recovering":
+            self.ledger.update_incident(pend.incident, outcome="resolved", recovery_seconds=secs,
+                                        resolved_at=self.ledger.now())
+        self.metrics.recovery_seconds.labels(kind=pend.kind).observe(secs)
+        if self.ledger.run_state(active.run_id) == RunState.RECOVERING:
+            self.ledger.set_state(active.run_id, RunState.RUNNING, actor="supervisor",
+                                  reason=f"recovered from {pend.kind}")
+        self.ledger.event(active.run_id, "supervisor", "recovered",
+                          {"incident": pend.incident, "step": step, "seconds": round(secs, 3)}, "ok")
+

@@ -1,0 +1,97 @@
+"""The supervisor's in-memory view of the stage a run is executing now, and of a recovery in
+flight for it. Both live in the run's driver and change only under the run's lock."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainguard.service.domain.series import Sample
+
+__all__ = ["ActiveStage", "PendingRecovery", "BUFFER_STEPS"]
+
+BUFFER_STEPS = 400
+"""Per-step records kept per rank: the detectors' windows fit in it with room to spare."""
+
+
+@dataclass
+class PendingRecovery:
+    """A recovery decided and not yet seen to take effect.
+
+    A rollback sent to the live group is done when rank 0's steps go back to the checkpoint
+    (`target_step` + 1, or any step below `from_step`); a restart when the new group's first
+    step arrives (`group_started`)."""
+
+    incident: int
+    kind: str
+    detected_at: float  # unix time of the decision: recovery time is measured from here
+    target_step: int | None  # the checkpoint's step (None: the stage's input)
+    checkpoint: str | None = None  # its path
+    from_step: int = -1  # rank 0's step when the rollback was sent
+    restart: bool = False  # carried out by a new worker group (not a control to the live one)
+    group_started: bool = False  # that new group is up: its first step completes the recovery
+
+    def taken_effect(self, step: int) -> bool:
+        """Is rank 0's `step` the first one after this recovery was carried out?"""
+        if self.restart:
+            return self.group_started
+        # a scrape-based source may not see target+1 itself, only that the step went back
+        return self.target_step is None or step <= self.target_step + 1 or step < self.from_step
+
+
+@dataclass
+class ActiveStage:
+    """What the supervisor knows about a running stage: its worker group and metrics endpoints,
+    the buffered per-step records of each rank, counters and heartbeats, live progress, the
+    step time that counts for goodput, and the recovery in flight. It is the domain's
+    `StageSignals` (service/domain/evaluate.py)."""
+
+    run_id: str
+    name: str
+    kind: str
+    index: int
+    steps: int
+    group: Any = None  # trainguard.workers.group.WorkerGroup (or a fake in unit tests)
+    targets: list[Any] = field(default_factory=list)  # adapters.metrics.Target, one per rank
+    started_at: float = field(default_factory=time.time)
+    records: dict[int, deque[dict[str, Any]]] = field(default_factory=dict)  # rank -> per-step records
+    counter_series: dict[tuple[int, str], list[Sample]] = field(default_factory=dict)  # (rank, name) -> changes
+    heartbeat: dict[int, float] = field(default_factory=dict)  # rank -> unix time of its last step
+    paused_ranks: set[int] = field(default_factory=set)
+    last_step: int = -1
+    last_step_time: float | None = None  # unix time rank 0 finished `last_step`
+    batch_cursor: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    pending: PendingRecovery | None = None
+    step_seconds: dict[int, float] = field(default_factory=dict)  # rank 0's step -> seconds: productive time
+    after: dict[str, int] = field(default_factory=dict)  # kind -> detected-at step of the last handled episode
+    resumed_at: float = 0.0  # unix time of the last operator resume: hang clocks start again there
+    live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
+    done: bool = False  # the stage completed: the watch has seen its last step and leaves it
+
+    @property
+    def ranks(self) -> list[int]:
+        return [t.rank for t in self.targets]
+
+    def series(self, rank: int) -> deque[dict[str, Any]]:
+        return self.records.setdefault(rank, deque(maxlen=BUFFER_STEPS))
+
+    def went_back(self) -> None:
+        """The workers went back (rollback applied): episodes found before are gone from the buffers."""
+        self.after.clear()
+
+    def new_group(self, group: Any, targets: list[Any]) -> None:
+        """A restarted worker group replaces the old one: its buffers start empty."""
+        self.group, self.targets = group, targets
+        self.records.clear()
+        self.heartbeat.clear()
+        self.counter_series.clear()
+        self.went_back()
+        self.started_at = time.time()
+        if self.pending is not None:
+            self.pending.group_started = True
+
+    def productive_seconds(self) -> float:
+        return sum(self.step_seconds.values())
