@@ -68,7 +68,7 @@ class Controller:
         self.executor = RecoveryExecutor(self.ledger, self.catalog, self.metrics, self.watch_config, self)
         self.watch = Watch(self.ledger, self.executor, self.source, self.watch_config, self._running_stages,
                            detect=settings.watch_enabled)
-        self._parts = DriverParts(ledger=self.ledger, catalog=self.catalog, executor=self.executor, watch=self.watch,
+        self.parts = DriverParts(ledger=self.ledger, catalog=self.catalog, executor=self.executor, watch=self.watch,
                                   goodput=self.goodput, state_dir=self.state_dir,
                                   publish_goodput=self._publish_goodput,
                                   on_exit=self._driver_done)
@@ -118,7 +118,7 @@ class Controller:
 
     def _spawn(self, run_id: str, spec: PipelineSpec, *, start_paused: bool = False) -> None:
         self.goodput.started(run_id)
-        d = RunDriver(self._parts, run_id, spec, start_paused=start_paused)
+        d = RunDriver(self.parts, run_id, spec, start_paused=start_paused)
         with self._drivers_lock:
             self.drivers[run_id] = d
         d.start()

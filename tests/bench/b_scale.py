@@ -86,26 +86,23 @@ class SimulatedSource:
 def _setup(ctx: Context, n: int, tag: str):
     from trainguard.service.adapters.metrics import Target
     from trainguard.service.config import Settings
-    from trainguard.service.controller import ActiveStage, Controller, RunDriver
-    from trainguard.service.db import crud
+    from trainguard.service.controller import Controller
+    from trainguard.service.domain.state import RunState
+    from trainguard.service.supervisor.driver import RunDriver
+    from trainguard.service.supervisor.stage import ActiveStage
     from tests.bench.workload import pipeline
     import trainguard.workers.runtime.checkpoint  # noqa: F401 - a one-time import (torch), not a cost of the cycle
 
     state = ctx.sub(f"scale-{tag}")
     settings = Settings(state_dir=state, environment="development")
-    spiking = {f"sim-{i}" for i in range(n) if i % 100 == 0}  # 1% (at least one run)
-    ctl = Controller(settings, source=None)
+    src = SimulatedSource(set())
+    ctl = Controller(settings, source=src)
     spec = pipeline(name="sim", size="tiny", steps=100_000, world_size=1)
-    src = None
-    ids = []
-    with ctl.session() as s:
-        for i in range(n):
-            ids.append(crud.create_run(s, name=f"sim-{i}", spec_json=spec.model_dump_json(), actor="bench").id)
-    src = SimulatedSource({ids[i] for i in range(n) if f"sim-{i}" in spiking})
-    ctl.source = src
+    ids = [ctl.ledger.create_run(name=f"sim-{i}", spec_json=spec.model_dump_json(), actor="bench") for i in range(n)]
+    src.spiking.update(ids[i] for i in range(n) if i % 100 == 0)  # 1% (at least one run)
     for run_id in ids:
-        ctl._set_state(run_id, "running", actor="bench", reason="simulated")
-        d = RunDriver(ctl, run_id, spec)
+        ctl.ledger.set_state(run_id, RunState.RUNNING, actor="bench", reason="simulated")
+        d = RunDriver(ctl.parts, run_id, spec)
         a = ActiveStage(run_id=run_id, name="pretrain", kind="pretrain", index=0, steps=100_000, group=StubGroup())
         a.targets = [Target(run=run_id, stage="pretrain", rank=0, host="127.0.0.1", port=1)]
         d.active = a
