@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from trainguard.workers.contract import M
+from trainguard.workers.contract import MetricName
 
 RUN_STATES = ("pending", "running", "paused", "recovering", "needs_attention", "completed", "failed", "stopped")
 
@@ -12,14 +12,14 @@ class SupervisorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.incidents = Counter(M.INCIDENTS, "Incidents recorded", ["run", "stage", "kind"], registry=r)
-        self.rollbacks = Counter(M.ROLLBACKS, "Rollbacks and restarts carried out", ["run", "stage"], registry=r)
+        self.incidents = Counter(MetricName.INCIDENTS, "Incidents recorded", ["run", "stage", "kind"], registry=r)
+        self.rollbacks = Counter(MetricName.ROLLBACKS, "Rollbacks and restarts carried out", ["run", "stage"], registry=r)
         self.recovery_seconds = Histogram(
-            M.RECOVERY_SECONDS, "Seconds from detection to the first step after recovery", ["kind"],
+            MetricName.RECOVERY_SECONDS, "Seconds from detection to the first step after recovery", ["kind"],
             buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=r,
         )
-        self.goodput = Gauge(M.GOODPUT, "Productive step time / wall time", ["run"], registry=r)
-        self.run_state = Gauge(M.RUN_STATE, "1 for the run's current state", ["run", "state"], registry=r)
+        self.goodput = Gauge(MetricName.GOODPUT, "Productive step time / wall time", ["run"], registry=r)
+        self.run_state = Gauge(MetricName.RUN_STATE, "1 for the run's current state", ["run", "state"], registry=r)
 
     def set_state(self, run: str, state: str) -> None:
         for s in RUN_STATES:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
-    "M",
+    "MetricName",
     "WORKER_LABELS",
     "AnomalyKind",
     "FaultKind",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-class M:
+class MetricName:
     """Metric names (prometheus-client). Worker metrics carry `run`, `stage`, `rank`."""
 
     STEP = "trainguard_step"

@@ -15,18 +15,18 @@ from typing import Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainguard.workers.contract import M
+from trainguard.workers.contract import MetricName
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Target", "Snapshot", "MetricsSource", "DirectScrapeSource", "PrometheusSource"]
 
 # Names as exposed: prometheus-client adds _total to a counter's name, _sum/_count to a histogram's.
-_ANOMALIES_TOTAL = M.ANOMALIES + "_total"
-_GPU_XID_TOTAL = M.GPU_XID + "_total"
-_GPU_ECC_TOTAL = M.GPU_ECC + "_total"
-_STEP_SECONDS_SUM = M.STEP_SECONDS + "_sum"
-_STEP_SECONDS_COUNT = M.STEP_SECONDS + "_count"
+_ANOMALIES_TOTAL = MetricName.ANOMALIES + "_total"
+_GPU_XID_TOTAL = MetricName.GPU_XID + "_total"
+_GPU_ECC_TOTAL = MetricName.GPU_ECC + "_total"
+_STEP_SECONDS_SUM = MetricName.STEP_SECONDS + "_sum"
+_STEP_SECONDS_COUNT = MetricName.STEP_SECONDS + "_count"
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,11 @@ def _counters_from_samples(samples: list[tuple[str, dict[str, str], float]], sna
             snap.counters["gpu_xid"] = snap.counters.get("gpu_xid", 0.0) + value
         elif name == _GPU_ECC_TOTAL:
             snap.counters["gpu_ecc"] = snap.counters.get("gpu_ecc", 0.0) + value
-        elif name == M.LAST_STEP_TS:
+        elif name == MetricName.LAST_STEP_TS:
             snap.last_step_time = value if value > 0 else None
-        elif name == M.STEP:
+        elif name == MetricName.STEP:
             snap.step = int(value)
-        elif name == M.WORKER_PAUSED:
+        elif name == MetricName.WORKER_PAUSED:
             snap.paused = value >= 1
 
 
@@ -115,13 +115,13 @@ class DirectScrapeSource:
 
 # gauge -> the key of the worker's per-step history record that carries the same value
 _PROM_TO_RECORD = {
-    M.TRAIN_LOSS: "loss", M.VAL_LOSS: "val_loss", M.GRAD_NORM: "grad_norm", M.LEARNING_RATE: "lr",
-    M.SPIKE_SCORE: "spike_score", M.REWARD_MEAN: "reward_mean", M.KL: "kl", M.KL_TARGET: "kl_target",
-    M.KL_COEF: "kl_coef", M.PREFERENCE_ACCURACY: "preference_accuracy", M.DPO_REWARD_MARGIN: "dpo_reward_margin",
-    M.DPO_CHOSEN_LOGPROB: "dpo_chosen_logprob",
+    MetricName.TRAIN_LOSS: "loss", MetricName.VAL_LOSS: "val_loss", MetricName.GRAD_NORM: "grad_norm", MetricName.LEARNING_RATE: "lr",
+    MetricName.SPIKE_SCORE: "spike_score", MetricName.REWARD_MEAN: "reward_mean", MetricName.KL: "kl", MetricName.KL_TARGET: "kl_target",
+    MetricName.KL_COEF: "kl_coef", MetricName.PREFERENCE_ACCURACY: "preference_accuracy", MetricName.DPO_REWARD_MARGIN: "dpo_reward_margin",
+    MetricName.DPO_CHOSEN_LOGPROB: "dpo_chosen_logprob",
 }
 _PROM_NAMES = (
-    M.STEP, *_PROM_TO_RECORD, M.LAST_STEP_TS, M.WORKER_PAUSED, _ANOMALIES_TOTAL, _GPU_XID_TOTAL, _GPU_ECC_TOTAL,
+    MetricName.STEP, *_PROM_TO_RECORD, MetricName.LAST_STEP_TS, MetricName.WORKER_PAUSED, _ANOMALIES_TOTAL, _GPU_XID_TOTAL, _GPU_ECC_TOTAL,
     _STEP_SECONDS_SUM, _STEP_SECONDS_COUNT,
 )
 _PROM_SELECTOR = '{__name__=~"' + "|".join(_PROM_NAMES) + '",run!=""}'

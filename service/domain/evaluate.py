@@ -65,7 +65,7 @@ class StageSignals(Protocol):
     @property
     def records(self) -> Mapping[int, Sequence[Record]]: ...  # rank -> per-step records, oldest first
     @property
-    def after(self) -> Mapping[str, int]: ...  # kind -> step of the last episode handled: detect only later ones
+    def handled_until(self) -> Mapping[str, int]: ...  # kind -> step of the last episode handled: detect only later ones
     @property
     def counter_series(self) -> Mapping[tuple[int, str], Sequence[Sample]]: ...  # (rank, counter) -> changes
     @property
@@ -114,12 +114,12 @@ def _earliest(findings: list[Finding | None]) -> Finding | None:
 
 
 def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
-                   after: Mapping[str, int] | None = None) -> list[Finding]:
+                   handled_until: Mapping[str, int] | None = None) -> list[Finding]:
     """Findings for one running stage, earliest onset first; at most one per kind. Only
-    episodes after `after[kind]` (default: the stage's handled episodes) count."""
+    episodes after `handled_until[kind]` (default: the stage's) count."""
     ranks = sorted(signals.records)
     recs = {r: list(signals.records[r]) for r in ranks}
-    after = signals.after if after is None else after
+    after = signals.handled_until if handled_until is None else handled_until
     out: list[Finding] = []
 
     def add(f: Finding | None) -> None:
@@ -215,7 +215,7 @@ def alert_finding(signals: StageSignals, kind: str, labels: Mapping[str, str], c
     except ValueError:
         return None
     step = max(signals.last_step, 0)
-    found = [f for f in evaluate_stage(signals, cfg, now=math.inf if kind == "hang" else 0.0, after={})
+    found = [f for f in evaluate_stage(signals, cfg, now=math.inf if kind == "hang" else 0.0, handled_until={})
              if f.kind == kind]
     evidence = {"alert_labels": dict(labels)}
     if found:

@@ -70,7 +70,7 @@ class RecoveryExecutor:
             if pend is not None and (kind in SPIKE_FAMILY or kind == pend.kind):
                 # a recovery is already in flight for this stage: the same problem seen again
                 return self._merge(pend.incident, fingerprint)
-            active.after[kind] = finding.detected_at_step
+            active.handled_until[kind] = finding.detected_at_step
             open_same = [i for i in self.ledger.stage_incidents(run_id, active.name, open_only=True) if i.kind == kind]
             if open_same:
                 return self._merge(row_id(open_same[0]), fingerprint)

@@ -66,7 +66,7 @@ class ActiveStage:
     last_loss: float | None = None
     pending: PendingRecovery | None = None
     step_seconds: dict[int, float] = field(default_factory=dict)  # rank 0's step -> seconds: productive time
-    after: dict[str, int] = field(default_factory=dict)  # kind -> detected-at step of the last handled episode
+    handled_until: dict[str, int] = field(default_factory=dict)  # kind -> detected-at step of the last handled episode
     resumed_at: float = 0.0  # unix time of the last operator resume: hang clocks start again there
     live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
     done: bool = False  # the stage completed: the watch has seen its last step and leaves it
@@ -80,7 +80,7 @@ class ActiveStage:
 
     def went_back(self) -> None:
         """The workers went back (rollback applied): episodes found before are gone from the buffers."""
-        self.after.clear()
+        self.handled_until.clear()
 
     def new_group(self, group: Any, targets: list[Any]) -> None:
         """A restarted worker group replaces the old one: its buffers start empty."""

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from trainguard.workers.contract import WORKER_LABELS, AnomalyKind, M
+from trainguard.workers.contract import WORKER_LABELS, AnomalyKind, MetricName
 from trainguard.workers.runtime.gpu import GpuHealth
 
 __all__ = ["Exporter", "STAGE_GAUGES", "CHECKPOINT_STALL"]
@@ -33,14 +33,14 @@ CKPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300
 
 # stage metric key (StepResult.metrics / evaluate()) -> gauge name
 STAGE_GAUGES = {
-    "val_loss": M.VAL_LOSS,
-    "reward_mean": M.REWARD_MEAN,
-    "kl": M.KL,
-    "kl_coef": M.KL_COEF,
-    "kl_target": M.KL_TARGET,
-    "preference_accuracy": M.PREFERENCE_ACCURACY,
-    "dpo_reward_margin": M.DPO_REWARD_MARGIN,
-    "dpo_chosen_logprob": M.DPO_CHOSEN_LOGPROB,
+    "val_loss": MetricName.VAL_LOSS,
+    "reward_mean": MetricName.REWARD_MEAN,
+    "kl": MetricName.KL,
+    "kl_coef": MetricName.KL_COEF,
+    "kl_target": MetricName.KL_TARGET,
+    "preference_accuracy": MetricName.PREFERENCE_ACCURACY,
+    "dpo_reward_margin": MetricName.DPO_REWARD_MARGIN,
+    "dpo_chosen_logprob": MetricName.DPO_CHOSEN_LOGPROB,
 }
 
 
@@ -55,13 +55,13 @@ class _GpuCollector:
         s = self.gpu.sample()
         names = list(WORKER_LABELS) + ["provider"]
         values = self.labels + [self.gpu.name]
-        util = GaugeMetricFamily(M.GPU_UTILIZATION, "GPU utilisation (0..1)", labels=names)
+        util = GaugeMetricFamily(MetricName.GPU_UTILIZATION, "GPU utilisation (0..1)", labels=names)
         util.add_metric(values, s.utilization_ratio)
-        mem = GaugeMetricFamily(M.GPU_MEMORY_USED, "GPU memory used (bytes)", labels=names)
+        mem = GaugeMetricFamily(MetricName.GPU_MEMORY_USED, "GPU memory used (bytes)", labels=names)
         mem.add_metric(values, s.memory_used_bytes)
-        xid = CounterMetricFamily(M.GPU_XID, "GPU Xid errors seen", labels=names)
+        xid = CounterMetricFamily(MetricName.GPU_XID, "GPU Xid errors seen", labels=names)
         xid.add_metric(values, s.xid_errors)
-        ecc = CounterMetricFamily(M.GPU_ECC, "GPU uncorrected ECC errors", labels=names)
+        ecc = CounterMetricFamily(MetricName.GPU_ECC, "GPU uncorrected ECC errors", labels=names)
         ecc.add_metric(values, s.ecc_errors)
         return [util, mem, xid, ecc]
 
@@ -77,31 +77,31 @@ class Exporter:
             return Gauge(name, doc, L, registry=r)
 
         self._gauges: dict[str, Gauge] = {
-            M.STEP: gauge(M.STEP, "optimizer step reached"),
-            M.TRAIN_LOSS: gauge(M.TRAIN_LOSS, "last training loss"),
-            M.GRAD_NORM: gauge(M.GRAD_NORM, "global gradient norm before clipping"),
-            M.LEARNING_RATE: gauge(M.LEARNING_RATE, "current learning rate"),
-            M.LAST_STEP_TS: gauge(M.LAST_STEP_TS, "unix time of the last finished step"),
-            M.SPIKE_SCORE: gauge(M.SPIKE_SCORE, "the guard's robust loss spike score"),
-            M.CHECKPOINT_STEP: gauge(M.CHECKPOINT_STEP, "step of the newest checkpoint written"),
-            M.CHECKPOINT_BYTES: gauge(M.CHECKPOINT_BYTES, "size of the newest checkpoint (bytes)"),
-            M.MODEL_PARAMETERS: gauge(M.MODEL_PARAMETERS, "trainable parameters"),
-            M.TOKENS_PER_PARAMETER: gauge(M.TOKENS_PER_PARAMETER, "tokens seen (all ranks) per parameter"),
-            M.WORKER_PAUSED: gauge(M.WORKER_PAUSED, "1 while the worker is paused at a step boundary"),
+            MetricName.STEP: gauge(MetricName.STEP, "optimizer step reached"),
+            MetricName.TRAIN_LOSS: gauge(MetricName.TRAIN_LOSS, "last training loss"),
+            MetricName.GRAD_NORM: gauge(MetricName.GRAD_NORM, "global gradient norm before clipping"),
+            MetricName.LEARNING_RATE: gauge(MetricName.LEARNING_RATE, "current learning rate"),
+            MetricName.LAST_STEP_TS: gauge(MetricName.LAST_STEP_TS, "unix time of the last finished step"),
+            MetricName.SPIKE_SCORE: gauge(MetricName.SPIKE_SCORE, "the guard's robust loss spike score"),
+            MetricName.CHECKPOINT_STEP: gauge(MetricName.CHECKPOINT_STEP, "step of the newest checkpoint written"),
+            MetricName.CHECKPOINT_BYTES: gauge(MetricName.CHECKPOINT_BYTES, "size of the newest checkpoint (bytes)"),
+            MetricName.MODEL_PARAMETERS: gauge(MetricName.MODEL_PARAMETERS, "trainable parameters"),
+            MetricName.TOKENS_PER_PARAMETER: gauge(MetricName.TOKENS_PER_PARAMETER, "tokens seen (all ranks) per parameter"),
+            MetricName.WORKER_PAUSED: gauge(MetricName.WORKER_PAUSED, "1 while the worker is paused at a step boundary"),
             CHECKPOINT_STALL: gauge(
                 CHECKPOINT_STALL,
                 "seconds the step loop spent on the last checkpoint (snapshot copy + wait for the previous write)"),
         }
         for key, name in STAGE_GAUGES.items():
             self._gauges[name] = gauge(name, f"stage metric {key}")
-        self.tokens = Counter(M.TOKENS, "tokens consumed by this rank", L, registry=r)
-        self.step_seconds = Histogram(M.STEP_SECONDS, "wall time per step", L, buckets=STEP_BUCKETS, registry=r)
-        self.ckpt_seconds = Histogram(M.CHECKPOINT_SECONDS, "checkpoint write time (background)", L,
+        self.tokens = Counter(MetricName.TOKENS, "tokens consumed by this rank", L, registry=r)
+        self.step_seconds = Histogram(MetricName.STEP_SECONDS, "wall time per step", L, buckets=STEP_BUCKETS, registry=r)
+        self.ckpt_seconds = Histogram(MetricName.CHECKPOINT_SECONDS, "checkpoint write time (background)", L,
                                       buckets=CKPT_BUCKETS, registry=r)
-        self.anomalies = Counter(M.ANOMALIES, "anomalies the in-step guard saw", L + ["kind"], registry=r)
+        self.anomalies = Counter(MetricName.ANOMALIES, "anomalies the in-step guard saw", L + ["kind"], registry=r)
         for kind in AnomalyKind:  # every kind exists from the start, so rate() works from 0
             self.anomalies.labels(*self.labels, kind.value)
-        for name in (M.STEP, M.WORKER_PAUSED, M.LAST_STEP_TS):
+        for name in (MetricName.STEP, MetricName.WORKER_PAUSED, MetricName.LAST_STEP_TS):
             self._gauges[name].labels(*self.labels).set(0)
         self.tokens.labels(*self.labels)
         self.gpu = gpu
@@ -137,8 +137,8 @@ class Exporter:
 
     def observe_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
         self.ckpt_seconds.labels(*self.labels).observe(seconds)
-        self.set(M.CHECKPOINT_STEP, step)
-        self.set(M.CHECKPOINT_BYTES, nbytes)
+        self.set(MetricName.CHECKPOINT_STEP, step)
+        self.set(MetricName.CHECKPOINT_BYTES, nbytes)
 
     def record(self, rec: dict[str, Any]) -> dict[str, Any]:
         """Append a per-step record, assigning its `seq`; returns it."""

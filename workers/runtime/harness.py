@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from trainguard.workers.contract import AnomalyKind, CheckpointRef, CheckpointReport, Control, ControlKind, M, StageKind
+from trainguard.workers.contract import AnomalyKind, CheckpointRef, CheckpointReport, Control, ControlKind, MetricName, StageKind
 from trainguard.workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_path,
                                         discard_after, load_checkpoint, stage_root, to_cpu)
 from trainguard.workers.runtime.control import ControlInbox
@@ -244,8 +244,8 @@ class Harness:
         self.cursor.add_skip(skip)
         if lr_multiplier is not None:
             self.lr_multiplier = float(lr_multiplier)
-        self.exporter.set(M.MODEL_PARAMETERS, self.n_params)
-        self.exporter.set(M.STEP, self.step)
+        self.exporter.set(MetricName.MODEL_PARAMETERS, self.n_params)
+        self.exporter.set(MetricName.STEP, self.step)
 
     # -- LR ------------------------------------------------------------------------------------
     def _base_lr(self, step: int) -> float:
@@ -329,10 +329,10 @@ class Harness:
         Returns False when the loop must end (stop)."""
         self._apply(self.inbox.agree(self.dist.min_int))
         while self.paused and not self.stopped:
-            self.exporter.set(M.WORKER_PAUSED, 1)
+            self.exporter.set(MetricName.WORKER_PAUSED, 1)
             time.sleep(PAUSE_POLL_S)  # pacing of the agreement rounds, not synchronisation
             self._apply(self.inbox.agree(self.dist.min_int))
-        self.exporter.set(M.WORKER_PAUSED, 0)
+        self.exporter.set(MetricName.WORKER_PAUSED, 0)
         if self.stopped:
             self._checkpoint(sync=True)
             self.state = "stopped"
@@ -381,7 +381,7 @@ class Harness:
         with self._written_lock:
             self._healthy_written = [c for c in self._healthy_written if c <= self.step]
         self.faults.rewound()
-        self.exporter.set(M.STEP, self.step)
+        self.exporter.set(MetricName.STEP, self.step)
 
     def _discard_abandoned(self) -> None:
         if self.rank == 0:
@@ -442,12 +442,12 @@ class Harness:
                  anomaly: AnomalyKind | None) -> dict[str, Any]:
         """Gauges now; the history record is returned for eval metrics to join it."""
         e = self.exporter
-        e.set(M.STEP, self.step)
-        e.set(M.TRAIN_LOSS, self.last_loss)
-        e.set(M.GRAD_NORM, self.last_grad_norm)
-        e.set(M.LEARNING_RATE, lr)
-        e.set(M.SPIKE_SCORE, self.last_spike)
-        e.set(M.TOKENS_PER_PARAMETER, self.tokens_seen / max(1, self.n_params))
+        e.set(MetricName.STEP, self.step)
+        e.set(MetricName.TRAIN_LOSS, self.last_loss)
+        e.set(MetricName.GRAD_NORM, self.last_grad_norm)
+        e.set(MetricName.LEARNING_RATE, lr)
+        e.set(MetricName.SPIKE_SCORE, self.last_spike)
+        e.set(MetricName.TOKENS_PER_PARAMETER, self.tokens_seen / max(1, self.n_params))
         e.set_stage_metrics(metrics)
         e.observe_step(seconds, tokens)
         rec: dict[str, Any] = {"step": self.step, "batch_index": batch_index, "time": time.time(),
@@ -462,7 +462,7 @@ class Harness:
         if self._log is not None:
             self._log.write(json.dumps(rec) + "\n")
         # the heartbeat goes last: a step counts as finished once its record is out
-        self.exporter.set(M.LAST_STEP_TS, time.time())
+        self.exporter.set(MetricName.LAST_STEP_TS, time.time())
 
     def _evaluate(self) -> dict[str, float]:
         if self.last_eval_step == self.step:

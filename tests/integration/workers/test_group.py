@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import wait_for
-from trainguard.workers.contract import ControlKind, M
+from trainguard.workers.contract import ControlKind, MetricName
 from trainguard.workers.group import WorkerGroup
 from trainguard.workers.runtime.checkpoint import list_checkpoints, load_checkpoint, stage_root
 from trainguard.workers.spec import parse_pipeline
@@ -96,17 +96,17 @@ def test_hang_slow_and_gpu_xid_show_on_metrics(ray_session, tmp_path, groups):
     g = _group(groups, tmp_path, pipeline)
     (ep,) = g.endpoints()
     L = _labels(0)
-    m = wait_for(lambda: (s := scrape(ep["host"], ep["port"])) and value(s, M.STEP, **L) == 8 and s, 120, what="step 8")
+    m = wait_for(lambda: (s := scrape(ep["host"], ep["port"])) and value(s, MetricName.STEP, **L) == 8 and s, 120, what="step 8")
     # slow: three steps of >= 0.3 s each
     assert value(m, "trainguard_step_seconds_sum", **L) >= 0.9
     assert value(m, "trainguard_step_seconds_bucket", le="0.1", **L) <= 5
     # gpu_xid through the fake NVML
     assert value(m, "trainguard_gpu_xid_errors_total", provider="fake-nvml", **L) == 1
     # hang: the heartbeat stops while the process stays alive and answers
-    beat = value(m, M.LAST_STEP_TS, **L)
+    beat = value(m, MetricName.LAST_STEP_TS, **L)
     wait_for(lambda: time.time() - beat > 1.0, 5, what="a second to pass")
     m2 = scrape(ep["host"], ep["port"])
-    assert value(m2, M.LAST_STEP_TS, **L) == beat and value(m2, M.STEP, **L) == 8
+    assert value(m2, MetricName.LAST_STEP_TS, **L) == beat and value(m2, MetricName.STEP, **L) == 8
     p = _poll(g)
     assert p["state"] == "running" and p["ranks"][0]["alive"] and p["ranks"][0]["step"] == 8
 
@@ -115,11 +115,11 @@ def test_pause_resume_lr_multiplier_rollback_and_stop_agree_across_ranks(ray_ses
     pipeline = tiny_pipeline(steps=400, world_size=2, step_delay=0.02, checkpoint={"every": 5, "keep_last": 50})
     g = _group(groups, tmp_path, pipeline)
     eps = g.endpoints()
-    step_of = lambda r: value(scrape(eps[r]["host"], eps[r]["port"]), M.STEP, **_labels(r))  # noqa: E731
+    step_of = lambda r: value(scrape(eps[r]["host"], eps[r]["port"]), MetricName.STEP, **_labels(r))  # noqa: E731
     wait_for(lambda: step_of(0) >= 12, 120, what="step 12")
 
     g.control(ControlKind.PAUSE)
-    wait_for(lambda: all(value(scrape(e["host"], e["port"]), M.WORKER_PAUSED, **_labels(e["rank"])) == 1 for e in eps),
+    wait_for(lambda: all(value(scrape(e["host"], e["port"]), MetricName.WORKER_PAUSED, **_labels(e["rank"])) == 1 for e in eps),
              10, what="both ranks paused")
     paused_at = step_of(0)
     assert step_of(1) == paused_at and _poll(g)["state"] == "paused"
@@ -127,11 +127,11 @@ def test_pause_resume_lr_multiplier_rollback_and_stop_agree_across_ranks(ray_ses
     while time.monotonic() - t < 0.5:  # observe for a while: no rank advances
         assert step_of(0) == paused_at and step_of(1) == paused_at
 
-    lr_before = value(scrape(eps[0]["host"], eps[0]["port"]), M.LEARNING_RATE, **_labels(0))
+    lr_before = value(scrape(eps[0]["host"], eps[0]["port"]), MetricName.LEARNING_RATE, **_labels(0))
     g.control(ControlKind.LR_MULTIPLIER, {"value": 0.01})
     g.control(ControlKind.RESUME)
     wait_for(lambda: step_of(0) > paused_at + 2, 10, what="steps after resume")
-    lr_after = value(scrape(eps[1]["host"], eps[1]["port"]), M.LEARNING_RATE, **_labels(1))
+    lr_after = value(scrape(eps[1]["host"], eps[1]["port"]), MetricName.LEARNING_RATE, **_labels(1))
     assert lr_after < lr_before / 50
 
     ck = _reported(g)[10]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainguard.workers.contract import M
+from trainguard.workers.contract import MetricName
 from trainguard.workers.runtime.checkpoint import CheckpointError, list_checkpoints, stage_root, verify_checkpoint
 from trainguard.workers.runtime.exporter import Exporter
 from trainguard.workers.runtime.harness import Harness, make_context
@@ -65,7 +65,7 @@ def test_real_stage_resume_is_bitwise_equal(tmp_path):
     resumed.run()
     a, b = full.stage.model.state_dict(), resumed.stage.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert value(scrape_text(resumed), M.STEP, **L) == 20
+    assert value(scrape_text(resumed), MetricName.STEP, **L) == 20
 
 
 def scrape_text(h: Harness) -> list:

@@ -17,7 +17,7 @@ from trainguard.service.adapters.promql_inventory import (
     recording_rule_names,
     render_expr,
 )
-from trainguard.workers.contract import M
+from trainguard.workers.contract import MetricName
 
 DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -26,7 +26,7 @@ INCIDENT_KINDS = {"loss_spike", "nan", "grad_explosion", "val_divergence", "hang
 
 
 def _allowed_names() -> set[str]:
-    base = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str)}
+    base = {v for k, v in vars(MetricName).items() if k.isupper() and isinstance(v, str)}
     suffixed = {b + s for b in base for s in ("", "_total", "_bucket", "_sum", "_count")}
     return suffixed | recording_rule_names(RULES_DIR) | {"up"}
 
@@ -100,7 +100,7 @@ def test_every_expression_uses_only_contract_metrics():
     assert len(exprs) > 50
     for where, name, expr in exprs:
         unknown = metric_names(expr) - allowed
-        assert not unknown, f"{where} / {name}: {sorted(unknown)} not in workers.contract.M"
+        assert not unknown, f"{where} / {name}: {sorted(unknown)} not in workers.contract.MetricName"
         assert metric_names(expr), f"{where} / {name}: no metric found in {expr!r}"
 
 

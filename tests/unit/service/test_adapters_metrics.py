@@ -1,4 +1,4 @@
-"""Metric sources read the names the workers export (workers.contract.M), over a fake HTTP transport."""
+"""Metric sources read the names the workers export (workers.contract.MetricName), over a fake HTTP transport."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from trainguard.service.adapters.metrics import DirectScrapeSource, PrometheusSource, Target
-from trainguard.workers.contract import WORKER_LABELS, M
+from trainguard.workers.contract import WORKER_LABELS, MetricName
 
 TARGET = Target(run="run-000000000001", stage="pretrain", rank=0, host="127.0.0.1", port=9100)
 OTHER = Target(run="run-000000000001", stage="pretrain", rank=1, host="127.0.0.1", port=9101)
@@ -20,18 +20,18 @@ def _worker_metrics_text() -> str:
     """What a worker's /metrics shows, built the way its exporter builds it (from the contract's names)."""
     r = CollectorRegistry()
     labels = list(WORKER_LABELS)
-    Gauge(M.STEP, "", labels, registry=r).labels(*LABELS).set(42)
-    Gauge(M.LAST_STEP_TS, "", labels, registry=r).labels(*LABELS).set(1_700_000_000.5)
-    Gauge(M.WORKER_PAUSED, "", labels, registry=r).labels(*LABELS).set(1)
-    Gauge(M.TRAIN_LOSS, "", labels, registry=r).labels(*LABELS).set(2.5)
-    anomalies = Counter(M.ANOMALIES, "", labels + ["kind"], registry=r)
+    Gauge(MetricName.STEP, "", labels, registry=r).labels(*LABELS).set(42)
+    Gauge(MetricName.LAST_STEP_TS, "", labels, registry=r).labels(*LABELS).set(1_700_000_000.5)
+    Gauge(MetricName.WORKER_PAUSED, "", labels, registry=r).labels(*LABELS).set(1)
+    Gauge(MetricName.TRAIN_LOSS, "", labels, registry=r).labels(*LABELS).set(2.5)
+    anomalies = Counter(MetricName.ANOMALIES, "", labels + ["kind"], registry=r)
     anomalies.labels(*LABELS, "nonfinite_loss").inc(2)
     anomalies.labels(*LABELS, "loss_spike").inc(0)
-    Counter(M.GPU_XID, "", labels + ["provider"], registry=r).labels(*LABELS, "fake").inc(1)
-    ecc = Counter(M.GPU_ECC, "", labels + ["provider"], registry=r)
+    Counter(MetricName.GPU_XID, "", labels + ["provider"], registry=r).labels(*LABELS, "fake").inc(1)
+    ecc = Counter(MetricName.GPU_ECC, "", labels + ["provider"], registry=r)
     ecc.labels(*LABELS, "a").inc(2)
     ecc.labels(*LABELS, "b").inc(1)
-    Histogram(M.STEP_SECONDS, "", labels, registry=r).labels(*LABELS).observe(0.25)
+    Histogram(MetricName.STEP_SECONDS, "", labels, registry=r).labels(*LABELS).observe(0.25)
     return generate_latest(r).decode()
 
 
@@ -70,14 +70,14 @@ def _vector(rows: list[tuple[str, Target, float, dict | None]], ts: float) -> di
 
 def test_prometheus_source_turns_one_query_into_step_records():
     responses = [
-        _vector([(M.STEP, TARGET, 10, None), (M.TRAIN_LOSS, TARGET, 2.0, None), (M.KL, TARGET, 0.1, None),
-                 (M.STEP_SECONDS + "_sum", TARGET, 1.0, None), (M.STEP_SECONDS + "_count", TARGET, 10, None),
-                 (M.ANOMALIES + "_total", TARGET, 0, {"kind": "nonfinite_loss"}),
-                 (M.STEP, OTHER, 3, None), (M.TRAIN_LOSS, OTHER, 9.0, None)], ts=100.0),
-        _vector([(M.STEP, TARGET, 15, None), (M.TRAIN_LOSS, TARGET, math.nan, None),
-                 (M.STEP_SECONDS + "_sum", TARGET, 2.0, None), (M.STEP_SECONDS + "_count", TARGET, 15, None),
-                 (M.ANOMALIES + "_total", TARGET, 1, {"kind": "nonfinite_loss"}),
-                 (M.LAST_STEP_TS, TARGET, 101.0, None)], ts=101.0),
+        _vector([(MetricName.STEP, TARGET, 10, None), (MetricName.TRAIN_LOSS, TARGET, 2.0, None), (MetricName.KL, TARGET, 0.1, None),
+                 (MetricName.STEP_SECONDS + "_sum", TARGET, 1.0, None), (MetricName.STEP_SECONDS + "_count", TARGET, 10, None),
+                 (MetricName.ANOMALIES + "_total", TARGET, 0, {"kind": "nonfinite_loss"}),
+                 (MetricName.STEP, OTHER, 3, None), (MetricName.TRAIN_LOSS, OTHER, 9.0, None)], ts=100.0),
+        _vector([(MetricName.STEP, TARGET, 15, None), (MetricName.TRAIN_LOSS, TARGET, math.nan, None),
+                 (MetricName.STEP_SECONDS + "_sum", TARGET, 2.0, None), (MetricName.STEP_SECONDS + "_count", TARGET, 15, None),
+                 (MetricName.ANOMALIES + "_total", TARGET, 1, {"kind": "nonfinite_loss"}),
+                 (MetricName.LAST_STEP_TS, TARGET, 101.0, None)], ts=101.0),
     ]
     queries = []
 
@@ -99,16 +99,16 @@ def test_prometheus_source_turns_one_query_into_step_records():
 
     # one selector (Prometheus anchors the regex) for every series a record or a counter is built from
     selector = re.fullmatch(r'\{__name__=~"([^"]+)",run!=""\}', queries[0]).group(1)
-    wanted = [M.STEP, M.TRAIN_LOSS, M.VAL_LOSS, M.GRAD_NORM, M.LEARNING_RATE, M.SPIKE_SCORE, M.REWARD_MEAN, M.KL,
-              M.KL_TARGET, M.KL_COEF, M.PREFERENCE_ACCURACY, M.DPO_REWARD_MARGIN, M.DPO_CHOSEN_LOGPROB,
-              M.LAST_STEP_TS, M.WORKER_PAUSED, M.ANOMALIES + "_total", M.GPU_XID + "_total", M.GPU_ECC + "_total",
-              M.STEP_SECONDS + "_sum", M.STEP_SECONDS + "_count"]
+    wanted = [MetricName.STEP, MetricName.TRAIN_LOSS, MetricName.VAL_LOSS, MetricName.GRAD_NORM, MetricName.LEARNING_RATE, MetricName.SPIKE_SCORE, MetricName.REWARD_MEAN, MetricName.KL,
+              MetricName.KL_TARGET, MetricName.KL_COEF, MetricName.PREFERENCE_ACCURACY, MetricName.DPO_REWARD_MARGIN, MetricName.DPO_CHOSEN_LOGPROB,
+              MetricName.LAST_STEP_TS, MetricName.WORKER_PAUSED, MetricName.ANOMALIES + "_total", MetricName.GPU_XID + "_total", MetricName.GPU_ECC + "_total",
+              MetricName.STEP_SECONDS + "_sum", MetricName.STEP_SECONDS + "_count"]
     assert [n for n in wanted if not re.fullmatch(selector, n)] == []
-    assert not any(re.fullmatch(selector, n) for n in (M.STEP_SECONDS + "_bucket", M.TOKENS + "_total", M.INCIDENTS + "_total"))
+    assert not any(re.fullmatch(selector, n) for n in (MetricName.STEP_SECONDS + "_bucket", MetricName.TOKENS + "_total", MetricName.INCIDENTS + "_total"))
 
 
 def test_prometheus_source_step_unchanged_gives_no_record():
-    body = _vector([(M.STEP, TARGET, 10, None), (M.TRAIN_LOSS, TARGET, 2.0, None)], ts=5.0)
+    body = _vector([(MetricName.STEP, TARGET, 10, None), (MetricName.TRAIN_LOSS, TARGET, 2.0, None)], ts=5.0)
     src = PrometheusSource("http://prometheus:9090")
     src._client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, json=body)))
     assert len(src.fetch([TARGET])[TARGET].records) == 1

@@ -41,14 +41,14 @@ def test_a_gpu_error_counter_rising_is_a_fault_whose_onset_follows_the_last_clea
     active.counter_series[(0, "gpu_xid")] = [Sample(5, 0.0), Sample(30, 1.0)]
     (f,) = [f for f in evaluate_stage(active, CFG, now=1001.0) if f.kind == "gpu_fault"]
     assert f.onset_step == 6 and f.detected_at_step == 30
-    active.after["gpu_fault"] = 30  # handled: the same rise is not found again
+    active.handled_until["gpu_fault"] = 30  # handled: the same rise is not found again
     assert "gpu_fault" not in _kinds(active, now=1001.0)
 
 
 def test_an_alert_takes_its_onset_from_the_buffers_else_the_current_step():
     active = _stage(last_beat=1000.0)
     active.last_step = 30
-    active.after["hang"] = 30  # an episode already handled still answers an alert about it
+    active.handled_until["hang"] = 30  # an episode already handled still answers an alert about it
     f = alert_finding(active, "hang", {"alertname": "TrainguardHang"}, CFG)
     assert f is not None and f.kind == "hang" and f.evidence["alert_labels"] == {"alertname": "TrainguardHang"}
     g = alert_finding(active, "loss_spike", {}, CFG)

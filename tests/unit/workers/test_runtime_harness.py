@@ -7,7 +7,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainguard.workers.contract import Control, ControlKind, M
+from trainguard.workers.contract import Control, ControlKind, MetricName
 from trainguard.workers.runtime.checkpoint import CheckpointCorrupt, list_checkpoints, stage_root, verify_checkpoint
 from trainguard.workers.runtime.harness import Harness, make_context, metrics_log_path
 
@@ -146,13 +146,13 @@ def test_exported_metrics_carry_run_stage_rank(tmp_path):
     h = _harness(tiny_spec(steps=10), tmp_path)
     h.run()
     labels = {"run": "run1", "stage": "pretrain", "rank": "0"}
-    for name in (M.STEP, M.TRAIN_LOSS, M.VAL_LOSS, M.GRAD_NORM, M.LEARNING_RATE, M.LAST_STEP_TS, M.SPIKE_SCORE,
-                 M.CHECKPOINT_STEP, M.CHECKPOINT_BYTES, M.MODEL_PARAMETERS, M.TOKENS_PER_PARAMETER, M.WORKER_PAUSED,
+    for name in (MetricName.STEP, MetricName.TRAIN_LOSS, MetricName.VAL_LOSS, MetricName.GRAD_NORM, MetricName.LEARNING_RATE, MetricName.LAST_STEP_TS, MetricName.SPIKE_SCORE,
+                 MetricName.CHECKPOINT_STEP, MetricName.CHECKPOINT_BYTES, MetricName.MODEL_PARAMETERS, MetricName.TOKENS_PER_PARAMETER, MetricName.WORKER_PAUSED,
                  "trainguard_tokens_total", "trainguard_step_seconds_count", "trainguard_checkpoint_seconds_count",
                  "trainguard_anomalies_total"):
         assert sample(h, name, **labels) is not None, name
-    assert sample(h, M.STEP, **labels) == 10
-    assert sample(h, M.CHECKPOINT_STEP, **labels) == 10
+    assert sample(h, MetricName.STEP, **labels) == 10
+    assert sample(h, MetricName.CHECKPOINT_STEP, **labels) == 10
 
 
 def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
