@@ -28,6 +28,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from trainguard.service.domain.detectors import HangConfig
+from trainguard.service.domain.evaluate import DEFAULT_STARTUP_GRACE_S
+
 __all__ = ["Settings", "get_settings", "DEV_TOKENS", "MIN_TOKEN_LENGTH", "OBJECT_STORE_SCHEMES", "is_loopback"]
 
 log = logging.getLogger(__name__)
@@ -108,9 +111,9 @@ class Settings(BaseSettings):
     watch_enabled: bool = True
     """False: the supervisor does not watch on its own; only alerts drive recovery."""
 
-    hang_timeout: float = Field(60.0, gt=0.0, le=86400.0)
+    hang_timeout: float = Field(HangConfig().timeout_s, gt=0.0, le=86400.0)
     """Seconds without a finished step (not paused) before a rank counts as hung."""
-    startup_grace: float = Field(120.0, gt=0.0, le=86400.0)
+    startup_grace: float = Field(DEFAULT_STARTUP_GRACE_S, gt=0.0, le=86400.0)
     """Seconds a freshly started worker group may take to its first step before a hang is declared."""
 
     host: str = "127.0.0.1"

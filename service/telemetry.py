@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from trainguard.service.domain.state import RunState
 from trainguard.workers.contract import MetricName
 
-RUN_STATES = ("pending", "running", "paused", "recovering", "needs_attention", "completed", "failed", "stopped")
+RUN_STATES = tuple(s.value for s in RunState)
 
 
 class SupervisorMetrics:

@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from pydantic import ConfigDict, field_validator
 from sqlmodel import JSON, Field, SQLModel
 
+from trainguard.service.domain.state import RunState, StageState
+
 __all__ = [
     "RUN_STATES",
     "STAGE_STATES",
@@ -46,8 +48,8 @@ __all__ = [
     "EventsPublic",
 ]
 
-RUN_STATES = ("pending", "running", "paused", "recovering", "needs_attention", "completed", "failed", "stopped")
-STAGE_STATES = ("pending", "running", "paused", "recovering", "completed", "failed", "stopped", "skipped")
+RUN_STATES = tuple(s.value for s in RunState)
+STAGE_STATES = tuple(s.value for s in StageState)
 INCIDENT_SOURCES = ("watch", "alert", "operator")
 INCIDENT_OUTCOMES = ("open", "recovering", "resolved", "needs_attention", "failed", "ignored")
 OPEN_OUTCOMES = ("open", "recovering")

@@ -26,8 +26,9 @@ __all__ = [
 class HangConfig:
     """Hang: a rank's last-step heartbeat is older than the timeout."""
 
-    timeout_s: float = 120.0
-    """Seconds without a finished step before a rank counts as hung."""
+    timeout_s: float = 60.0
+    """Seconds without a finished step before a rank counts as hung (the deployment's default
+    too: Settings.hang_timeout takes it from here)."""
     step_time_factor: float = 10.0
     """With a typical step time given, the timeout is at least this many steps long (slow stages)."""
 

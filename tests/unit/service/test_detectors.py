@@ -288,8 +288,9 @@ def test_no_dpo_collapse_on_slow_drift():
 
 def test_hang_after_timeout_with_injected_clock():
     hb = {0: Sample(120, 1000.0), 1: Sample(118, 1000.0 - 60)}
-    assert d.detect_hang(hb, now=1050.0) is None
-    f = d.detect_hang(hb, now=1100.0)
+    cfg = d.HangConfig(timeout_s=120.0)
+    assert d.detect_hang(hb, now=1050.0, cfg=cfg) is None
+    f = d.detect_hang(hb, now=1100.0, cfg=cfg)
     assert f is not None and f.kind == "hang" and f.evidence["ranks"] == [1] and f.onset_step == 118
 
 
