@@ -6,6 +6,11 @@ failure, shut it down, and start a new group from a checkpoint to recover.
 
 Each actor runs the step loop in one of its threads (`max_concurrency`), so control and
 status calls are served while training runs, and even while a rank hangs.
+
+GPUs: a group runs either all its ranks on GPUs or all on CPUs (`plan_gpus`), never a mix:
+a GPU group reserves one GPU per rank in a placement group first (`reserve_gpus`: waits up
+to $TRAINGUARD_GPU_WAIT_S, default 120 s, then fails naming what is missing), and each rank
+uses the GPU Ray assigned it. Warm-pool actors have no GPU; they hide the GPUs they can see.
 """
 from __future__ import annotations
 
@@ -17,14 +22,50 @@ from typing import Any, Iterable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
 from trainguard.workers.spec import PipelineSpec
 
-__all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV"]
+__all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV", "plan_gpus",
+           "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV"]
 
 STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
+GPU_WAIT_ENV = "TRAINGUARD_GPU_WAIT_S"
 TERMINAL = ("finished", "stopped", "failed")
+
+
+class GpusUnavailable(RuntimeError):
+    """A GPU worker group could not get its GPUs in time."""
+
+
+def plan_gpus(world_size: int, cluster: dict[str, float]) -> bool:
+    """Whether a group of `world_size` ranks runs on GPUs (one per rank): when the cluster
+    has that many GPUs in total (`ray.cluster_resources()`). Whether they are free now is
+    the placement group's business (`reserve_gpus`), not a reason to fall back to the CPU."""
+    return world_size > 0 and cluster.get("GPU", 0) >= world_size
+
+
+def missing_gpus_message(what: str, world_size: int, cluster: dict[str, float], available: dict[str, float],
+                         waited_s: float) -> str:
+    total, free = cluster.get("GPU", 0), available.get("GPU", 0)
+    return (f"{what}: needs {world_size} GPUs (1 per rank) and could not reserve them in {waited_s:g} s; "
+            f"the cluster has {total:g} GPUs, {free:g} free now — the rest are held by other runs "
+            f"(or nodes being added did not come up in time). Wait, stop another run, or raise ${GPU_WAIT_ENV}.")
+
+
+def reserve_gpus(world_size: int, what: str, wait_s: float | None = None) -> Any:
+    """A placement group with one GPU bundle per rank, ready; or GpusUnavailable."""
+    wait_s = float(os.environ.get(GPU_WAIT_ENV, "120")) if wait_s is None else wait_s
+    pg = placement_group([{"GPU": 1}] * world_size, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=wait_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise GpusUnavailable(missing_gpus_message(what, world_size, ray.cluster_resources(),
+                                                   ray.available_resources(), wait_s)) from None
+    return pg
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)
@@ -33,6 +74,11 @@ class TrainWorker:
     `configure`d for a stage — which starts the exporter, so endpoints exist before training."""
 
     def __init__(self) -> None:
+        if not ray.get_gpu_ids():
+            # no GPU reserved for this actor, yet Ray (2.60) leaves CUDA_VISIBLE_DEVICES as the node
+            # has it: hide them all before anything initialises CUDA, so this process can never
+            # touch (or make a CUDA context on) a GPU another run holds
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         import torch
 
         import trainguard.workers.runtime.harness  # noqa: F401 - the heavy imports happen here, once
@@ -45,6 +91,7 @@ class TrainWorker:
         self.exporter = None
         self.inbox = ControlInbox()
         self.harness = None
+        self.device: Any = None
         self.state = "starting"
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -66,15 +113,22 @@ class TrainWorker:
     def configure(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
                   state_dir: str, resume_from: dict[str, Any] | None, skip: list[list[int]],
                   lr_multiplier: float | None, inputs: dict[str, dict[str, Any]], fired_dir: str, bind_host: str | None,
-                  checkpoint_root: str | None) -> dict[str, Any]:
+                  checkpoint_root: str | None, use_gpu: bool = False) -> dict[str, Any]:
+        """`use_gpu`: the group's decision for every rank (see `plan_gpus`)."""
+        import torch
+
+        from trainguard.workers.runtime.distributed import rank_device
         from trainguard.workers.runtime.exporter import Exporter
         from trainguard.workers.runtime.gpu import make_gpu_health
 
         self.args = dict(run_id=run_id, spec=spec, stage_name=stage_name, rank=rank, world_size=world_size,
                          state_dir=state_dir, resume_from=resume_from, skip=skip, lr_multiplier=lr_multiplier,
-                         inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root)
+                         inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root, use_gpu=use_gpu)
         self.rank = rank
-        self.gpu = make_gpu_health()
+        gpu_ids = ray.get_gpu_ids()
+        self.device = rank_device(use_gpu, gpu_ids, cuda_available=bool(gpu_ids) and torch.cuda.is_available(),
+                                  visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.gpu = make_gpu_health(self.device)
         self.exporter = Exporter(run_id, stage_name, rank, gpu=self.gpu)
         self.port = self.exporter.start(bind_host)
         return self.endpoint()
@@ -97,7 +151,7 @@ class TrainWorker:
         (a threaded actor may otherwise run the two calls concurrently)."""
         import torch
 
-        from trainguard.workers.runtime.distributed import Dist
+        from trainguard.workers.runtime.distributed import Dist, group_backend
         from trainguard.workers.runtime.harness import Harness, make_context
         from trainguard.workers.spec import parse_pipeline
         from trainguard.workers.stages import STAGES
@@ -107,10 +161,11 @@ class TrainWorker:
         try:
             torch.set_num_threads(1)
             spec = parse_pipeline(a["spec"])
-            device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            device = self.device  # chosen in configure(): the GPU Ray assigned, or the CPU
             if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist = Dist.init(rank=a["rank"], world_size=a["world_size"], addr=addr[0], port=addr[1], device=device)
+                torch.cuda.set_device(device)  # this thread's current device (nccl, autocast, RNG)
+            dist = Dist.init(rank=a["rank"], world_size=a["world_size"], addr=addr[0], port=addr[1], device=device,
+                             backend=group_backend(a["use_gpu"]))
             inputs = {k: CheckpointRef.from_dict(v) for k, v in a["inputs"].items()}
             resume = CheckpointRef.from_dict(a["resume_from"]) if a["resume_from"] else None
             ctx = make_context(spec, a["stage_name"], run_id=a["run_id"], rank=a["rank"],
@@ -187,17 +242,23 @@ class WorkerGroup:
         self._last: dict[str, Any] | None = None
         self._report_seq = -1  # the newest checkpoint report handed out (poll, checkpoint_reports)
         self._reports_lock = threading.Lock()
+        self._pg: Any = None  # the GPU reservation of a GPU group
 
     def start(self) -> None:
-        """Take warm actors (or create them) and start their loops; returns without waiting."""
+        """Take warm actors (or create them) and start their loops; returns without waiting for
+        them — a GPU group first waits (up to $TRAINGUARD_GPU_WAIT_S) for its GPUs to be free."""
         assert not self._actors, "start() called twice"
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus >= self.world_size:
-            # one GPU per rank; spares would hold GPUs idle, so GPU ranks never come from the pool
-            self._actors = [TrainWorker.options(num_gpus=1).remote() for _ in range(self.world_size)]
+        use_gpu = plan_gpus(self.world_size, ray.cluster_resources())
+        if use_gpu:
+            # one GPU per rank, reserved together; spares would hold GPUs idle, so GPU ranks never
+            # come from the pool
+            self._pg = reserve_gpus(self.world_size, f"run {self.run_id} stage {self.stage_name}")
+            self._actors = [TrainWorker.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=r)).remote() for r in range(self.world_size)]
         else:
             self._actors = warm_pool().take(self.world_size)
-        self._endpoint_refs = [a.configure.remote(rank=r, **self._kwargs) for r, a in enumerate(self._actors)]
+        self._endpoint_refs = [a.configure.remote(rank=r, use_gpu=use_gpu, **self._kwargs)
+                               for r, a in enumerate(self._actors)]
         addr = self._actors[0].rendezvous.remote(self.world_size)  # each run() starts once it resolves
         self._run_refs = [a.run.remote(addr, ep) for a, ep in zip(self._actors, self._endpoint_refs)]
 
@@ -304,6 +365,12 @@ class WorkerGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)  # the GPUs go back to other runs
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+            self._pg = None
 
 
 def group_state(ranks: list[dict[str, Any]]) -> str:
@@ -325,6 +392,7 @@ def group_state(ranks: list[dict[str, Any]]) -> str:
 class WarmPool:
     """Spare CPU worker actors with torch imported and the corpora built, so a new or restarted
     worker group starts in about a second instead of paying a process start and the imports.
+    They reserve no GPU, hide any they can see, and train on the CPU (CPU groups only).
 
     Size from $TRAINGUARD_WARM_WORKERS (default 2; 0 turns the pool off). Used actors are
     never returned: a process that trained (process group, allocator state) is not reused."""

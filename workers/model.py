@@ -266,9 +266,9 @@ def load_model_state(ref: Any, map_location: Any = "cpu") -> dict[str, torch.Ten
 def load_weights(model: nn.Module, ref: Any) -> None:
     """Load a checkpoint into `model`, converting between GPT and RewardModel state dicts:
     a RewardModel takes a GPT checkpoint as its backbone (head stays 0), and a GPT takes
-    a RewardModel checkpoint's backbone."""
-    device = next(model.parameters()).device
-    state = load_model_state(ref, map_location=device)
+    a RewardModel checkpoint's backbone. The state is loaded onto the CPU and copied into
+    the parameters by load_state_dict, wherever they are (CUDA included)."""
+    state = load_model_state(ref, map_location="cpu")
     is_rm_state = any(k.startswith("backbone.") for k in state)
     if isinstance(model, RewardModel) and not is_rm_state:
         model.backbone.load_state_dict(state)

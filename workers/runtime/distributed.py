@@ -2,17 +2,24 @@
 
 gloo on CPU, nccl on CUDA; rendezvous over tcp:// on a port the WorkerGroup picks.
 With world_size == 1 nothing is initialised and every collective is the identity.
+
+The group decides, not each rank: the WorkerGroup chooses GPU or CPU for all its ranks
+(`group_backend`), and a rank uses CUDA only when Ray assigned it a GPU
+(`rank_device(use_gpu, ray.get_gpu_ids(), ...)`). A rank that merely sees GPUs — Ray no
+longer clears CUDA_VISIBLE_DEVICES for actors given no GPU (ray-project/ray#54868; Ray 2.60
+here) — trains on the CPU, so every rank of a group lands on one backend.
 """
 from __future__ import annotations
 
 import datetime
 import socket
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "free_port", "local_ip"]
+__all__ = ["Dist", "free_port", "local_ip", "group_backend", "rank_device", "cuda_ordinal"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -31,6 +38,41 @@ def local_ip() -> str:
         return "127.0.0.1"
 
 
+def group_backend(use_gpu: bool) -> str:
+    """One backend for every rank of a group: nccl when the group runs on GPUs, else gloo."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def cuda_ordinal(gpu_id: str | int, visible_devices: str | None) -> int:
+    """The CUDA ordinal, in this process, of the GPU Ray assigned (`ray.get_gpu_ids()`).
+    Ray sets CUDA_VISIBLE_DEVICES to the assigned ids, which makes it ordinal 0; with that
+    variable not set by Ray (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), the id is the
+    position in the variable the process started with, or the physical ordinal."""
+    gid = str(gpu_id).strip()
+    if visible_devices is None:
+        return int(gid)
+    entries = [v.strip() for v in visible_devices.split(",") if v.strip()]
+    if gid in entries:
+        return entries.index(gid)
+    raise RuntimeError(f"GPU {gid} assigned by Ray is not among CUDA_VISIBLE_DEVICES={visible_devices!r}")
+
+
+def rank_device(use_gpu: bool, gpu_ids: Iterable[str | int], *, cuda_available: bool,
+                visible_devices: str | None) -> torch.device:
+    """This rank's device. CPU unless the group runs on GPUs; then the GPU Ray assigned to
+    this rank — a GPU group whose rank got none, or cannot use it, fails loudly instead of
+    training on some GPU it was not given or on the CPU next to nccl ranks."""
+    ids = sorted(str(i) for i in gpu_ids)
+    if not use_gpu:
+        return torch.device("cpu")
+    if not ids:
+        raise RuntimeError("GPU worker group, but Ray assigned this rank no GPU (ray.get_gpu_ids() is empty)")
+    if not cuda_available:
+        raise RuntimeError(f"Ray assigned GPU {ids[0]} but torch.cuda.is_available() is False "
+                           "(a CPU build of torch, or no driver in this image)")
+    return torch.device("cuda", cuda_ordinal(ids[0], visible_devices))
+
+
 @dataclass
 class Dist:
     """This rank's view of the process group."""
@@ -45,9 +87,12 @@ class Dist:
 
     @classmethod
     def init(cls, *, rank: int, world_size: int, addr: str, port: int, device: torch.device,
-             timeout_s: float = 600.0) -> "Dist":
+             timeout_s: float = 600.0, backend: str | None = None) -> "Dist":
+        """`backend`: the group's (`group_backend`); by default the one `device` implies."""
+        backend = backend or group_backend(device.type == "cuda")
+        if (backend == "nccl") != (device.type == "cuda"):
+            raise ValueError(f"rank {rank}: backend {backend} with device {device}: a group runs on one kind of device")
         if world_size > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(
                 backend=backend,
                 init_method=f"tcp://{addr}:{port}",

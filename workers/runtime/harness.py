@@ -40,6 +40,8 @@ __all__ = [
     "make_context",
     "metrics_log_path",
     "default_checkpoint_root",
+    "autocast_dtype_for",
+    "sync_device",
 ]
 
 PAUSE_POLL_S = 0.1  # paused ranks re-agree ~10x/s so resume/stop apply promptly
@@ -112,14 +114,40 @@ def default_checkpoint_root(state_dir: Path) -> str:
     return str(Path(state_dir) / "checkpoints")
 
 
+def autocast_dtype_for(device: torch.device, native_bf16: Callable[[torch.device], bool]) -> torch.dtype | None:
+    """bf16 autocast on a CUDA GPU that has bf16 in hardware (compute capability >= 8.0),
+    no autocast (fp32) everywhere else. `torch.cuda.is_bf16_supported()` also says yes where
+    bf16 is only emulated (V100, T4: slow); those GPUs train in fp32. fp16 there would need
+    a GradScaler, whose overflow-and-skip steps the guard would count as non-finite
+    gradients (rollbacks), and its scale in every checkpoint for an exact resume."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if native_bf16(device) else None
+
+
+def _native_bf16(device: torch.device) -> bool:
+    with torch.cuda.device(device):  # is_bf16_supported asks about the current device
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait until the work queued on `device` is done (CUDA kernels run asynchronously, so a
+    clock read right after `backward()` measures only the launches); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, world_size: int = 1,
                  inputs: dict[str, CheckpointRef] | None = None, device: torch.device | None = None) -> StageContext:
     """The StageContext for `stage_name` of pipeline `spec` (init checkpoint from `inputs`:
-    earlier stages' outputs, each with the hashes recorded when it was reported)."""
+    earlier stages' outputs, each with the hashes recorded when it was reported).
+    `device` defaults to the current CUDA device when there is one (a process outside Ray);
+    a Ray worker passes the device of the GPU Ray assigned it, or the CPU
+    (workers/runtime/distributed.py `rank_device`)."""
     st = spec.stage(stage_name)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
-    autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    autocast = autocast_dtype_for(device, _native_bf16)
     inputs = dict(inputs or {})
     init = None
     if st.kind != StageKind.PRETRAIN.value:
@@ -132,8 +160,10 @@ def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, worl
                         init_checkpoint=init, data_files=dict(spec.data))
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG as tensors and plain values, so rng.pt loads with `weights_only=True`."""
+def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG as tensors and plain values, so rng.pt loads with `weights_only=True`; the
+    CUDA generator of this rank's `device` only (as a one-element list), never of GPUs the
+    process merely sees (reading those would create a context on them)."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     st: dict[str, Any] = {
@@ -142,20 +172,22 @@ def _rng_state() -> dict[str, Any]:
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        st["cuda"] = [torch.cuda.get_rng_state(device)]
     return st
 
 
-def _set_rng_state(st: dict[str, Any]) -> None:
+def _set_rng_state(st: dict[str, Any], device: torch.device | None = None) -> None:
+    """`st` as loaded onto the CPU: the generators take CPU byte tensors only."""
     torch.set_rng_state(st["torch"])
     py = st["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     n = st["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and device is not None and device.type == "cuda":
+        cuda = st["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda, device)
 
 
 class Harness:
@@ -408,7 +440,9 @@ class Harness:
         loss_value = float(loss.detach())
         loss.backward()
         # this rank's own work, before it waits for the others in the all-reduce: a straggler
-        # shows here, while the wall-clock step time is the same on every rank
+        # shows here, while the wall-clock step time is the same on every rank. On CUDA the
+        # backward is still queued when backward() returns: wait for it before reading the clock.
+        sync_device(ctx.device)
         compute = time.perf_counter() - t0
         nonfinite_votes = self.dist.all_reduce_grads(self.params, 0.0 if math.isfinite(loss_value) else 1.0)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.sspec.grad_clip))
@@ -491,7 +525,7 @@ class Harness:
             if value is not None and math.isfinite(value) and (self.best_metric is None or value < self.best_metric):
                 self.best_metric = value
                 tags.append("best")
-        rng = {**_rng_state(), "guard": self.guard.state()}
+        rng = {**_rng_state(self.stage.ctx.device), "guard": self.guard.state()}
         gathered = self.dist.gather_to_rank0(rng)  # collective: every rank checkpoints at the same step
         if self.rank != 0:
             return
@@ -560,7 +594,11 @@ class Harness:
 
     def load(self, ref: CheckpointRef) -> None:
         """Restore the full training state from a checkpoint (bytes verified against `ref` first)."""
-        ck = load_checkpoint(ref, map_location=self.stage.ctx.device)
+        # onto the CPU: the RNG states must stay CPU byte tensors; load_state_dict copies the
+        # weights into the parameters wherever they are, and the optimizer moves its state
+        # to each parameter's device — all but AdamW's `step`, which stays on the CPU
+        # (torch.optim.Optimizer.load_state_dict, capturable=False and fused=False)
+        ck = load_checkpoint(ref, map_location="cpu")
         self.stage.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.stage.load_extra_state(ck["extra"])
@@ -575,6 +613,6 @@ class Harness:
         self.tokens_seen = int(st.get("tokens_seen", 0))
         rng = ck["rng"].get(self.rank, ck["rng"].get(0))
         if rng is not None:
-            _set_rng_state(rng)
+            _set_rng_state(rng, self.stage.ctx.device)
             self.guard.load_state(rng.get("guard", {}))
         self.last_eval_step = -1
