@@ -52,8 +52,8 @@ class MetricName:
     DPO_CHOSEN_LOGPROB = "trainguard_dpo_chosen_logprob"
     GPU_UTILIZATION = "trainguard_gpu_utilization_ratio"
     GPU_MEMORY_USED = "trainguard_gpu_memory_used_bytes"
-    GPU_XID = "trainguard_gpu_xid_errors"  # counter: trainguard_gpu_xid_errors_total
-    GPU_ECC = "trainguard_gpu_ecc_errors"  # counter: trainguard_gpu_ecc_errors_total
+    GPU_XID = "trainguard_gpu_xid_errors"  # counter: trainguard_gpu_xid_errors_total, from 0 at the worker's start
+    GPU_ECC = "trainguard_gpu_ecc_errors"  # counter: trainguard_gpu_ecc_errors_total, from 0 at the worker's start
     WORKER_PAUSED = "trainguard_worker_paused"
     # supervisor side
     INCIDENTS = "trainguard_incidents"  # counter{run,stage,kind}

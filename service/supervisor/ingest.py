@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from trainguard.service.adapters.metrics import MetricsSource, Snapshot, Target
-from trainguard.service.domain.evaluate import WatchConfig, alert_finding, evaluate_stage
+from trainguard.service.domain.evaluate import GPU_COUNTERS, WatchConfig, alert_finding, evaluate_stage
 from trainguard.service.domain.series import Sample
 from trainguard.service.domain.state import RunState
 from trainguard.service.supervisor.executor import RecoveryExecutor
@@ -86,14 +86,6 @@ class Watch:
             if not snap.reachable:
                 continue
             series = active.series(t.rank)
-            for key, v in snap.counters.items():
-                changes = active.counter_series.setdefault((t.rank, key), [])
-                if not changes or changes[-1].value != v:
-                    at = snap.step if snap.step is not None else (int(series[-1]["step"]) if series else 0)
-                    changes.append(Sample(int(at), float(v)))
-            if snap.last_step_time is not None:
-                active.heartbeat[t.rank] = snap.last_step_time
-            (active.paused_ranks.add if snap.paused else active.paused_ranks.discard)(t.rank)
             for rec in snap.records:
                 step = int(rec["step"])
                 if series and step <= int(series[-1]["step"]):
@@ -101,9 +93,31 @@ class Watch:
                     while series and int(series[-1]["step"]) >= step:
                         series.pop()
                     active.went_back()
+                if active.group_first_step is None:
+                    active.group_first_step = step
                 series.append(rec)
                 if t.rank == 0:
                     self._observe_step(active, rec)
+            self._counters(active, t.rank, snap, series)
+            if snap.last_step_time is not None:
+                active.heartbeat[t.rank] = snap.last_step_time
+            (active.paused_ranks.add if snap.paused else active.paused_ranks.discard)(t.rank)
+
+    @staticmethod
+    def _counters(active: ActiveStage, rank: int, snap: Snapshot, series: Any) -> None:
+        """Each counter's values, by the last step each was seen at. A GPU error counter
+        counts from its worker's start (the workers' contract), so its history starts at 0 at
+        the group's first step: a rise the first scrape already shows is still a rise."""
+        at = snap.step if snap.step is not None else (int(series[-1]["step"]) if series else 0)
+        for key, v in snap.counters.items():
+            changes = active.counter_series.setdefault((rank, key), [])
+            if not changes and key in GPU_COUNTERS:
+                start = active.group_first_step if active.group_first_step is not None else at
+                changes.append(Sample(max(start - 1, 0), 0.0))
+            if changes and changes[-1].value == v:
+                changes[-1] = Sample(int(at), float(v))  # still this value at `at`: a rise is dated after it
+            else:
+                changes.append(Sample(int(at), float(v)))
 
     def _observe_step(self, active: ActiveStage, rec: dict[str, Any]) -> None:
         """Rank 0's step: progress, productive time, and whether a recovery in flight took effect."""

@@ -70,6 +70,7 @@ class ActiveStage:
     resumed_at: float = 0.0  # unix time of the last operator resume: hang clocks start again there
     live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
     done: bool = False  # the stage completed: the watch has seen its last step and leaves it
+    group_first_step: int | None = None  # the first step the current worker group reported
 
     @property
     def ranks(self) -> list[int]:
@@ -88,6 +89,7 @@ class ActiveStage:
         self.records.clear()
         self.heartbeat.clear()
         self.counter_series.clear()
+        self.group_first_step = None
         self.went_back()
         self.started_at = time.time()
         if self.pending is not None:
