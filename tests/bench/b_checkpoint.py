@@ -9,6 +9,11 @@ same disk, as a plain training script does.
 Throughput, ours: checkpoint bytes / the background writer's time (serialisation,
 sha256 of every file, writes, manifest, rename). Baseline: writing the same bytes
 (already serialised) with plain `open().write()` into a fresh directory.
+
+Secondary figures on the stall row (torch.distributed.checkpoint, same state, same disk,
+one process): `dcp_sync_save_s` plain synchronous `dcp.save` (a second baseline),
+`dcp_store_sync_s` dcp_store.save_sharded (DCP + hashes + manifest + rename) and
+`dcp_async_stall_s` its asynchronous form's stall in the caller's thread.
 """
 from __future__ import annotations
 
@@ -72,6 +77,9 @@ def checkpoint_stall(ctx: Context) -> dict[str, Measurement]:
         torch.save(state, sync_dir / f"state-{i}.pt")
         sync_times.append(time.perf_counter() - t0)
 
+    # secondary figures: torch.distributed.checkpoint on the same state (extras of the stall row)
+    dcp_figures = _dcp_figures(state, d / "dcp", len(stalls))
+
     # baseline 2: the same bytes through plain file I/O
     src = Path(results[-1].path)
     blobs = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file()}
@@ -91,7 +99,34 @@ def checkpoint_stall(ctx: Context) -> dict[str, Measurement]:
         "checkpoint_stall": Measurement(
             med(stalls), med(sync_times), "s", "synchronous torch.save",
             extra={"checkpoint_mb": nbytes / 1e6, "write_s_background": med([r.seconds for r in results]),
-                   "stall_max_s": max(stalls)}),
+                   "stall_max_s": max(stalls), **dcp_figures}),
         "checkpoint_stall_throughput": Measurement(
             med(ours_rates), med(plain_rates), "MB/s", "plain file write of the same bytes", higher_is_better=True),
     }
+
+
+def _dcp_figures(state: dict, d: Path, n: int) -> dict[str, float]:
+    """Medians over `n` saves of the same state: plain synchronous `dcp.save` (a second baseline),
+    workers/runtime/dcp_store.save_sharded synchronous (DCP + sha256 of every file + manifest +
+    rename) and its async form's stall (time in the caller's thread: staging to CPU memory)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from trainguard.workers.runtime.dcp_store import save_sharded
+
+    plain, store, stall = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's "assuming a single process" notice
+        for i in range(n):
+            t0 = time.perf_counter()
+            dcp.save(state, checkpoint_id=str(d / f"plain-{i}"), no_dist=True)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            save_sharded(state, d / f"store-{i}", fields={"step": i})
+            store.append(time.perf_counter() - t0)
+            pending = save_sharded(state, d / f"async-{i}", async_=True, fields={"step": i})
+            stall.append(pending.stall_s)
+            pending.result(timeout=300)
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {"dcp_sync_save_s": med(plain), "dcp_store_sync_s": med(store), "dcp_async_stall_s": med(stall)}
