@@ -1,4 +1,5 @@
-"""What a submitted pipeline may touch: data files and checkpoint storage inside the roots
+"""What a submitted pipeline may touch: data files and a Hugging Face model folder
+(`model.hf.path`) under the allowed data roots, checkpoint storage inside the roots
 the deployment allows (Settings.allowed_data_roots / allowed_storage).
 
 Checked at the REST edge (POST /runs) before the controller sees the spec; the embedded
@@ -31,6 +32,10 @@ def check_pipeline_access(spec: PipelineSpec, settings: Settings) -> None:
         if not data_path_allowed(path, settings.allowed_data_roots):
             raise InvalidRequest(f"data.{name}: {_shown(path)} is not under an allowed data root "
                                  f"(the deployment's TRAINGUARD_ALLOWED_DATA_ROOTS)")
+    hf = spec.model.hf
+    if hf is not None and hf.path is not None and not data_path_allowed(hf.path, settings.allowed_data_roots):
+        raise InvalidRequest(f"model.hf.path: {_shown(hf.path)} is not under an allowed data root "
+                             f"(a model folder must be; the deployment's TRAINGUARD_ALLOWED_DATA_ROOTS)")
     for field, storage in _storage_fields(spec):
         if storage is not None and not storage_allowed(storage, settings.allowed_storage):
             raise InvalidRequest(f"{field}: {_shown(storage)} is not an allowed checkpoint storage "

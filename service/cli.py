@@ -1,4 +1,4 @@
-"""`trainguard`: the command line. Everything but `serve`, `demo`, `analyze` and
+"""`trainguard`: the command line. Everything but `serve`, `demo`, `analyze`, `export` and
 `dashboards` talks to a running supervisor over its REST API.
 
 Server and token: --url / --token, else TRAINGUARD_URL / TRAINGUARD_TOKEN, else
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_demo(sub)
     _add_analyze(sub)
+    _add_export(sub)
     _add_dashboards(sub)
     return parser
 
@@ -364,6 +365,13 @@ def _add_analyze(sub: Any) -> None:
         return
     add_analyze_parser(sub)
     sub.choices["analyze"].set_defaults(func=run_analyze, local=True)
+
+
+def _add_export(sub: Any) -> None:
+    from trainguard.service.export import add_export_parser, run_export  # light: transformers loads on use
+
+    add_export_parser(sub)
+    sub.choices["export"].set_defaults(func=run_export, local=True)
 
 
 def _unavailable(what: str, e: Exception) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainguard.workers.tokenizer import BOS, EOS, PAD, SEP, encode
+from trainguard.workers.tokenizer import BOS, BYTE_TOKENIZER, EOS, PAD, Tokenizer
 
 __all__ = [
     "STDLIB_MODULES",
@@ -59,6 +59,7 @@ __all__ = [
     "garble_responses",
     "preference_batch",
     "prompt_batch",
+    "tokenizer_training_texts",
 ]
 
 # Fixed, import-safe list (no GUI, no deprecated modules that warn on import). The
@@ -249,7 +250,7 @@ def file_documents(path: str | Path) -> tuple[Document, ...]:
 class Corpus:
     """One source as two token streams (train, val): BOS text EOS, document after document."""
 
-    def __init__(self, name: str, docs: tuple[Document, ...]) -> None:
+    def __init__(self, name: str, docs: tuple[Document, ...], tokenizer: Tokenizer | None = None) -> None:
         if not docs:
             raise ValueError(f"data source {name!r} has no documents")
         val = [d for d in docs if is_validation(d.key)]
@@ -261,7 +262,7 @@ class Corpus:
         self.name = name
         self.train_keys = frozenset(d.key for d in train)
         self.val_keys = frozenset(d.key for d in val)
-        self.streams = {"train": _stream(train), "val": _stream(val)}
+        self.streams = {"train": _stream(train, tokenizer), "val": _stream(val, tokenizer)}
 
     def sample(self, rng: np.random.Generator, length: int, split: str) -> np.ndarray:
         """A random window of `length` tokens (the stream is tiled when shorter)."""
@@ -272,7 +273,10 @@ class Corpus:
         return s[start : start + length]
 
 
-def _stream(docs: list[Document]) -> np.ndarray:
+def _stream(docs: list[Document], tokenizer: Tokenizer | None = None) -> np.ndarray:
+    if tokenizer is not None and not tokenizer.is_byte:
+        ids = tokenizer.encode_batch([d.text for d in docs])
+        return np.concatenate([np.array([tokenizer.bos, *x, tokenizer.eos], np.int32) for x in ids])
     parts = []
     for d in docs:
         body = np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8).astype(np.int16)
@@ -321,9 +325,33 @@ def _mixture(files: tuple[tuple[str, str], ...]) -> Mixture:
     return Mixture(corpora)
 
 
-def get_mixture(data_files: dict[str, str] | None = None) -> Mixture:
-    """The process-wide cached corpora: curated, web and the pipeline's extra files."""
-    return _mixture(tuple(sorted((data_files or {}).items())))
+_TOKENIZED_MIXTURES: dict[tuple[tuple[tuple[str, str], ...], str], Mixture] = {}
+
+
+def get_mixture(data_files: dict[str, str] | None = None, tokenizer: Tokenizer | None = None) -> Mixture:
+    """The process-wide cached corpora: curated, web and the pipeline's extra files, as token
+    streams of `tokenizer` (default: bytes). Non-byte mixtures are cached by `tokenizer.key`."""
+    files = tuple(sorted((data_files or {}).items()))
+    if tokenizer is None or tokenizer.is_byte:
+        return _mixture(files)
+    key = (files, tokenizer.key)
+    if key not in _TOKENIZED_MIXTURES:
+        corpora = {"curated": Corpus("curated", curated_documents(), tokenizer),
+                   "web": Corpus("web", web_documents(), tokenizer)}
+        for name, path in files:
+            corpora[name] = Corpus(name, file_documents(path), tokenizer)
+        if len(_TOKENIZED_MIXTURES) >= 4:
+            _TOKENIZED_MIXTURES.clear()
+        _TOKENIZED_MIXTURES[key] = Mixture(corpora)
+    return _TOKENIZED_MIXTURES[key]
+
+
+def tokenizer_training_texts(data_files: dict[str, str] | None = None) -> list[str]:
+    """Training-split texts of every source, in a fixed order: what a fresh tokenizer learns from."""
+    docs = [*curated_documents(), *web_documents()]
+    for _name, path in sorted((data_files or {}).items()):
+        docs.extend(file_documents(path))
+    return [d.text for d in docs if not is_validation(d.key)]
 
 
 # ---------------------------------------------------------------- instruction data
@@ -385,16 +413,21 @@ def preference_pairs(split: str) -> tuple[PreferencePair, ...]:
     return tuple(PreferencePair(p.name, p.prompt, p.response, _rejected(pairs, i)) for i, p in enumerate(pairs))
 
 
-def encode_pair(prompt: str, response: str, max_len: int) -> tuple[list[int], list[bool]]:
+def encode_pair(
+    prompt: str, response: str, max_len: int, tokenizer: Tokenizer | None = None
+) -> tuple[list[int], list[bool]]:
     """BOS prompt SEP response EOS, at most `max_len` tokens (the response is cut first);
     the mask is True on response tokens and EOS, the only ones SFT is trained on."""
-    p = [BOS, *encode(prompt)[: max_len // 2], SEP]
-    r = (encode(response) + [EOS])[: max(1, max_len - len(p))]
+    t = tokenizer or BYTE_TOKENIZER
+    p = [t.bos, *t.encode(prompt)[: max_len // 2], t.sep]
+    r = (t.encode(response) + [t.eos])[: max(1, max_len - len(p))]
     return p + r, [False] * len(p) + [True] * len(r)
 
 
-def _pad(seqs: list[list[int]], masks: list[list[bool]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    toks = torch.full((len(seqs), length), PAD, dtype=torch.long)
+def _pad(
+    seqs: list[list[int]], masks: list[list[bool]], length: int, pad: int = PAD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    toks = torch.full((len(seqs), length), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.bool)
     for i, (s, m) in enumerate(zip(seqs, masks)):
         toks[i, : len(s)] = torch.tensor(s)
@@ -406,46 +439,63 @@ def _pick(n_items: int, *key: object, batch_size: int) -> list[int]:
     return [int(i) for i in _rng(*key).integers(0, n_items, batch_size)]
 
 
-def collate_sft(pairs: list[SFTPair], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_sft(
+    pairs: list[SFTPair], seq_len: int, tokenizer: Tokenizer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens (B, L) right-padded with PAD, response mask (B, L); L <= seq_len + 1
     (the model reads tokens[:, :-1], at most seq_len)."""
-    enc = [encode_pair(p.prompt, p.response, seq_len + 1) for p in pairs]
-    return _pad([e[0] for e in enc], [e[1] for e in enc], max(len(e[0]) for e in enc))
+    pad = (tokenizer or BYTE_TOKENIZER).pad
+    enc = [encode_pair(p.prompt, p.response, seq_len + 1, tokenizer) for p in pairs]
+    return _pad([e[0] for e in enc], [e[1] for e in enc], max(len(e[0]) for e in enc), pad)
 
 
 def collate_preferences(
-    pairs: list[PreferencePair], seq_len: int
+    pairs: list[PreferencePair], seq_len: int, tokenizer: Tokenizer | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """chosen tokens, chosen mask, rejected tokens, rejected mask: each (B, L), one shared
     L <= seq_len (a reward model reads whole sequences)."""
-    ch = [encode_pair(p.prompt, p.chosen, seq_len) for p in pairs]
-    rj = [encode_pair(p.prompt, p.rejected, seq_len) for p in pairs]
+    pad = (tokenizer or BYTE_TOKENIZER).pad
+    ch = [encode_pair(p.prompt, p.chosen, seq_len, tokenizer) for p in pairs]
+    rj = [encode_pair(p.prompt, p.rejected, seq_len, tokenizer) for p in pairs]
     L = max(len(e[0]) for e in ch + rj)
-    return (*_pad([e[0] for e in ch], [e[1] for e in ch], L), *_pad([e[0] for e in rj], [e[1] for e in rj], L))
+    return (*_pad([e[0] for e in ch], [e[1] for e in ch], L, pad),
+            *_pad([e[0] for e in rj], [e[1] for e in rj], L, pad))
 
 
 def sft_batch(
-    seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train"
+    seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train",
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch of SFT pairs, collated (see collate_sft)."""
     pairs = sft_pairs(split)
     idx = _pick(len(pairs), "sft", seed, batch_index, rank, split, batch_size=batch_size)
-    return collate_sft([pairs[i] for i in idx], seq_len)
+    return collate_sft([pairs[i] for i in idx], seq_len, tokenizer)
 
 
 def preference_batch(
-    seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train"
+    seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train",
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A random batch of preference pairs, collated (see collate_preferences)."""
     pairs = preference_pairs(split)
     idx = _pick(len(pairs), "pref", seed, batch_index, rank, split, batch_size=batch_size)
-    return collate_preferences([pairs[i] for i in idx], seq_len)
+    return collate_preferences([pairs[i] for i in idx], seq_len, tokenizer)
 
 
-def garble_responses(tokens: torch.Tensor, mask: torch.Tensor, *key: object) -> torch.Tensor:
+def garble_responses(
+    tokens: torch.Tensor, mask: torch.Tensor, *key: object, tokenizer: Tokenizer | None = None
+) -> torch.Tensor:
     """Copy of `tokens` (B, L) with every masked byte replaced by a random printable one
-    (EOS kept): the corrupted-batch fault for preference stages."""
+    (EOS kept): the corrupted-batch fault for preference stages. With a non-byte tokenizer,
+    every masked non-special token becomes a random ordinary token."""
     out = tokens.clone()
+    if tokenizer is not None and not tokenizer.is_byte:
+        specials = torch.tensor([tokenizer.bos, tokenizer.eos, tokenizer.pad, tokenizer.sep], device=tokens.device)
+        where = mask & ~torch.isin(tokens, specials)
+        ids = np.asarray(tokenizer.filler_ids(), dtype=np.int64)
+        fill = _rng("garble_tokens", *key).integers(0, len(ids), int(where.sum()))
+        out[where] = torch.from_numpy(ids[fill]).to(tokens.device)
+        return out
     where = mask & (tokens < 256)
     fill = _rng("garble_tokens", *key).integers(0, len(PRINTABLE), int(where.sum()))
     out[where] = torch.from_numpy(PRINTABLE[fill].astype(np.int64)).to(tokens.device)
@@ -453,15 +503,17 @@ def garble_responses(tokens: torch.Tensor, mask: torch.Tensor, *key: object) -> 
 
 
 def prompt_batch(
-    seed: int, batch_index: int, rank: int, batch_size: int, max_len: int, split: str = "train"
+    seed: int, batch_index: int, rank: int, batch_size: int, max_len: int, split: str = "train",
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts "BOS Explain X: SEP", left-padded so responses start in one column:
     tokens (B, P) and valid (B, P); P <= max_len (longer prompts keep their end)."""
+    t = tokenizer or BYTE_TOKENIZER
     pairs = sft_pairs(split)
     idx = _pick(len(pairs), "prompt", seed, batch_index, rank, split, batch_size=batch_size)
-    seqs = [([BOS, *encode(pairs[i].prompt), SEP])[-max_len:] for i in idx]
+    seqs = [([t.bos, *t.encode(pairs[i].prompt), t.sep])[-max_len:] for i in idx]
     P = max(len(s) for s in seqs)
-    toks = torch.full((batch_size, P), PAD, dtype=torch.long)
+    toks = torch.full((batch_size, P), t.pad, dtype=torch.long)
     for r, s in enumerate(seqs):
         toks[r, P - len(s) :] = torch.tensor(s)
-    return toks, toks != PAD  # (B, P), (B, P)
+    return toks, toks != t.pad  # (B, P), (B, P)

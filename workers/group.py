@@ -26,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
-from trainguard.workers.spec import PipelineSpec
+from trainguard.workers.spec import HF_OFFLINE_ENV, PipelineSpec
 
 __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV", "plan_gpus",
            "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV"]
@@ -68,7 +68,10 @@ def reserve_gpus(world_size: int, what: str, wait_s: float | None = None) -> Any
     return pg
 
 
-@ray.remote(num_cpus=0, max_concurrency=8)
+# Every TrainWorker process (warm-pool spares included: the variables are fixed when the actor's
+# process starts, so setting them later in the driver would not reach it) runs with the Hugging
+# Face Hub offline: a pipeline's HF model is read from its local folder, never downloaded.
+@ray.remote(num_cpus=0, max_concurrency=8, runtime_env={"env_vars": dict(HF_OFFLINE_ENV)})
 class TrainWorker:
     """One rank. Created bare (imports only, so it can wait warm in the pool), then
     `configure`d for a stage — which starts the exporter, so endpoints exist before training."""
@@ -169,7 +172,7 @@ class TrainWorker:
             inputs = {k: CheckpointRef.from_dict(v) for k, v in a["inputs"].items()}
             resume = CheckpointRef.from_dict(a["resume_from"]) if a["resume_from"] else None
             ctx = make_context(spec, a["stage_name"], run_id=a["run_id"], rank=a["rank"],
-                               world_size=a["world_size"], inputs=inputs, device=device)
+                               world_size=a["world_size"], inputs=inputs, device=device, state_dir=a["state_dir"])
             stage = STAGES[spec.stage(a["stage_name"]).kind](ctx)
             harness = Harness(stage, spec=spec, stage_name=a["stage_name"], run_id=a["run_id"],
                               state_dir=Path(a["state_dir"]), dist=dist, exporter=self.exporter, inbox=self.inbox,

@@ -28,6 +28,8 @@ __all__ = [
     "RewardModel",
     "build_gpt",
     "build_reward_model",
+    "build_lm",
+    "build_scorer",
     "init_weights",
     "lm_loss",
     "token_logprobs",
@@ -190,6 +192,26 @@ def build_reward_model(spec: ModelSpec, seed: int, device: torch.device | str = 
     return model.to(device)
 
 
+def build_lm(spec: ModelSpec, seed: int, device: torch.device | str = "cpu", tokenizer: Any = None) -> nn.Module:
+    """The stage's language model: the built-in GPT (`build_gpt`), or with `spec.hf` set a
+    Hugging Face causal LM behind the same interface (workers/hf.py; transformers imported
+    only then). `tokenizer` is the stage's (ctx.tokenizer), needed for an HF model."""
+    if getattr(spec, "hf", None) is None:
+        return build_gpt(spec, seed, device)
+    from trainguard.workers.hf import build_hf_lm
+
+    return build_hf_lm(spec, tokenizer, seed, device)
+
+
+def build_scorer(spec: ModelSpec, seed: int, device: torch.device | str = "cpu", tokenizer: Any = None) -> nn.Module:
+    """The reward model: `build_reward_model`, or an HF backbone with a scalar head."""
+    if getattr(spec, "hf", None) is None:
+        return build_reward_model(spec, seed, device)
+    from trainguard.workers.hf import build_hf_reward_model
+
+    return build_hf_reward_model(spec, tokenizer, seed, device)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (the tied embedding counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -241,7 +263,7 @@ def generate(
     the tiny models recompute the prefix faster than a cache would pay back."""
     tokens = prompt
     valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid
-    banned = torch.tensor([BOS, PAD, SEP], device=prompt.device)
+    banned = torch.tensor(list(getattr(model, "banned_token_ids", (BOS, PAD, SEP))), device=prompt.device)
     L = model.spec.seq_len
     for _ in range(n):
         logits = model(tokens[:, -L:], valid[:, -L:])[:, -1, :].float()  # (B, V)
@@ -270,9 +292,11 @@ def load_weights(model: nn.Module, ref: Any) -> None:
     the parameters by load_state_dict, wherever they are (CUDA included)."""
     state = load_model_state(ref, map_location="cpu")
     is_rm_state = any(k.startswith("backbone.") for k in state)
-    if isinstance(model, RewardModel) and not is_rm_state:
+    is_rm = isinstance(model, RewardModel) or getattr(model, "is_reward_model", False)  # HFRewardModel
+    is_lm = isinstance(model, GPT) or getattr(model, "is_causal_lm", False)  # HFCausalLM
+    if is_rm and not is_rm_state:
         model.backbone.load_state_dict(state)
-    elif isinstance(model, GPT) and is_rm_state:
+    elif is_lm and is_rm_state:
         model.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
     else:
         model.load_state_dict(state)

@@ -8,11 +8,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from trainguard.workers.contract import FaultKind
 
 __all__ = [
+    "HF_ARCHITECTURES",
+    "HF_OFFLINE_ENV",
+    "HFModelSpec",
     "ModelSpec",
     "CheckpointSpec",
     "FaultSpec",
@@ -40,20 +52,77 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Architectures a fresh `model.hf.config` may name (transformers `model_type`s whose configs
+# and causal-LM classes ship with transformers: no remote code).
+HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# The Ray workers' environment (workers/group.py): a model is read from its folder, never fetched.
+HF_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# Set from the tokenizer, never from the YAML.
+_HF_CONFIG_RESERVED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "model_type",
+                       "auto_map", "trust_remote_code", "architectures")
+
+
+class HFModelSpec(_Strict):
+    """A Hugging Face causal LM: `path` (a local folder with config, safetensors weights and a
+    tokenizer) or `config` (a fresh model: `architecture` plus config fields, e.g. hidden_size);
+    a fresh model's tokenizer is a byte-level BPE trained on the pipeline's corpora."""
+
+    path: str | None = Field(None, description="local model folder (from_pretrained, local files only, safetensors)")
+    config: dict[str, Union[bool, int, float, str]] | None = Field(
+        None, description="fresh model: {architecture: llama|mistral|qwen2, hidden_size: ..., ...}")
+    tokenizer_vocab_size: int = Field(512, ge=300, le=65536, description="fresh model: BPE vocabulary size")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "HFModelSpec":
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.hf.path (a local folder) or model.hf.config (a fresh model)")
+        if self.path is not None and (not self.path.startswith("/") or "://" in self.path):
+            raise ValueError(f"model.hf.path must be an absolute local folder, not {self.path[:120]!r}")
+        if self.config is not None:
+            arch = self.config.get("architecture")
+            if arch not in HF_ARCHITECTURES:
+                raise ValueError(f"model.hf.config.architecture must be one of {list(HF_ARCHITECTURES)}, not {arch!r}")
+            for key in _HF_CONFIG_RESERVED:
+                if key in self.config:
+                    raise ValueError(f"model.hf.config.{key} may not be set (it comes from the tokenizer or the architecture)")
+        return self
+
+
 class ModelSpec(_Strict):
-    """GPT decoder size. Tiny on CPU; the same code scales on GPU."""
+    """GPT decoder size. Tiny on CPU; the same code scales on GPU. With `hf` set, the stages
+    train that Hugging Face model instead (n_layer, n_head, d_model, dropout do not apply;
+    seq_len is still the training window)."""
 
     n_layer: int = Field(2, ge=1, le=256)
     n_head: int = Field(2, ge=1, le=256)
     d_model: int = Field(64, ge=8, le=65536)
     seq_len: int = Field(64, ge=8, le=1 << 20)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    hf: HFModelSpec | None = None
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelSpec":
+        if self.hf is not None:
+            unused = sorted(f for f in ("n_layer", "n_head", "d_model", "dropout")
+                            if getattr(self, f) != type(self).model_fields[f].default)
+            if unused:
+                raise ValueError(f"model.{unused[0]} does not apply to a Hugging Face model (model.hf); "
+                                 f"size it in model.hf.config")
+            mpe = (self.hf.config or {}).get("max_position_embeddings")
+            if isinstance(mpe, int) and mpe < self.seq_len:
+                raise ValueError(f"model.hf.config.max_position_embeddings ({mpe}) is below model.seq_len ({self.seq_len})")
+            return self
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_hf(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a built-in-GPT spec dumps exactly as before `hf` existed
+        data = handler(self)
+        if isinstance(data, dict) and data.get("hf", 0) is None:
+            del data["hf"]
+        return data
 
 
 class CheckpointSpec(_Strict):

@@ -30,6 +30,7 @@ from trainguard.workers.runtime.faults import FaultInjector
 from trainguard.workers.runtime.gpu import GpuHealth
 from trainguard.workers.runtime.guard import Guard
 from trainguard.workers.stages.base import Stage, StageContext
+from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
 __all__ = [
     "Harness",
@@ -138,12 +139,15 @@ def sync_device(device: torch.device) -> None:
 
 
 def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, world_size: int = 1,
-                 inputs: dict[str, CheckpointRef] | None = None, device: torch.device | None = None) -> StageContext:
+                 inputs: dict[str, CheckpointRef] | None = None, device: torch.device | None = None,
+                 state_dir: Path | str | None = None) -> StageContext:
     """The StageContext for `stage_name` of pipeline `spec` (init checkpoint from `inputs`:
     earlier stages' outputs, each with the hashes recorded when it was reported).
     `device` defaults to the current CUDA device when there is one (a process outside Ray);
     a Ray worker passes the device of the GPU Ray assigned it, or the CPU
-    (workers/runtime/distributed.py `rank_device`)."""
+    (workers/runtime/distributed.py `rank_device`).
+    The tokenizer is the byte one, or for a Hugging Face model (`spec.model.hf`) the model
+    folder's / the run's trained BPE, kept under `state_dir` (workers/hf.py `stage_tokenizer`)."""
     st = spec.stage(stage_name)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
@@ -157,7 +161,15 @@ def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, worl
         init = inputs.get(src) if src is not None else None
     return StageContext(run_id=run_id, rank=rank, world_size=world_size, seed=spec.seed, device=device,
                         autocast_dtype=autocast, model_spec=spec.model, stage=st, inputs=inputs,
-                        init_checkpoint=init, data_files=dict(spec.data))
+                        init_checkpoint=init, data_files=dict(spec.data), tokenizer=_stage_tokenizer(spec, run_id, state_dir))
+
+
+def _stage_tokenizer(spec: Any, run_id: str, state_dir: Path | str | None) -> Any:
+    if getattr(spec.model, "hf", None) is None:
+        return BYTE_TOKENIZER
+    from trainguard.workers.hf import stage_tokenizer  # transformers only for an HF model
+
+    return stage_tokenizer(spec.model, dict(spec.data), run_id, state_dir)
 
 
 def _rng_state(device: torch.device | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from trainguard.workers.contract import CheckpointRef
+from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
 
 @dataclass
@@ -41,6 +42,7 @@ class StageContext:
     inputs: dict[str, CheckpointRef]  # stage name -> output checkpoint of earlier stages (with recorded hashes)
     init_checkpoint: CheckpointRef | None  # output of the stage this one starts from (None for pretrain)
     data_files: dict[str, str] = field(default_factory=dict)  # extra sources from the pipeline spec
+    tokenizer: Any = BYTE_TOKENIZER  # workers.tokenizer.Tokenizer: bytes, or an HF model's (workers/hf.py)
 
 
 class Stage(abc.ABC):

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from trainguard.workers.data import collate_preferences, preference_batch, preference_pairs
-from trainguard.workers.model import GPT, build_gpt, load_weights, sequence_logprobs
+from trainguard.workers.model import GPT, build_lm, load_weights, sequence_logprobs
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
 from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size
 from trainguard.workers.stages.reward_model import EVAL_CHUNK, corrupt_preferences
-from trainguard.workers.tokenizer import PAD
 
 __all__ = ["DPOStage", "policy_and_reference"]
 
@@ -24,9 +23,9 @@ def policy_and_reference(ctx: StageContext) -> tuple[GPT, GPT]:
     by default the previous stage may be a reward model or another RL stage."""
     ref_ckpt = find_input(ctx, getattr(ctx.stage, "reference", None), "sft")
     policy_ckpt = ctx.init_checkpoint if ctx.stage.init_from is not None and ctx.init_checkpoint else ref_ckpt
-    policy = build_gpt(ctx.model_spec, init_seed(ctx, "gpt"), ctx.device)
+    policy = build_lm(ctx.model_spec, init_seed(ctx, "gpt"), ctx.device, ctx.tokenizer)
     load_weights(policy, policy_ckpt)
-    reference = build_gpt(ctx.model_spec, init_seed(ctx, "gpt"), ctx.device)
+    reference = build_lm(ctx.model_spec, init_seed(ctx, "gpt"), ctx.device, ctx.tokenizer)
     load_weights(reference, ref_ckpt)
     return policy, frozen(reference)
 
@@ -54,9 +53,10 @@ class DPOStage(Stage):
 
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         ctx = self.ctx
-        batch = preference_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len)
+        batch = preference_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
+                                 tokenizer=ctx.tokenizer)
         if corrupt:
-            batch = corrupt_preferences(batch[0], batch[1], "dpo", ctx.seed, batch_index, ctx.rank)
+            batch = corrupt_preferences(batch[0], batch[1], "dpo", ctx.seed, batch_index, ctx.rank, tokenizer=ctx.tokenizer)
         ch, chm, rj, rjm = (t.to(ctx.device) for t in batch)  # (B, L) each
         margin, pol_ch = self._margins(ch, chm, rj, rjm)
         loss = -F.logsigmoid(margin).mean()
@@ -65,7 +65,8 @@ class DPOStage(Stage):
             "preference_accuracy": float((margin.detach() > 0).float().mean()),
             "dpo_chosen_logprob": float(pol_ch.detach().mean()),
         }
-        return StepResult(loss=loss, tokens=int((ch != PAD).sum() + (rj != PAD).sum()), metrics=metrics)
+        pad = ctx.tokenizer.pad
+        return StepResult(loss=loss, tokens=int((ch != pad).sum() + (rj != pad).sum()), metrics=metrics)
 
     def evaluate(self) -> dict[str, float]:
         """DPO loss and accuracy (implicit reward of chosen above rejected) on every held-out pair."""
@@ -74,7 +75,7 @@ class DPOStage(Stage):
         margins = []
         with evaluating(ctx, self._model):
             for o in range(0, len(pairs), EVAL_CHUNK):
-                batch = collate_preferences(list(pairs[o : o + EVAL_CHUNK]), ctx.model_spec.seq_len)
+                batch = collate_preferences(list(pairs[o : o + EVAL_CHUNK]), ctx.model_spec.seq_len, ctx.tokenizer)
                 margins.append(self._margins(*(t.to(ctx.device) for t in batch))[0])
         m = torch.cat(margins)
         return {

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from trainguard.workers.data import prompt_batch, sft_batch
-from trainguard.workers.model import GPT, RewardModel, build_reward_model, generate, lm_loss, load_weights, token_logprobs
+from trainguard.workers.model import GPT, RewardModel, build_scorer, generate, lm_loss, load_weights, token_logprobs
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
 from trainguard.workers.stages.dpo import policy_and_reference
 from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size, step_generator
-from trainguard.workers.tokenizer import EOS, PAD, RARE_BYTE
+from trainguard.workers.tokenizer import EOS
 
 __all__ = ["PPOStage", "kl_controller_update", "response_mask", "CLIP_EPS", "PTX_COEF"]
 
@@ -42,9 +42,9 @@ def kl_controller_update(kl_coef: float, kl: float, target: float, n_samples: in
     return kl_coef * (1.0 + error * n_samples / horizon)
 
 
-def response_mask(response: torch.Tensor) -> torch.Tensor:
+def response_mask(response: torch.Tensor, eos: int = EOS) -> torch.Tensor:
     """(B, n) True up to and including the first EOS of each sampled response."""
-    eos_before = (response == EOS).long().cumsum(1) - (response == EOS).long()  # EOS strictly before t
+    eos_before = (response == eos).long().cumsum(1) - (response == eos).long()  # EOS strictly before t
     return eos_before == 0
 
 
@@ -54,7 +54,8 @@ class PPOStage(Stage):
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
         self._model, self.reference = policy_and_reference(ctx)
-        self.reward_model: RewardModel = build_reward_model(ctx.model_spec, init_seed(ctx, "reward_model"), ctx.device)
+        self.reward_model: RewardModel = build_scorer(ctx.model_spec, init_seed(ctx, "reward_model"), ctx.device,
+                                                      ctx.tokenizer)
         load_weights(self.reward_model, find_input(ctx, ctx.stage.reward_model, "reward_model"))
         frozen(self.reward_model)
         self.kl_coef = float(ctx.stage.kl_coef)
@@ -74,14 +75,15 @@ class PPOStage(Stage):
         seq = generate(self._model, prompts, st.response_len, generator, st.temperature, pvalid)
         self._model.train(was_training)
         P = prompts.shape[1]
-        rmask = response_mask(seq[:, P:])  # (B, n)
-        seq = torch.cat([seq[:, :P], seq[:, P:].masked_fill(~rmask, PAD)], dim=1)  # (B, P+n)
+        rmask = response_mask(seq[:, P:], self.ctx.tokenizer.eos)  # (B, n)
+        seq = torch.cat([seq[:, :P], seq[:, P:].masked_fill(~rmask, self.ctx.tokenizer.pad)], dim=1)  # (B, P+n)
         return seq, torch.cat([pvalid, rmask], dim=1), P
 
     def _prompts(self, batch_index: int, rank: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.ctx
         max_prompt = ctx.model_spec.seq_len - ctx.stage.response_len
-        prompts, pvalid = prompt_batch(ctx.seed, batch_index, rank, local_batch_size(ctx), max_prompt, split)
+        prompts, pvalid = prompt_batch(ctx.seed, batch_index, rank, local_batch_size(ctx), max_prompt, split,
+                                       tokenizer=ctx.tokenizer)
         return prompts.to(ctx.device), pvalid.to(ctx.device)  # (B, P) each
 
     def _kl(self, seq: torch.Tensor, valid: torch.Tensor, P: int, logp: torch.Tensor) -> torch.Tensor:
@@ -120,11 +122,12 @@ class PPOStage(Stage):
 
     def _ptx_loss(self, batch_index: int, corrupt: bool) -> torch.Tensor:
         ctx = self.ctx
-        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len)
+        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
+                                 tokenizer=ctx.tokenizer)
         tokens, mask = tokens.to(ctx.device), mask.to(ctx.device)  # (B, L)
         targets = tokens[:, 1:]
         if corrupt:
-            targets = torch.where(mask[:, 1:], torch.full_like(targets, RARE_BYTE), targets)
+            targets = torch.where(mask[:, 1:], torch.full_like(targets, ctx.tokenizer.rare), targets)
         return lm_loss(self._model, tokens[:, :-1], targets, mask[:, 1:])
 
     def after_step(self, result: StepResult, step: int) -> None:

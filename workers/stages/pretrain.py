@@ -15,9 +15,8 @@ from torch import nn
 
 from trainguard.workers.contract import MANIFEST_NAME, CheckpointRef
 from trainguard.workers.data import derive_seed, get_mixture
-from trainguard.workers.model import GPT, build_gpt, lm_loss, load_weights
+from trainguard.workers.model import GPT, build_lm, lm_loss, load_weights
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
-from trainguard.workers.tokenizer import RARE_BYTE
 
 __all__ = ["PretrainStage", "local_batch_size", "evaluating", "find_input", "frozen", "init_seed", "step_generator"]
 
@@ -90,8 +89,8 @@ class PretrainStage(Stage):
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        self.data = get_mixture(ctx.data_files)
-        self._model = build_gpt(ctx.model_spec, init_seed(ctx, "gpt"), ctx.device)
+        self.data = get_mixture(ctx.data_files, ctx.tokenizer)
+        self._model = build_lm(ctx.model_spec, init_seed(ctx, "gpt"), ctx.device, ctx.tokenizer)
         if ctx.init_checkpoint is not None:
             load_weights(self._model, ctx.init_checkpoint)
 
@@ -106,7 +105,7 @@ class PretrainStage(Stage):
         ).to(ctx.device)  # (B, T+1)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         if corrupt:  # a byte the corpora never contain: loss goes to ~ -log(tiny)
-            targets = torch.full_like(targets, RARE_BYTE)
+            targets = torch.full_like(targets, ctx.tokenizer.rare)
         return StepResult(loss=lm_loss(self._model, inputs, targets), tokens=inputs.numel())
 
     def evaluate(self) -> dict[str, float]:

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from trainguard.workers.data import collate_preferences, garble_responses, preference_batch, preference_pairs
-from trainguard.workers.model import RewardModel, build_reward_model, load_weights
+from trainguard.workers.model import RewardModel, build_scorer, load_weights
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
 from trainguard.workers.stages.pretrain import evaluating, init_seed, local_batch_size
-from trainguard.workers.tokenizer import PAD
 
 __all__ = ["RewardModelStage", "corrupt_preferences", "EVAL_CHUNK"]
 
@@ -20,11 +19,11 @@ EVAL_CHUNK = 64
 
 
 def corrupt_preferences(
-    chosen: torch.Tensor, chosen_mask: torch.Tensor, *key: object
+    chosen: torch.Tensor, chosen_mask: torch.Tensor, *key: object, tokenizer: object = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss_spike fault for preference data: the right answer becomes the rejected one
     and a garbled copy of it the chosen one — the exact opposite of what was learned."""
-    return garble_responses(chosen, chosen_mask, *key), chosen_mask, chosen, chosen_mask
+    return garble_responses(chosen, chosen_mask, *key, tokenizer=tokenizer), chosen_mask, chosen, chosen_mask
 
 
 class RewardModelStage(Stage):
@@ -32,7 +31,7 @@ class RewardModelStage(Stage):
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        self._model = build_reward_model(ctx.model_spec, init_seed(ctx, "reward_model"), ctx.device)
+        self._model = build_scorer(ctx.model_spec, init_seed(ctx, "reward_model"), ctx.device, ctx.tokenizer)
         if ctx.init_checkpoint is not None:  # an SFT (GPT) checkpoint becomes the backbone
             load_weights(self._model, ctx.init_checkpoint)
 
@@ -46,14 +45,16 @@ class RewardModelStage(Stage):
 
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         ctx = self.ctx
-        ch, chm, rj, rjm = preference_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len)
+        ch, chm, rj, rjm = preference_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
+                                            tokenizer=ctx.tokenizer)
         if corrupt:
-            ch, chm, rj, rjm = corrupt_preferences(ch, chm, "rm", ctx.seed, batch_index, ctx.rank)
+            ch, chm, rj, rjm = corrupt_preferences(ch, chm, "rm", ctx.seed, batch_index, ctx.rank, tokenizer=ctx.tokenizer)
         ch, rj = ch.to(ctx.device), rj.to(ctx.device)  # (B, L) each
         r_ch, r_rj = self._scores(ch, rj)  # (B,) each
         loss = -F.logsigmoid(r_ch - r_rj).mean()
         acc = float((r_ch > r_rj).float().mean())
-        return StepResult(loss=loss, tokens=int((ch != PAD).sum() + (rj != PAD).sum()), metrics={"preference_accuracy": acc})
+        pad = ctx.tokenizer.pad
+        return StepResult(loss=loss, tokens=int((ch != pad).sum() + (rj != pad).sum()), metrics={"preference_accuracy": acc})
 
     def evaluate(self) -> dict[str, float]:
         """Bradley–Terry loss and accuracy over every held-out pair."""
@@ -62,7 +63,7 @@ class RewardModelStage(Stage):
         losses, wins = [], []
         with evaluating(ctx, self._model):
             for o in range(0, len(pairs), EVAL_CHUNK):
-                ch, _, rj, _ = collate_preferences(list(pairs[o : o + EVAL_CHUNK]), ctx.model_spec.seq_len)
+                ch, _, rj, _ = collate_preferences(list(pairs[o : o + EVAL_CHUNK]), ctx.model_spec.seq_len, ctx.tokenizer)
                 r_ch, r_rj = self._scores(ch.to(ctx.device), rj.to(ctx.device))
                 losses.append(-F.logsigmoid(r_ch - r_rj))
                 wins.append((r_ch > r_rj).float())

@@ -10,7 +10,6 @@ from trainguard.workers.data import collate_sft, sft_batch, sft_pairs
 from trainguard.workers.model import lm_loss
 from trainguard.workers.stages.base import StepResult
 from trainguard.workers.stages.pretrain import PretrainStage, evaluating, local_batch_size
-from trainguard.workers.tokenizer import PAD, RARE_BYTE
 
 __all__ = ["SFTStage", "EVAL_CHUNK"]
 
@@ -23,13 +22,14 @@ class SFTStage(PretrainStage):
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         """`mixture` is unused: SFT data is the pair set, not the corpora."""
         ctx = self.ctx
-        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len)
+        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
+                                 tokenizer=ctx.tokenizer)
         tokens, mask = tokens.to(ctx.device), mask.to(ctx.device)  # (B, L) each
         targets = tokens[:, 1:]
         if corrupt:
-            targets = torch.where(mask[:, 1:], torch.full_like(targets, RARE_BYTE), targets)
+            targets = torch.where(mask[:, 1:], torch.full_like(targets, ctx.tokenizer.rare), targets)
         loss = lm_loss(self._model, tokens[:, :-1], targets, mask[:, 1:])
-        return StepResult(loss=loss, tokens=int((tokens != PAD).sum()))
+        return StepResult(loss=loss, tokens=int((tokens != ctx.tokenizer.pad).sum()))
 
     def evaluate(self) -> dict[str, float]:
         """Response-token loss over every held-out pair (token-weighted mean)."""
@@ -38,7 +38,7 @@ class SFTStage(PretrainStage):
         total, count = 0.0, 0.0
         with evaluating(ctx, self._model):
             for o in range(0, len(pairs), EVAL_CHUNK):
-                tokens, mask = collate_sft(list(pairs[o : o + EVAL_CHUNK]), ctx.model_spec.seq_len)
+                tokens, mask = collate_sft(list(pairs[o : o + EVAL_CHUNK]), ctx.model_spec.seq_len, ctx.tokenizer)
                 tokens, mask = tokens.to(ctx.device), mask.to(ctx.device)
                 n = float(mask[:, 1:].sum())
                 total += float(lm_loss(self._model, tokens[:, :-1], tokens[:, 1:], mask[:, 1:])) * n
