@@ -1,5 +1,5 @@
-"""`trainguard`: the command line. Everything but `serve`, `demo`, `analyze`, `export` and
-`dashboards` talks to a running supervisor over its REST API.
+"""`trainguard`: the command line. Everything but `serve`, `demo`, `analyze`, `export`,
+`tokenize` and `dashboards` talks to a running supervisor over its REST API.
 
 Server and token: --url / --token, else TRAINGUARD_URL / TRAINGUARD_TOKEN, else
 http://<TRAINGUARD_HOST>:<TRAINGUARD_PORT> and the configured operator token.
@@ -328,7 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_export(sub)
     _add_dashboards(sub)
+    _add_tokenize(sub)
     return parser
+
+
+def _add_tokenize(sub: Any) -> None:
+    from trainguard.workers.shards import add_tokenize_parser, run_tokenize  # numpy; tokenizers load on use
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return run_tokenize(args)
+        except (OSError, ValueError) as e:
+            raise CliError(str(e)) from None
+
+    add_tokenize_parser(sub).set_defaults(func=run, local=True)
 
 
 def _add_dashboards(sub: Any) -> None:

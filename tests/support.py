@@ -17,3 +17,17 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def spawn_gloo_ranks(worker, world: int, out: Path) -> Path:
+    """Run `worker(rank, port, out_dir)` in `world` processes (torch.multiprocessing, no Ray);
+    `port` is a free localhost port for their gloo rendezvous. Returns `out`."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(out)), nprocs=world, join=True)
+    return out

@@ -9,9 +9,20 @@ Documents go to the validation split by a stable hash of their key (never Python
 salted `hash`), so the split is the same in every process. Everything is built once
 per process (lru_cache) and takes well under 2 s.
 
-Determinism: every batch is a pure function of (seed, batch_index, rank, mixture,
-...) through `derive_seed`; nothing here touches the global RNGs, so a resumed run
-draws exactly the batches an uninterrupted one would.
+Determinism: every batch is a pure function of its arguments through `derive_seed`;
+nothing here touches the global RNGs, so a resumed run draws exactly the batches an
+uninterrupted one would.
+
+Global sample indices (pretraining/annealing mixtures): global batch b of a stage with
+global batch size B holds samples [b*B, (b+1)*B); sample i is a pure function of (seed,
+i, B, seq_len, mixture, split) — never of the rank or the world size. Rank r of W reads its
+contiguous share (`sample_indices`), which gradient accumulation may split further
+(`micro_batches`), so a checkpoint resumed at another world size trains on exactly the
+same samples. The batch cursor and the skip list count global batches. Sample b*B + j is
+row j of the rank-0 batch the one-rank layout always drew (same seed derivation), so
+single-rank batches are bit-identical to those before global indices existed.
+
+Sources may also be pre-tokenized token shards (workers/shards.py), memory-mapped.
 
 Instruction data: SFT pairs ("Explain <qualified name>:" -> first sentence of its
 docstring) and preference pairs (chosen = that sentence; rejected = another entry's
@@ -33,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainguard.workers import shards
 from trainguard.workers.tokenizer import BOS, BYTE_TOKENIZER, EOS, PAD, Tokenizer
 
 __all__ = [
@@ -48,6 +60,11 @@ __all__ = [
     "curated_documents",
     "web_documents",
     "file_documents",
+    "ShardCorpus",
+    "split_documents",
+    "local_share",
+    "sample_indices",
+    "micro_batches",
     "get_mixture",
     "sft_pairs",
     "preference_pairs",
@@ -253,24 +270,103 @@ class Corpus:
     def __init__(self, name: str, docs: tuple[Document, ...], tokenizer: Tokenizer | None = None) -> None:
         if not docs:
             raise ValueError(f"data source {name!r} has no documents")
-        val = [d for d in docs if is_validation(d.key)]
-        train = [d for d in docs if not is_validation(d.key)]
-        if not val:  # tiny user files: hold out the last document anyway
-            val, train = train[-1:], train[:-1] or train[-1:]
-        if not train:
-            train = val
+        train, val = split_documents(docs)
         self.name = name
         self.train_keys = frozenset(d.key for d in train)
         self.val_keys = frozenset(d.key for d in val)
         self.streams = {"train": _stream(train, tokenizer), "val": _stream(val, tokenizer)}
 
+    def _start(self, rng: np.random.Generator, length: int, split: str) -> int:
+        """The window's start: the only draw a sample makes (`skip` makes the same one)."""
+        n = len(self.streams[split])
+        if n <= length:
+            n *= length // n + 2
+        return int(rng.integers(0, n - length))
+
     def sample(self, rng: np.random.Generator, length: int, split: str) -> np.ndarray:
         """A random window of `length` tokens (the stream is tiled when shorter)."""
+        start = self._start(rng, length, split)
         s = self.streams[split]
         if len(s) <= length:
-            s = np.tile(s, length // len(s) + 2)
-        start = int(rng.integers(0, len(s) - length))
+            s = np.tile(s[0 : len(s)], length // len(s) + 2)
         return s[start : start + length]
+
+    def skip(self, rng: np.random.Generator, length: int, split: str) -> None:
+        """Advance `rng` exactly as `sample` would, reading nothing."""
+        self._start(rng, length, split)
+
+
+class ShardCorpus(Corpus):
+    """A source of pre-tokenized shards (workers/shards.py): memory-mapped token streams,
+    sampled exactly like the text sources' streams."""
+
+    def __init__(self, name: str, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
+        train, val, vocab = shards.shard_splits(path, VAL_FRACTION)
+        t = tokenizer or BYTE_TOKENIZER
+        if vocab > t.vocab_size:
+            raise ValueError(f"data source {name!r}: the shards in {str(path)!r} were written with a "
+                             f"{vocab}-token vocabulary; the pipeline's tokenizer has {t.vocab_size}")
+        if vocab == 0:  # no recorded vocabulary (e.g. llm.c shards): check the ids themselves
+            top = max(int(np.max(m[lo:hi])) for s in (train, val) for m, lo, hi in s.segments)
+            if top >= t.vocab_size:
+                raise ValueError(f"data source {name!r}: the shards in {str(path)!r} hold token id {top}; "
+                                 f"the pipeline's tokenizer has {t.vocab_size} tokens")
+        self.name = name
+        self.train_keys = self.val_keys = frozenset()
+        self.streams = {"train": train, "val": val}  # type: ignore[dict-item]
+
+
+def split_documents(docs: tuple[Document, ...] | list[Document]) -> tuple[list[Document], list[Document]]:
+    """(train, val) documents of a source: by `is_validation`, at least one of each."""
+    val = [d for d in docs if is_validation(d.key)]
+    train = [d for d in docs if not is_validation(d.key)]
+    if not val:  # tiny user files: hold out the last document anyway
+        val, train = train[-1:], train[:-1] or train[-1:]
+    if not train:
+        train = val
+    return train, val
+
+
+def _source(name: str, path: str, tokenizer: Tokenizer | None = None) -> Corpus:
+    if shards.is_shard_source(path):
+        return ShardCorpus(name, path, tokenizer)
+    return Corpus(name, file_documents(path), tokenizer)
+
+
+# ---------------------------------------------------------------- global sample indices
+
+
+def local_share(rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """[lo, hi): positions in a global batch of `batch_size` that rank `rank` of `world_size`
+    reads — contiguous, ranks in order, the first batch_size % world_size ranks one more.
+    With fewer samples than ranks, rank r re-reads position r % batch_size (no rank idles)."""
+    if not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"no share for rank {rank} of world size {world_size}, batch size {batch_size}")
+    if batch_size < world_size:
+        return rank % batch_size, rank % batch_size + 1
+    q, r = divmod(batch_size, world_size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (1 if rank < r else 0)
+
+
+def sample_indices(batch_index: int, rank: int, world_size: int, batch_size: int) -> list[int]:
+    """Global sample indices rank `rank` of `world_size` trains on in global batch
+    `batch_index` (samples [batch_index*batch_size, (batch_index+1)*batch_size))."""
+    if batch_index < 0:
+        raise ValueError(f"batch index {batch_index} is negative")
+    lo, hi = local_share(rank, world_size, batch_size)
+    base = batch_index * batch_size
+    return list(range(base + lo, base + hi))
+
+
+def micro_batches(indices: list[int], micro_batch_size: int | None = None) -> list[list[int]]:
+    """A rank's share split into gradient-accumulation micro-batches of at most
+    `micro_batch_size` (None: the whole share, one micro-step)."""
+    if micro_batch_size is None or micro_batch_size >= len(indices):
+        return [list(indices)]
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be positive, not {micro_batch_size}")
+    return [list(indices[i : i + micro_batch_size]) for i in range(0, len(indices), micro_batch_size)]
 
 
 def _stream(docs: list[Document], tokenizer: Tokenizer | None = None) -> np.ndarray:
@@ -290,6 +386,50 @@ class Mixture:
     def __init__(self, corpora: dict[str, Corpus]) -> None:
         self.corpora = corpora
 
+    def _weights(self, mixture: dict[str, float]) -> tuple[list[str], np.ndarray, list[list[object]]]:
+        names = sorted(mixture)
+        for n in names:
+            if n not in self.corpora:
+                raise ValueError(f"mixture names unknown source {n!r} (known: {sorted(self.corpora)})")
+        w = np.array([float(mixture[n]) for n in names])
+        if w.sum() <= 0:
+            raise ValueError("mixture weights sum to zero")
+        return names, w, [[n, float(mixture[n])] for n in names]
+
+    def samples(
+        self,
+        seed: int,
+        indices: list[int],
+        batch_size: int,
+        seq_len: int,
+        mixture: dict[str, float],
+        split: str = "train",
+    ) -> torch.LongTensor:
+        """(len(indices), T+1) token windows: the global samples `indices` of a stage whose
+        global batch size is `batch_size`. Sample i is row i % B of global batch i // B, drawn
+        from that batch's own generator (rows before it are drawn and discarded, never read)."""
+        if not indices:
+            raise ValueError("no sample indices")
+        names, w, mix_key = self._weights(mixture)
+        p = w / w.sum()
+        wanted: dict[int, dict[int, list[int]]] = {}
+        for out, i in enumerate(indices):
+            if i < 0:
+                raise ValueError(f"sample index {i} is negative")
+            wanted.setdefault(i // batch_size, {}).setdefault(i % batch_size, []).append(out)
+        rows: list[np.ndarray | None] = [None] * len(indices)
+        for b, positions in wanted.items():
+            rng = _rng("lm", seed, b, 0, batch_size, seq_len, mix_key, split)
+            for j in range(max(positions) + 1):
+                corpus = self.corpora[names[int(rng.choice(len(names), p=p))]]
+                if j in positions:
+                    row = corpus.sample(rng, seq_len + 1, split)
+                    for out in positions[j]:
+                        rows[out] = row
+                else:
+                    corpus.skip(rng, seq_len + 1, split)
+        return torch.from_numpy(np.stack(rows).astype(np.int64))  # type: ignore[arg-type]
+
     def batch(
         self,
         seed: int,
@@ -299,16 +439,18 @@ class Mixture:
         seq_len: int,
         mixture: dict[str, float],
         split: str = "train",
+        world_size: int | None = None,
     ) -> torch.LongTensor:
-        """(B, T+1) token windows; row sources drawn by `mixture` weights. Pure function of the args."""
-        names = sorted(mixture)
-        for n in names:
-            if n not in self.corpora:
-                raise ValueError(f"mixture names unknown source {n!r} (known: {sorted(self.corpora)})")
-        w = np.array([float(mixture[n]) for n in names])
-        if w.sum() <= 0:
-            raise ValueError("mixture weights sum to zero")
-        mix_key = [[n, float(mixture[n])] for n in names]
+        """(B, T+1) token windows; row sources drawn by `mixture` weights. Pure function of the args.
+
+        With `world_size`, `batch_size` is the global batch size and the rows are rank `rank`'s
+        share of global batch `batch_index` (`sample_indices`): independent of the world size.
+        Without it (the older per-rank layout), `batch_size` rows keyed on the rank; the two
+        agree for rank 0 of one."""
+        if world_size is not None:
+            return self.samples(seed, sample_indices(batch_index, rank, world_size, batch_size),
+                                batch_size, seq_len, mixture, split)
+        names, w, mix_key = self._weights(mixture)
         rng = _rng("lm", seed, batch_index, rank, batch_size, seq_len, mix_key, split)
         rows = []
         for _ in range(batch_size):
@@ -321,7 +463,7 @@ class Mixture:
 def _mixture(files: tuple[tuple[str, str], ...]) -> Mixture:
     corpora = {"curated": Corpus("curated", curated_documents()), "web": Corpus("web", web_documents())}
     for name, path in files:
-        corpora[name] = Corpus(name, file_documents(path))
+        corpora[name] = _source(name, path)
     return Mixture(corpora)
 
 
@@ -339,7 +481,7 @@ def get_mixture(data_files: dict[str, str] | None = None, tokenizer: Tokenizer |
         corpora = {"curated": Corpus("curated", curated_documents(), tokenizer),
                    "web": Corpus("web", web_documents(), tokenizer)}
         for name, path in files:
-            corpora[name] = Corpus(name, file_documents(path), tokenizer)
+            corpora[name] = _source(name, path, tokenizer)
         if len(_TOKENIZED_MIXTURES) >= 4:
             _TOKENIZED_MIXTURES.clear()
         _TOKENIZED_MIXTURES[key] = Mixture(corpora)
@@ -350,7 +492,8 @@ def tokenizer_training_texts(data_files: dict[str, str] | None = None) -> list[s
     """Training-split texts of every source, in a fixed order: what a fresh tokenizer learns from."""
     docs = [*curated_documents(), *web_documents()]
     for _name, path in sorted((data_files or {}).items()):
-        docs.extend(file_documents(path))
+        if not shards.is_shard_source(path):  # shards are tokens already
+            docs.extend(file_documents(path))
     return [d.text for d in docs if not is_validation(d.key)]
 
 
@@ -439,6 +582,18 @@ def _pick(n_items: int, *key: object, batch_size: int) -> list[int]:
     return [int(i) for i in _rng(*key).integers(0, n_items, batch_size)]
 
 
+def _pick_share(n_items: int, kind: str, seed: int, batch_index: int, rank: int, split: str,
+                batch_size: int, world_size: int | None) -> list[int]:
+    """Items of an instruction batch. Without `world_size`: `batch_size` draws keyed on the
+    rank (the per-rank layout). With it: the global batch (`batch_size` draws keyed as rank 0's
+    of one) and rank `rank`'s share of it (`local_share`): the same items at any world size,
+    and at one rank the same as the per-rank layout."""
+    if world_size is None:
+        return _pick(n_items, kind, seed, batch_index, rank, split, batch_size=batch_size)
+    lo, hi = local_share(rank, world_size, batch_size)
+    return _pick(n_items, kind, seed, batch_index, 0, split, batch_size=batch_size)[lo:hi]
+
+
 def collate_sft(
     pairs: list[SFTPair], seq_len: int, tokenizer: Tokenizer | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,21 +619,23 @@ def collate_preferences(
 
 def sft_batch(
     seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train",
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | None = None, world_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch of SFT pairs, collated (see collate_sft)."""
+    """A random batch of SFT pairs, collated (see collate_sft). With `world_size`, `batch_size`
+    is global and the pairs are rank `rank`'s share (see _pick_share)."""
     pairs = sft_pairs(split)
-    idx = _pick(len(pairs), "sft", seed, batch_index, rank, split, batch_size=batch_size)
+    idx = _pick_share(len(pairs), "sft", seed, batch_index, rank, split, batch_size, world_size)
     return collate_sft([pairs[i] for i in idx], seq_len, tokenizer)
 
 
 def preference_batch(
     seed: int, batch_index: int, rank: int, batch_size: int, seq_len: int, split: str = "train",
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | None = None, world_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random batch of preference pairs, collated (see collate_preferences)."""
+    """A random batch of preference pairs, collated (see collate_preferences). With
+    `world_size`, `batch_size` is global and the pairs are rank `rank`'s share (see _pick_share)."""
     pairs = preference_pairs(split)
-    idx = _pick(len(pairs), "pref", seed, batch_index, rank, split, batch_size=batch_size)
+    idx = _pick_share(len(pairs), "pref", seed, batch_index, rank, split, batch_size, world_size)
     return collate_preferences([pairs[i] for i in idx], seq_len, tokenizer)
 
 
@@ -504,16 +661,17 @@ def garble_responses(
 
 def prompt_batch(
     seed: int, batch_index: int, rank: int, batch_size: int, max_len: int, split: str = "train",
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | None = None, world_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts "BOS Explain X: SEP", left-padded so responses start in one column:
-    tokens (B, P) and valid (B, P); P <= max_len (longer prompts keep their end)."""
+    tokens (B, P) and valid (B, P); P <= max_len (longer prompts keep their end). With
+    `world_size`, `batch_size` is global and the prompts are rank `rank`'s share (_pick_share)."""
     t = tokenizer or BYTE_TOKENIZER
     pairs = sft_pairs(split)
-    idx = _pick(len(pairs), "prompt", seed, batch_index, rank, split, batch_size=batch_size)
+    idx = _pick_share(len(pairs), "prompt", seed, batch_index, rank, split, batch_size, world_size)
     seqs = [([t.bos, *t.encode(pairs[i].prompt), t.sep])[-max_len:] for i in idx]
     P = max(len(s) for s in seqs)
-    toks = torch.full((batch_size, P), t.pad, dtype=torch.long)
+    toks = torch.full((len(seqs), P), t.pad, dtype=torch.long)
     for r, s in enumerate(seqs):
         toks[r, P - len(s) :] = torch.tensor(s)
     return toks, toks != t.pad  # (B, P), (B, P)

@@ -28,6 +28,7 @@ __all__ = [
     "ModelSpec",
     "CheckpointSpec",
     "FaultSpec",
+    "ParallelSpec",
     "StageSpec",
     "PipelineSpec",
     "SpecError",
@@ -148,6 +149,17 @@ class FaultSpec(_Strict):
     once: bool = Field(True, description="fire once per run (hardware faults); False: every time the step is reached")
 
 
+class ParallelSpec(_Strict):
+    """How the ranks of a stage share the model (workers/runtime/distributed.py `wrap_model`).
+    `none` (default): every rank holds the whole model; the harness averages gradients in one
+    flat all-reduce. `ddp`: the whole model on every rank, gradients averaged by torch's DDP
+    (composable `replicate`) during backward. `fsdp`: FSDP2 (`fully_shard` on each transformer
+    block and on the root): parameters, gradients and optimizer state sharded over the ranks
+    (bf16 compute with fp32 reduction on GPUs with native bf16). No effect at world_size 1."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+
+
 StageKindName = Literal["pretrain", "anneal", "sft", "reward_model", "ppo", "dpo"]
 
 
@@ -156,6 +168,9 @@ class _StageBase(_Strict):
     steps: int = Field(gt=0, le=10_000_000)
     world_size: int = Field(1, ge=1, le=4096)
     batch_size: int = Field(8, ge=1, le=1 << 20)
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=1 << 20,
+        description="gradient accumulation: samples per micro-step within a rank's share; default: the whole share")
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.1, ge=0.0, le=10.0)
     grad_clip: float = Field(1.0, gt=0.0)
@@ -168,6 +183,7 @@ class _StageBase(_Strict):
     checkpoint: CheckpointSpec | None = None
     faults: list[FaultSpec] = Field(default_factory=list)
     step_delay: float = Field(0.0, ge=0.0, le=60.0, description="extra seconds per step (demo pacing)")
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="none | ddp | fsdp (see ParallelSpec)")
 
     @field_validator("mixture")
     @classmethod
@@ -188,9 +204,19 @@ class _StageBase(_Strict):
                 raise ValueError(f"faults.{i}.at_step ({f.at_step}) is past the stage's steps ({self.steps})")
             if f.rank >= self.world_size:
                 raise ValueError(f"faults.{i}.rank ({f.rank}) is not below world_size ({self.world_size})")
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) is above batch_size ({self.batch_size})")
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_micro(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a stage without gradient accumulation dumps exactly as before micro_batch_size existed
+        data = handler(self)
+        if isinstance(data, dict) and "micro_batch_size" in data and data["micro_batch_size"] is None:
+            del data["micro_batch_size"]
+        return data
 
 
 class PretrainStage(_StageBase):
@@ -242,7 +268,8 @@ class PipelineSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     data: dict[str, str] = Field(
         default_factory=dict,
-        description="extra sources: name -> path of a .txt or .jsonl file ({'text': ...} per line)",
+        description="extra sources: name -> path of a .txt or .jsonl file ({'text': ...} per line), "
+                    "or of pre-tokenized token shards (a .bin file or a folder of them; `trainguard tokenize`)",
     )
     stages: list[StageSpec] = Field(min_length=1)
 

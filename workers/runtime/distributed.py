@@ -14,12 +14,15 @@ from __future__ import annotations
 import datetime
 import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "free_port", "local_ip", "group_backend", "rank_device", "cuda_ordinal"]
+__all__ = ["Dist", "free_port", "local_ip", "group_backend", "rank_device", "cuda_ordinal", "PARALLEL_STRATEGIES",
+           "transformer_blocks", "wrap_model", "is_sharded", "full_state_dicts", "load_full_state_dicts"]
+
+PARALLEL_STRATEGIES = ("none", "ddp", "fsdp")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -128,6 +131,15 @@ class Dist:
             offset += n
         return flag
 
+    def sum_float(self, value: float) -> float:
+        """All-reduce SUM of one float (the guard's non-finite vote when DDP or FSDP2 averaged
+        the gradients during backward)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
     def min_int(self, value: int) -> int:
         """All-reduce MIN of one integer (the control agreement)."""
         if not self.enabled:
@@ -147,3 +159,113 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+# -- model wrapping (stage option `parallel.strategy`) ----------------------------------------
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder blocks of `model`, each its own FSDP2 unit: the built-in GPT's
+    `blocks` (also inside a RewardModel's backbone), a Hugging Face model's decoder layers
+    (`HFCausalLM.hf.model.layers`, via `base_model.layers`)."""
+    from trainguard.workers.model import GPT  # lazy: the model imports the spec, not the runtime
+
+    out: list[torch.nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, GPT):
+            out.extend(m.blocks)
+        elif getattr(m, "is_causal_lm", False) and hasattr(m, "hf"):
+            layers = getattr(getattr(m.hf, "base_model", m.hf), "layers", None)
+            if layers is not None:
+                out.extend(layers)
+    return out
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, d: Dist, *,
+               param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Apply `strategy` to `model` in place (the stage keeps calling the same object, its
+    state-dict keys unchanged) and return it. Must run before the optimizer is built: FSDP2
+    replaces the parameters with sharded DTensors.
+
+    none: nothing (the harness all-reduces the gradients itself, `Dist.all_reduce_grads`).
+    ddp: composable DDP (`torch.distributed._composable.replicate`): gradients averaged in
+    buckets during backward. fsdp: FSDP2 `fully_shard` on each transformer block, then on the
+    root (embeddings, final norm, tied head, any head); `param_dtype` (bf16 on GPU) sets a
+    MixedPrecisionPolicy with fp32 gradient reduction. At world size 1 every strategy is none."""
+    if strategy not in PARALLEL_STRATEGIES:
+        raise ValueError(f"parallel.strategy must be one of {list(PARALLEL_STRATEGIES)}, not {strategy!r}")
+    if strategy == "none" or not d.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.distributed._composable.replicate import replicate
+
+        kw: dict[str, Any] = {"device_ids": [d.device]} if d.device.type == "cuda" else {}
+        # a trained parameter may get no gradient in a step (an HF reward model's unused
+        # lm_head): DDP must not wait for it. Its grad stays None, so AdamW leaves it alone.
+        replicate(model, find_unused_parameters=True, **kw)
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+          if param_dtype is not None else MixedPrecisionPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _param_fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the optimizer's order (its state-dict ids)."""
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Collective (every rank calls it): the full, unsharded model and optimizer state dicts of
+    an FSDP2 model, on the CPU, on rank 0 (None elsewhere) — in the formats of an unsharded
+    `model.state_dict()` and `optimizer.state_dict()` (ids, not names), so a checkpoint of a
+    sharded model is the same file as an unsharded one's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not optimizer.state:
+        # no optimizer step yet: get_state_dict would create the state with a zero-gradient
+        # step (AdamW's `step` becomes 1), which an unsharded run never does
+        msd = get_model_state_dict(model, options=options)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return dict(msd), optimizer.state_dict()
+    msd, osd = get_state_dict(model, optimizer, options=options)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    ids = {f: i for i, f in enumerate(_param_fqns(model, optimizer))}
+    groups = [{**g, "params": [ids[f] for f in g["params"]]} for g in osd["param_groups"]]
+    return dict(msd), {"state": {ids[f]: v for f, v in osd["state"].items()}, "param_groups": groups}
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
+    """Collective: load full state dicts (as `full_state_dicts` returns them; every rank holds
+    them) into an FSDP2 model and its optimizer, each rank keeping its shard."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if not optim_state["state"]:  # saved before the first optimizer step (see full_state_dicts)
+        set_model_state_dict(model, dict(model_state), options=StateDictOptions(full_state_dict=True))
+        optimizer.load_state_dict(optim_state)
+        return
+    fqns = _param_fqns(model, optimizer)
+    # copies: set_*_state_dict put the sharded tensors into the dicts they are given
+    osd = {"state": {fqns[int(i)]: dict(v) for i, v in optim_state["state"].items()},
+           "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    set_model_state_dict(model, dict(model_state), options=StateDictOptions(full_state_dict=True))
+    # strict=False for the optimizer only: a parameter that never got a gradient (an HF reward
+    # model's unused lm_head) has no optimizer state, as in optimizer.load_state_dict
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -24,7 +24,7 @@ from trainguard.workers.contract import AnomalyKind, CheckpointRef, CheckpointRe
 from trainguard.workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_path,
                                         discard_after, load_checkpoint, stage_root, to_cpu)
 from trainguard.workers.runtime.control import ControlInbox
-from trainguard.workers.runtime.distributed import Dist
+from trainguard.workers.runtime.distributed import Dist, full_state_dicts, is_sharded, load_full_state_dicts, wrap_model
 from trainguard.workers.runtime.exporter import CHECKPOINT_STALL, Exporter
 from trainguard.workers.runtime.faults import FaultInjector
 from trainguard.workers.runtime.gpu import GpuHealth
@@ -236,7 +236,14 @@ class Harness:
         self.writer = CheckpointWriter(root, asynchronous=ck.asynchronous, keep_last=ck.keep_last,
                                        on_written=self._on_written)
 
-        model = stage.model
+        # `parallel.strategy` (none|ddp|fsdp): wrapped in place, before the optimizer sees the
+        # parameters (FSDP2 turns them into sharded DTensors); the stage keeps its own `model`
+        self.parallel = str(getattr(getattr(self.sspec, "parallel", None), "strategy", "none"))
+        model = wrap_model(stage.model, self.parallel, self.dist, param_dtype=stage.ctx.autocast_dtype)
+        # DDP / FSDP2 average the gradients during backward; otherwise one flat all-reduce after it
+        self.grads_averaged_in_backward = self.parallel != "none" and self.dist.enabled
+        # FSDP2: checkpoints gather full state dicts, loads scatter them
+        self.sharded = self.grads_averaged_in_backward and is_sharded(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
@@ -454,9 +461,15 @@ class Harness:
         # this rank's own work, before it waits for the others in the all-reduce: a straggler
         # shows here, while the wall-clock step time is the same on every rank. On CUDA the
         # backward is still queued when backward() returns: wait for it before reading the clock.
+        # With parallel ddp/fsdp the collectives run inside forward/backward, so this includes
+        # the wait for the slowest rank: those strategies give the straggler detector no signal.
         sync_device(ctx.device)
         compute = time.perf_counter() - t0
-        nonfinite_votes = self.dist.all_reduce_grads(self.params, 0.0 if math.isfinite(loss_value) else 1.0)
+        local_nonfinite = 0.0 if math.isfinite(loss_value) else 1.0
+        if self.grads_averaged_in_backward:  # DDP / FSDP2 did the averaging; the vote is its own all-reduce
+            nonfinite_votes = self.dist.sum_float(local_nonfinite)
+        else:
+            nonfinite_votes = self.dist.all_reduce_grads(self.params, local_nonfinite)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.sspec.grad_clip))
         # the guard decides before the optimizer: a non-finite step never reaches the weights
         verdict = self.guard.check(loss_value, grad_norm, any_rank_nonfinite=nonfinite_votes > 0)
@@ -539,6 +552,8 @@ class Harness:
                 tags.append("best")
         rng = {**_rng_state(self.stage.ctx.device), "guard": self.guard.state()}
         gathered = self.dist.gather_to_rank0(rng)  # collective: every rank checkpoints at the same step
+        # FSDP2: the full model and optimizer state, gathered onto rank 0's CPU (collective)
+        full = full_state_dicts(self.stage.model, self.optimizer) if self.sharded else None
         if self.rank != 0:
             return
         window_lo = self.step - self.health_window
@@ -554,7 +569,8 @@ class Harness:
         snap = Snapshot(
             run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
             batch_cursor=self.cursor.next_index,
-            model=to_cpu(self.stage.model.state_dict()), optimizer=to_cpu(self.optimizer.state_dict()),
+            model=full[0] if full is not None else to_cpu(self.stage.model.state_dict()),
+            optimizer=full[1] if full is not None else to_cpu(self.optimizer.state_dict()),
             extra=to_cpu(self.stage.extra_state()), rng={r: s for r, s in enumerate(gathered or [])},
             state=state, metrics=metrics,
             healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
@@ -611,8 +627,11 @@ class Harness:
         # to each parameter's device — all but AdamW's `step`, which stays on the CPU
         # (torch.optim.Optimizer.load_state_dict, capturable=False and fused=False)
         ck = load_checkpoint(ref, map_location="cpu")
-        self.stage.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.sharded:  # collective: each rank keeps its shard of the full state
+            load_full_state_dicts(self.stage.model, self.optimizer, ck["model"], ck["optimizer"])
+        else:
+            self.stage.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
         self.stage.load_extra_state(ck["extra"])
         st = ck["state"]
         self.step = int(st["step"])

@@ -100,8 +100,11 @@ class PretrainStage(Stage):
 
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         ctx = self.ctx
+        # this rank's share of global batch `batch_index`, by global sample index: the same
+        # samples whatever the world size (workers/data.py `sample_indices`)
         batch = self.data.batch(
-            ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len, mixture
+            ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len, mixture,
+            world_size=ctx.world_size,
         ).to(ctx.device)  # (B, T+1)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         if corrupt:  # a byte the corpora never contain: loss goes to ~ -log(tiny)

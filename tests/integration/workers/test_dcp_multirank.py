@@ -6,7 +6,6 @@ ranks included). One spawn serves every test (module fixture) to stay well under
 from __future__ import annotations
 
 import json
-import socket
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 from trainguard.workers.contract import CheckpointRef
 from trainguard.workers.runtime.checkpoint import CheckpointCorrupt
 from trainguard.workers.runtime.dcp_store import TrainState, load_sharded, save_sharded
+
+from tests.support import spawn_gloo_ranks
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -124,19 +125,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("dcp2")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return out
+    return spawn_gloo_ranks(_worker, WORLD, tmp_path_factory.mktemp("dcp2"))
 
 
 def _ref(d: Path, step: int) -> CheckpointRef:
