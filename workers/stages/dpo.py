@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from trainguard.workers.data import collate_preferences, preference_batch, preference_pairs
 from trainguard.workers.model import GPT, build_lm, load_weights, sequence_logprobs
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
-from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size
+from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed
 from trainguard.workers.stages.reward_model import EVAL_CHUNK, corrupt_preferences
 
 __all__ = ["DPOStage", "policy_and_reference"]
@@ -53,8 +53,8 @@ class DPOStage(Stage):
 
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         ctx = self.ctx
-        batch = preference_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
-                                 tokenizer=ctx.tokenizer)
+        batch = preference_batch(ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len,
+                                 tokenizer=ctx.tokenizer, world_size=ctx.world_size)  # this rank's share
         if corrupt:
             batch = corrupt_preferences(batch[0], batch[1], "dpo", ctx.seed, batch_index, ctx.rank, tokenizer=ctx.tokenizer)
         ch, chm, rj, rjm = (t.to(ctx.device) for t in batch)  # (B, L) each

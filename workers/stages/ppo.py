@@ -80,10 +80,16 @@ class PPOStage(Stage):
         return seq, torch.cat([pvalid, rmask], dim=1), P
 
     def _prompts(self, batch_index: int, rank: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: this rank's share of global batch `batch_index`; validation (rank 0 alone):
+        a local-sized batch, as before."""
         ctx = self.ctx
         max_prompt = ctx.model_spec.seq_len - ctx.stage.response_len
-        prompts, pvalid = prompt_batch(ctx.seed, batch_index, rank, local_batch_size(ctx), max_prompt, split,
-                                       tokenizer=ctx.tokenizer)
+        if split == "train":
+            prompts, pvalid = prompt_batch(ctx.seed, batch_index, rank, ctx.stage.batch_size, max_prompt, split,
+                                           tokenizer=ctx.tokenizer, world_size=ctx.world_size)
+        else:
+            prompts, pvalid = prompt_batch(ctx.seed, batch_index, rank, local_batch_size(ctx), max_prompt, split,
+                                           tokenizer=ctx.tokenizer)
         return prompts.to(ctx.device), pvalid.to(ctx.device)  # (B, P) each
 
     def _kl(self, seq: torch.Tensor, valid: torch.Tensor, P: int, logp: torch.Tensor) -> torch.Tensor:
@@ -122,8 +128,8 @@ class PPOStage(Stage):
 
     def _ptx_loss(self, batch_index: int, corrupt: bool) -> torch.Tensor:
         ctx = self.ctx
-        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
-                                 tokenizer=ctx.tokenizer)
+        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len,
+                                 tokenizer=ctx.tokenizer, world_size=ctx.world_size)  # this rank's share
         tokens, mask = tokens.to(ctx.device), mask.to(ctx.device)  # (B, L)
         targets = tokens[:, 1:]
         if corrupt:
@@ -132,7 +138,7 @@ class PPOStage(Stage):
 
     def after_step(self, result: StepResult, step: int) -> None:
         st = self.ctx.stage
-        n = local_batch_size(self.ctx) * self.ctx.world_size
+        n = st.batch_size  # the global batch the KL was measured over
         self.kl_coef = kl_controller_update(self.kl_coef, result.metrics["kl"], st.kl_target, n, st.kl_horizon)
 
     def extra_state(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from trainguard.workers.data import collate_preferences, garble_responses, preference_batch, preference_pairs
 from trainguard.workers.model import RewardModel, build_scorer, load_weights
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
-from trainguard.workers.stages.pretrain import evaluating, init_seed, local_batch_size
+from trainguard.workers.stages.pretrain import evaluating, init_seed
 
 __all__ = ["RewardModelStage", "corrupt_preferences", "EVAL_CHUNK"]
 
@@ -45,8 +45,8 @@ class RewardModelStage(Stage):
 
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         ctx = self.ctx
-        ch, chm, rj, rjm = preference_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
-                                            tokenizer=ctx.tokenizer)
+        ch, chm, rj, rjm = preference_batch(ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len,
+                                            tokenizer=ctx.tokenizer, world_size=ctx.world_size)  # this rank's share
         if corrupt:
             ch, chm, rj, rjm = corrupt_preferences(ch, chm, "rm", ctx.seed, batch_index, ctx.rank, tokenizer=ctx.tokenizer)
         ch, rj = ch.to(ctx.device), rj.to(ctx.device)  # (B, L) each

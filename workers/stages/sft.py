@@ -9,7 +9,7 @@ import torch
 from trainguard.workers.data import collate_sft, sft_batch, sft_pairs
 from trainguard.workers.model import lm_loss
 from trainguard.workers.stages.base import StepResult
-from trainguard.workers.stages.pretrain import PretrainStage, evaluating, local_batch_size
+from trainguard.workers.stages.pretrain import PretrainStage, evaluating
 
 __all__ = ["SFTStage", "EVAL_CHUNK"]
 
@@ -22,8 +22,8 @@ class SFTStage(PretrainStage):
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         """`mixture` is unused: SFT data is the pair set, not the corpora."""
         ctx = self.ctx
-        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, local_batch_size(ctx), ctx.model_spec.seq_len,
-                                 tokenizer=ctx.tokenizer)
+        tokens, mask = sft_batch(ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len,
+                                 tokenizer=ctx.tokenizer, world_size=ctx.world_size)  # this rank's share
         tokens, mask = tokens.to(ctx.device), mask.to(ctx.device)  # (B, L) each
         targets = tokens[:, 1:]
         if corrupt:

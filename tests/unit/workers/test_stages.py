@@ -17,6 +17,7 @@ from trainguard.workers.contract import CheckpointRef, StageKind
 from trainguard.workers.stages import STAGES, Stage, StageContext, StepResult
 from trainguard.workers.stages.ppo import kl_controller_update
 from trainguard.workers.stages.pretrain import find_input
+from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
 from ._tiny import recorded
 
@@ -189,3 +190,51 @@ def test_missing_reference_is_reported_by_name(pretrained):
         find_input(ctx, "sft", "sft")
     with pytest.raises(ValueError, match="reward_model"):
         find_input(ctx, None, "reward_model")
+
+
+def _rows(*tensors: torch.Tensor, pad: int) -> list[tuple[int, ...]]:
+    """Each sequence without its padding, sorted: the samples a batch holds, whatever its layout."""
+    return sorted(tuple(t for t in row.tolist() if t != pad) for x in tensors for row in x)
+
+
+def test_post_training_stages_share_one_global_batch_across_ranks(monkeypatch, pretrained, sft, reward_model):
+    """SFT, RM, DPO and PPO train at 2 ranks on exactly the samples 1 rank trains on: each rank
+    takes its share of the global batch (so a checkpoint continues at another world size)."""
+    import dataclasses
+
+    import trainguard.workers.stages.dpo as dpo_mod
+    import trainguard.workers.stages.reward_model as rm_mod
+    import trainguard.workers.stages.sft as sft_mod
+
+    seen: list[tuple[int, tuple]] = []
+
+    def recording(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*a, **kw):
+            out = real(*a, **kw)
+            seen.append((kw.get("world_size") or 1, out))
+            return out
+        monkeypatch.setattr(module, name, wrapper)
+
+    recording(sft_mod, "sft_batch")
+    recording(rm_mod, "preference_batch")
+    recording(dpo_mod, "preference_batch")
+    pad = BYTE_TOKENIZER.pad
+    inputs = {"pretrain": pretrained["path"], "sft": sft["path"], "reward_model": reward_model["path"]}
+    for kind, init in (("sft", pretrained["path"]), ("reward_model", sft["path"]), ("dpo", sft["path"])):
+        base = make_stage(kind, inputs, init)
+        by_world = {}
+        for world in (1, 2):
+            seen.clear()
+            for rank in range(world):
+                stage = STAGES[kind](dataclasses.replace(base.ctx, rank=rank, world_size=world))
+                with torch.no_grad():
+                    stage.step(5, 5, {})
+            by_world[world] = [_rows(*out[:1] if kind == "sft" else (out[0], out[2]), pad=pad) for _, out in seen]
+            assert {w for w, _ in seen} == {world}
+        assert by_world[1][0] == sorted(r for rows in by_world[2] for r in rows), kind
+    ppo = make_stage("ppo", inputs, sft["path"])
+    one = ppo._prompts(5, 0)[0]
+    halves = [STAGES["ppo"](dataclasses.replace(ppo.ctx, rank=r, world_size=2))._prompts(5, r)[0] for r in (0, 1)]
+    assert _rows(one, pad=pad) == _rows(*halves, pad=pad)
