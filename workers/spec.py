@@ -206,6 +206,9 @@ class _StageBase(_Strict):
                 raise ValueError(f"faults.{i}.rank ({f.rank}) is not below world_size ({self.world_size})")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) is above batch_size ({self.batch_size})")
+        if self.micro_batch_size is not None and getattr(self, "kind", None) not in ("pretrain", "anneal"):
+            raise ValueError(f"micro_batch_size: gradient accumulation is implemented for pretrain and anneal "
+                             f"stages only, not {getattr(self, 'kind', None)!r}")
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         return self

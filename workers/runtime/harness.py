@@ -29,7 +29,8 @@ from trainguard.workers.runtime.exporter import CHECKPOINT_STALL, Exporter
 from trainguard.workers.runtime.faults import FaultInjector
 from trainguard.workers.runtime.gpu import GpuHealth
 from trainguard.workers.runtime.guard import Guard
-from trainguard.workers.stages.base import Stage, StageContext
+from trainguard.workers.stages.base import Stage, StageContext, StepResult
+from trainguard.workers.data import micro_batches, sample_indices
 from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
 __all__ = [
@@ -451,13 +452,29 @@ class Harness:
         self.optimizer.zero_grad(set_to_none=True)
         autocast = (torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
                     if ctx.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
-            result = self.stage.step(batch_index, step, mixture, corrupt=effects.corrupt)
-        loss = result.loss.float()
-        if effects.nan:
-            loss = loss * float("nan")  # the NaN flows into every gradient, as a real one would
-        loss_value = float(loss.detach())
-        loss.backward()
+        micro = self._micro_steps(batch_index)
+        if micro is None:  # one forward/backward over this rank's whole share
+            with autocast:
+                result = self.stage.step(batch_index, step, mixture, corrupt=effects.corrupt)
+            loss = result.loss.float()
+            if effects.nan:
+                loss = loss * float("nan")  # the NaN flows into every gradient, as a real one would
+            loss_value = float(loss.detach())
+            loss.backward()
+        else:  # gradient accumulation: micro-steps over the share, each weighted by its size
+            share, parts = micro
+            loss_value, tokens, last = 0.0, 0, None
+            for samples in parts:
+                with autocast:
+                    last = self.stage.step(batch_index, step, mixture, corrupt=effects.corrupt, samples=samples)
+                loss = last.loss.float() * (len(samples) / len(share))
+                if effects.nan:
+                    loss = loss * float("nan")
+                loss_value += float(loss.detach())
+                tokens += last.tokens
+                loss.backward()
+            assert last is not None
+            result = StepResult(loss=torch.tensor(loss_value), tokens=tokens, metrics=last.metrics)
         # this rank's own work, before it waits for the others in the all-reduce: a straggler
         # shows here, while the wall-clock step time is the same on every rank. On CUDA the
         # backward is still queued when backward() returns: wait for it before reading the clock.
@@ -490,6 +507,15 @@ class Harness:
         rec = self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
         rec["compute_seconds"] = compute
         return rec
+
+    def _micro_steps(self, batch_index: int) -> tuple[list[int], list[list[int]]] | None:
+        """(this rank's share of global batch `batch_index`, its micro-batches) when the stage
+        accumulates gradients (`micro_batch_size` below the share), else None."""
+        size = self.sspec.micro_batch_size
+        if size is None:
+            return None
+        share = sample_indices(batch_index, self.rank, self.dist.world_size, self.sspec.batch_size)
+        return (share, micro_batches(share, size)) if size < len(share) else None
 
     def _eval_due(self) -> bool:
         s = self.step

@@ -57,8 +57,12 @@ class Stage(abc.ABC):
         """The trained module (its parameters get the optimizer); saved as model.pt."""
 
     @abc.abstractmethod
-    def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
-        """Forward pass for one optimizer step on this rank's shard of batch `batch_index`.
+    def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False,
+             samples: list[int] | None = None) -> StepResult:
+        """Forward pass for one optimizer step on this rank's shard of batch `batch_index`
+        (`samples`: only these global sample indices of it — a gradient-accumulation
+        micro-step; stages that accumulate (pretrain, anneal) honour it, the spec refuses
+        `micro_batch_size` for the others).
 
         `corrupt=True` (the loss_spike fault, corrupt_batches mode) must build a
         corrupted batch from the same index such that the loss jumps at least 3x

@@ -98,14 +98,20 @@ class PretrainStage(Stage):
     def model(self) -> GPT:
         return self._model
 
-    def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
+    def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False,
+             samples: list[int] | None = None) -> StepResult:
         ctx = self.ctx
         # this rank's share of global batch `batch_index`, by global sample index: the same
-        # samples whatever the world size (workers/data.py `sample_indices`)
-        batch = self.data.batch(
-            ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len, mixture,
-            world_size=ctx.world_size,
-        ).to(ctx.device)  # (B, T+1)
+        # samples whatever the world size (workers/data.py `sample_indices`); a micro-step
+        # names its `samples`
+        if samples is None:
+            batch = self.data.batch(
+                ctx.seed, batch_index, ctx.rank, ctx.stage.batch_size, ctx.model_spec.seq_len, mixture,
+                world_size=ctx.world_size,
+            )
+        else:
+            batch = self.data.samples(ctx.seed, samples, ctx.stage.batch_size, ctx.model_spec.seq_len, mixture)
+        batch = batch.to(ctx.device)  # (B, T+1)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         if corrupt:  # a byte the corpora never contain: loss goes to ~ -log(tiny)
             targets = torch.full_like(targets, ctx.tokenizer.rare)
