@@ -252,7 +252,8 @@ class RunDriver(threading.Thread):
                 active.group, active.targets = group, targets
                 self._halt.set()
                 return
-            active.new_group(group, targets)
+            pend = active.pending
+            active.new_group(group, targets, resumed_at_step=pend.target_step if pend is not None else None)
         parts.ledger.event(self.run_id, "supervisor", "group_restarted", {"stage": active.name, "checkpoint": checkpoint},
                            "ok")
 

@@ -83,10 +83,14 @@ class ActiveStage:
         """The workers went back (rollback applied): episodes found before are gone from the buffers."""
         self.handled_until.clear()
 
-    def new_group(self, group: Any, targets: list[Any]) -> None:
-        """A restarted worker group replaces the old one: its buffers start empty."""
+    def new_group(self, group: Any, targets: list[Any], *, resumed_at_step: int | None = None) -> None:
+        """A restarted worker group replaces the old one. The records up to the checkpoint it
+        resumes from stay (the detectors need history: a problem right after the resume is
+        still a spike against what came before); without a known checkpoint they are dropped."""
         self.group, self.targets = group, targets
-        self.records.clear()
+        for series in self.records.values():
+            while series and (resumed_at_step is None or int(series[-1]["step"]) > resumed_at_step):
+                series.pop()
         self.heartbeat.clear()
         self.counter_series.clear()
         self.group_first_step = None

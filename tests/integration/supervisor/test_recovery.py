@@ -124,8 +124,16 @@ def test_spike_that_keeps_coming_back_ends_in_needs_attention(ray_session, tmp_s
         assert d is not None and d.active is not None
         wait_for(lambda: d.active.paused_ranks == {0}, 30, what="the workers report paused")
     actions = [i.action for i in incs]
-    assert actions.count("rollback") == ctl.watch_config.recovery.max_attempts
     assert actions[-1] == "needs_attention"
+    # the policy's rule: max_attempts rollbacks in the region of the last onset, then a human.
+    # Each rollback goes back >= margin steps and the bad stretch starts again at once, so the
+    # onsets march back (61, 51, 41, ...); whether the first leaves the region depends on a
+    # detector's onset by one step, so the total count of rollbacks may be one more.
+    cfg = ctl.watch_config.recovery
+    last = incs[-1].onset_step
+    in_region = [i for i in incs if i.action == "rollback" and abs(i.onset_step - last) <= cfg.region]
+    assert len(in_region) == cfg.max_attempts, [(i.onset_step, i.action) for i in incs]
+    assert cfg.max_attempts <= actions.count("rollback") <= cfg.max_attempts + 1
     lrs = [i.lr_multiplier for i in incs if i.action == "rollback"]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0], "LR lowered further on every attempt"
 

@@ -67,8 +67,10 @@ def test_without_a_live_group_the_rollback_is_a_restart_by_the_driver(tmp_path):
     handled = executor.handle(run_id, active, _spike(), source="watch")
     assert restarter.requests == [(run_id, str(tmp_path / "ck" / "step-00000060"), handled.incident)]
     assert active.pending.restart and not active.pending.taken_effect(61)
-    active.new_group(FakeWorkerGroup([{"state": "running"}]), [])
-    assert active.pending.taken_effect(61) and active.records == {}
+    active.new_group(FakeWorkerGroup([{"state": "running"}]), [], resumed_at_step=active.pending.target_step)
+    assert active.pending.taken_effect(61)
+    # the detectors keep the history up to the checkpoint the new group resumes from
+    assert [int(r["step"]) for r in active.records[0]] == list(range(1, 61))
 
 
 def test_a_corrupt_rollback_target_is_quarantined_and_the_next_older_one_taken(tmp_path):
