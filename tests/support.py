@@ -31,3 +31,33 @@ def spawn_gloo_ranks(worker, world: int, out: Path) -> Path:
         port = s.getsockname()[1]
     mp.spawn(worker, args=(port, str(out)), nprocs=world, join=True)
     return out
+
+
+def flat_state(model, optimizer) -> dict:
+    """A model's and optimizer's state as one flat {name: tensor copy} dict ("m.<param>",
+    "o.<param id>.<key>"), for bitwise comparisons."""
+    import torch
+
+    out = {f"m.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for pid, st in optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"o.{pid}.{k}"] = torch.as_tensor(v).clone()
+    return out
+
+
+def save_tiny_llama(folder: Path, corpus: list[str]) -> Path:
+    """A one-layer Llama built from a LlamaConfig, with a BPE tokenizer trained on `corpus`,
+    saved as a local Hugging Face folder (safetensors): nothing is downloaded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainguard.workers.hf import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(corpus, 320)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder

@@ -17,24 +17,11 @@ from trainguard.service.db import crud
 from trainguard.service.errors import InvalidRequest
 from trainguard.workers.spec import parse_pipeline
 
+from tests.support import save_tiny_llama
+
 pytestmark = pytest.mark.integration
 
 CORPUS = [f"def f{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n    return x + {i}\n" for i in range(200)]
-
-
-def _save_tiny_llama(folder) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainguard.workers.hf import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(CORPUS, 320)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
 
 
 def _pipeline(model_path: str):
@@ -50,7 +37,7 @@ def _pipeline(model_path: str):
 
 def test_hf_llama_pretrain_sft_under_the_supervisor_then_export(ray_session, tmp_state, tmp_path, capsys):
     model_dir = tmp_state / "data" / "models" / "tiny-llama"  # <state>/data: the default allowed data root
-    _save_tiny_llama(model_dir)
+    save_tiny_llama(model_dir, CORPUS)
     outside = tmp_path / "elsewhere" / "tiny-llama"
     settings = Settings(state_dir=tmp_state, environment="development")
     with pytest.raises(InvalidRequest, match=r"^model\.hf\.path: .* is not under an allowed data root"):

@@ -17,7 +17,7 @@ from trainguard.workers.contract import CheckpointRef
 from trainguard.workers.runtime.checkpoint import CheckpointCorrupt
 from trainguard.workers.runtime.dcp_store import TrainState, load_sharded, save_sharded
 
-from tests.support import spawn_gloo_ranks
+from tests.support import flat_state, spawn_gloo_ranks
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -28,14 +28,6 @@ def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-
-def _flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"m.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    for pid, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"o.{pid}.{k}"] = torch.as_tensor(v).clone()
-    return out
 
 
 def _bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -81,12 +73,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         assert refs[0] == refs[1], "every rank gets the same reference"
         assert {n for n in res.ref.files if n.endswith(".distcp")} == {"__0_0.distcp", "__1_0.distcp"}
-        torch.save(_flat(model, opt), d / "expected-3.pt")
+        torch.save(flat_state(model, opt), d / "expected-3.pt")
         (d / "ref-3.json").write_text(json.dumps(res.ref.to_dict()))
 
     # 2. async save on a dedicated group while training goes on (on the default group)
     group = dist.new_group(backend="gloo")
-    expected5 = _flat(model, opt)
+    expected5 = flat_state(model, opt)
     pending = save_sharded({"train": TrainState(model, opt)}, d / "ckpt" / "step-5", process_group=group,
                            async_=True, fields={"step": step})
     step = _train(model, opt, rank, step, 4)
@@ -100,7 +92,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     # 3. a verified 2-rank load (async checkpoint, on the dedicated group), bitwise
     m2, o2 = _model()
     load_sharded(res5.ref, {"train": TrainState(m2, o2)}, process_group=group)
-    assert _bitwise(expected5, _flat(m2, o2)), f"rank {rank}: 2-rank load differs"
+    assert _bitwise(expected5, flat_state(m2, o2)), f"rank {rank}: 2-rank load differs"
 
     # 4. a flipped byte in rank 1's shard: refused on both ranks, nothing loaded
     res7 = save_sharded({"train": TrainState(model, opt)}, d / "ckpt" / "step-7", process_group=group)
@@ -113,13 +105,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.barrier()
     m3, o3 = _model()
     TrainState(m3, o3).state_dict()  # get_state_dict initialises the optimizer state (zeros): before the load
-    before = _flat(m3, o3)
+    before = flat_state(m3, o3)
     try:
         load_sharded(res7.ref, {"train": TrainState(m3, o3)}, process_group=group)
         verdict = "loaded"
     except CheckpointCorrupt as e:
         verdict = f"CheckpointCorrupt: {e}"
-    assert _bitwise(before, _flat(m3, o3)), f"rank {rank}: state changed by a refused load"
+    assert _bitwise(before, flat_state(m3, o3)), f"rank {rank}: state changed by a refused load"
     (d / f"verdict-{rank}.txt").write_text(verdict)
     dist.barrier()
     dist.destroy_process_group()
@@ -140,7 +132,7 @@ def test_two_rank_save_loads_at_world_size_one_bitwise(two_ranks):
     w = torch.zeros(8, 4)
     manifest = load_sharded(_ref(two_ranks, 3), {"train": TrainState(model, opt), "sharded": {"w": w}})
     assert manifest["world_size"] == 2 and manifest["step"] == 3
-    assert _bitwise(torch.load(two_ranks / "expected-3.pt"), _flat(model, opt))
+    assert _bitwise(torch.load(two_ranks / "expected-3.pt"), flat_state(model, opt))
     assert torch.equal(w, torch.arange(32, dtype=torch.float32).reshape(8, 4))  # both ranks' rows
 
 
@@ -150,7 +142,7 @@ def test_async_save_on_a_dedicated_group_holds_the_state_at_the_call(two_ranks):
     assert info["stall_s"] >= 0
     model, opt = _model()
     load_sharded(_ref(two_ranks, 5), {"train": TrainState(model, opt)})
-    assert _bitwise(torch.load(two_ranks / "expected-5.pt"), _flat(model, opt))
+    assert _bitwise(torch.load(two_ranks / "expected-5.pt"), flat_state(model, opt))
 
 
 @pytest.mark.timeout(120)

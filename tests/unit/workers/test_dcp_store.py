@@ -29,6 +29,8 @@ from trainguard.workers.runtime.dcp_store import (
     save_sharded,
 )
 
+from tests.support import flat_state
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP's "assuming single process" notice
 
 
@@ -47,14 +49,6 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
         opt.zero_grad()
 
 
-def _flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"m.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    for pid, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"o.{pid}.{k}"] = torch.as_tensor(v).clone()
-    return out
-
-
 def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -69,7 +63,7 @@ def _save(tmp_path: Path, model, opt, step: int = 3, **kw) -> SaveResult:
 
 def test_round_trip_is_bitwise_and_manifest_lists_every_file(tmp_path):
     model, opt = _trained()
-    saved = _flat(model, opt)
+    saved = flat_state(model, opt)
     res = _save(tmp_path, model, opt)
     folder = Path(res.path)
     on_disk = sorted(p.name for p in folder.iterdir())
@@ -88,7 +82,7 @@ def test_round_trip_is_bitwise_and_manifest_lists_every_file(tmp_path):
     state = {"train": TrainState(fresh_model, fresh_opt), "extra": {"cursor": 0, "note": ""}}
     m = load_sharded(res.ref, state)
     assert m["step"] == 3 and state["extra"] == {"cursor": 3, "note": "x"}
-    _assert_bitwise(saved, _flat(fresh_model, fresh_opt))
+    _assert_bitwise(saved, flat_state(fresh_model, fresh_opt))
     # and it trains on identically from there
     model2, opt2 = _trained(seed=2, steps=1)
     load_sharded(res.ref, {"train": TrainState(model2, opt2), "extra": {}})
@@ -96,7 +90,7 @@ def test_round_trip_is_bitwise_and_manifest_lists_every_file(tmp_path):
     _step(fresh_model, fresh_opt, 2)
     torch.manual_seed(7)
     _step(model2, opt2, 2)
-    _assert_bitwise(_flat(fresh_model, fresh_opt), _flat(model2, opt2))
+    _assert_bitwise(flat_state(fresh_model, fresh_opt), flat_state(model2, opt2))
 
 
 def test_same_step_is_replaced_atomically(tmp_path):
@@ -112,7 +106,7 @@ def test_same_step_is_replaced_atomically(tmp_path):
 
 def test_async_save_publishes_after_the_write_while_training_continues(tmp_path):
     model, opt = _trained()
-    saved = _flat(model, opt)
+    saved = flat_state(model, opt)
     pending = _save(tmp_path, model, opt, async_=True)
     assert isinstance(pending, PendingSave) and pending.stall_s >= 0
     _step(model, opt, 3)  # training goes on; the checkpoint holds the staged state
@@ -120,7 +114,7 @@ def test_async_save_publishes_after_the_write_while_training_continues(tmp_path)
     assert MANIFEST_NAME in res.ref.files and verify_checkpoint(res.ref)["step"] == 3
     m2, o2 = _trained(seed=5, steps=0)
     load_sharded(res.ref, {"train": TrainState(m2, o2), "extra": {}})
-    _assert_bitwise(saved, _flat(m2, o2))
+    _assert_bitwise(saved, flat_state(m2, o2))
     # a second async save on the same (absent) group waits for nothing pending and works too
     res2 = _save(tmp_path, model, opt, step=6, async_=True).result(timeout=60)
     assert res2.step == 6
@@ -138,7 +132,7 @@ class _Evil:
 
 def _target() -> tuple[dict, dict[str, torch.Tensor], torch.nn.Module, torch.optim.Optimizer]:
     m, o = _trained(seed=9, steps=1)
-    return {"train": TrainState(m, o), "extra": {"cursor": -1}}, _flat(m, o), m, o
+    return {"train": TrainState(m, o), "extra": {"cursor": -1}}, flat_state(m, o), m, o
 
 
 def _flip(path: Path, at: int | None = None) -> None:
@@ -159,7 +153,7 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, kind):
     exc = CheckpointIncomplete if kind == "manifest" else CheckpointCorrupt  # docs/internals.md verdicts
     with pytest.raises(exc, match=name.replace(".", r"\.")):
         load_sharded(res.ref, state)
-    _assert_bitwise(before, _flat(m, o))  # nothing loaded
+    _assert_bitwise(before, flat_state(m, o))  # nothing loaded
     assert state["extra"] == {"cursor": -1}
 
 
@@ -175,7 +169,7 @@ def test_pickle_payload_in_metadata_is_never_unpickled(tmp_path):
     with pytest.raises(CheckpointCorrupt, match=r"\.metadata"):
         load_sharded(honest, state)
     assert not marker.exists()
-    _assert_bitwise(before, _flat(m, o))
+    _assert_bitwise(before, flat_state(m, o))
     # control: torch's own reader does run it (which is why the verifying reader exists)
     import torch.distributed.checkpoint as dcp
 
@@ -195,7 +189,7 @@ def test_pickle_payload_in_a_shard_is_never_loaded(tmp_path):
     with pytest.raises(CheckpointCorrupt, match=shard.name):
         load_sharded(res.ref, state)
     assert not marker.exists()
-    _assert_bitwise(before, _flat(m, o))
+    _assert_bitwise(before, flat_state(m, o))
 
 
 def test_missing_or_foreign_manifest_is_incomplete(tmp_path):
@@ -217,7 +211,7 @@ def test_unrecorded_or_missing_files_are_refused(tmp_path):
     state, before, m, o = _target()
     with pytest.raises(CheckpointCorrupt, match=f"{shard}: no recorded hash"):
         load_sharded(unrecorded, state)
-    _assert_bitwise(before, _flat(m, o))
+    _assert_bitwise(before, flat_state(m, o))
     no_meta = CheckpointRef(res.ref.path, {k: v for k, v in res.ref.files.items() if k != METADATA_NAME})
     with pytest.raises(CheckpointCorrupt, match=r"\.metadata"):
         load_sharded(no_meta, state)

@@ -14,6 +14,8 @@ from trainguard.workers import data
 from trainguard.workers.spec import SpecError, parse_pipeline
 from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
+from tests.support import save_tiny_llama
+
 CORPUS = [f"def f{i}(x):\n    \"\"\"Return x plus {i}, the {i}th helper.\"\"\"\n    return x + {i}\n" for i in range(200)]
 LLAMA = {"architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 2}
@@ -109,19 +111,7 @@ def test_data_layer_encodes_with_the_stage_tokenizer(tmp_path):
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
     """A tiny Llama built from a LlamaConfig and saved (safetensors + tokenizer): nothing downloaded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainguard.workers import hf
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tok = hf.train_bpe_tokenizer(CORPUS, 320)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", CORPUS)
 
 
 def test_adapter_satisfies_the_stage_interface(llama_folder):
