@@ -40,6 +40,7 @@ class AnalyzeConfig:
 
     loss_spike: d.LossSpikeConfig = d.LossSpikeConfig()
     divergence: d.DivergenceConfig = d.DivergenceConfig()
+    instability: d.InstabilityConfig = d.InstabilityConfig()
     nan: d.NanConfig = d.NanConfig()
     grad_explosion: d.GradExplosionConfig = d.GradExplosionConfig()
     val_divergence: d.ValDivergenceConfig = d.ValDivergenceConfig()
@@ -339,6 +340,8 @@ def analyze_series(series: dict[str, list[Sample]], config: AnalyzeConfig | None
     if loss:
         findings += _scan(lambda after: d.detect_loss_spike(loss, cfg.loss_spike, after=after))
         findings += _scan(lambda after: d.detect_divergence(loss, cfg.divergence, after=after))
+        lr = series.get("lr", [])
+        findings += _scan(lambda after: d.detect_instability(loss, lr, cfg.instability, after=after))
     if grad:
         findings += _scan(lambda after: d.detect_grad_explosion(grad, cfg.grad_explosion, after=after))
     if loss or grad or anomalies:

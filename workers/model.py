@@ -276,11 +276,16 @@ def generate(
 
 
 def load_model_state(ref: Any, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The `model.pt` state dict of a checkpoint (GPT, or RewardModel for reward_model stages),
-    its bytes checked against the recorded hashes in `ref` (a workers.contract.CheckpointRef)
-    before they are deserialized."""
-    from trainguard.workers.runtime.checkpoint import read_verified  # lazy: the runtime package imports the stages
+    """The model state dict of a checkpoint (GPT, or RewardModel for reward_model stages): its
+    `model.pt`, or the model part of a DCP checkpoint, its bytes checked against the recorded
+    hashes in `ref` (a workers.contract.CheckpointRef) before they are deserialized."""
+    # lazy: the runtime package imports the stages
+    from trainguard.workers.runtime.checkpoint import checkpoint_format, read_verified
 
+    if checkpoint_format(ref) == "dcp":  # the model part of a sharded checkpoint, gathered in this process
+        from trainguard.workers.runtime.dcp_store import load_model_state_dict
+
+        return {k: v.to(map_location) for k, v in load_model_state_dict(ref).items()}
     data = io.BytesIO(read_verified(ref, ["model.pt"])["model.pt"])
     return torch.load(data, map_location=map_location, weights_only=True)
 

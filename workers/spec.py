@@ -131,6 +131,10 @@ class CheckpointSpec(_Strict):
     keep_last: int = Field(3, ge=1, description="retention: keep the last K (plus any marked keep)")
     storage: str | None = Field(None, description="local folder or fsspec URL; default: <state>/checkpoints")
     asynchronous: bool = True
+    format: Literal["auto", "torch", "dcp"] = Field(
+        "auto", description="torch: whole .pt files written by rank 0; dcp: torch.distributed.checkpoint, "
+                            "each rank writes its shards (local or shared filesystem only); auto: dcp for "
+                            "parallel.strategy fsdp, torch otherwise. Loads follow the checkpoint's own format.")
 
 
 class FaultSpec(_Strict):
@@ -290,6 +294,12 @@ class PipelineSpec(_Strict):
             seen.add(s.name)
             if s.kind != "pretrain" and i == 0 and s.init_from is None:
                 raise ValueError(f"stages.0 ({s.kind}) needs an earlier stage to start from; the first stage must be pretrain")
+            ck = self.checkpoint_for(s)
+            if self.checkpoint_format(s) == "dcp" and ck.storage and "://" in ck.storage \
+                    and not ck.storage.startswith("file://"):
+                where = "stages.{i}.checkpoint" if s.checkpoint is not None else "checkpoint"
+                raise ValueError(f"{where.format(i=i)}.storage {ck.storage!r}: DCP checkpoints (format dcp, the "
+                                 f"default with parallel.strategy fsdp) need a local or shared filesystem")
             known = {"web", "curated", *self.data}
             for src in s.mixture:
                 if src not in known:
@@ -305,6 +315,13 @@ class PipelineSpec(_Strict):
 
     def checkpoint_for(self, stage: Any) -> CheckpointSpec:
         return stage.checkpoint or self.checkpoint
+
+    def checkpoint_format(self, stage: Any) -> str:
+        """The format `stage` writes: `checkpoint.format`, with auto = dcp under FSDP2."""
+        fmt = self.checkpoint_for(stage).format
+        if fmt == "auto":
+            return "dcp" if stage.parallel.strategy == "fsdp" else "torch"
+        return fmt
 
 
 def _format(err: ValidationError) -> str:

@@ -30,11 +30,15 @@ GPU_COUNTERS = ("gpu_xid", "gpu_ecc")
 Record = Mapping[str, Any]
 
 
+LM_LOSS_KINDS = frozenset({"pretrain", "anneal", "sft"})  # stages the instability detector watches
+
+
 @dataclass(frozen=True, kw_only=True)
 class WatchConfig:
     loss_spike: detectors.LossSpikeConfig = field(default_factory=detectors.LossSpikeConfig)
     grad_explosion: detectors.GradExplosionConfig = field(default_factory=detectors.GradExplosionConfig)
     divergence: detectors.DivergenceConfig = field(default_factory=detectors.DivergenceConfig)
+    instability: detectors.InstabilityConfig = field(default_factory=detectors.InstabilityConfig)
     nan: detectors.NanConfig = field(default_factory=detectors.NanConfig)
     val_divergence: detectors.ValDivergenceConfig = field(default_factory=detectors.ValDivergenceConfig)
     reward_hacking: detectors.RewardHackingConfig = field(default_factory=detectors.RewardHackingConfig)
@@ -134,6 +138,10 @@ def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
                                                    after=after.get("grad_explosion")) for r in ranks]))
     add(_earliest([detectors.detect_divergence(_samples(recs[r], "loss"), cfg.divergence,
                                                after=after.get("divergence")) for r in ranks[:1]]))
+    if signals.kind in LM_LOSS_KINDS:  # a cross-entropy: PPO's and DPO's objectives swing by design
+        add(_earliest([detectors.detect_instability(_samples(recs[r], "loss"), _samples(recs[r], "lr"),
+                                                    cfg.instability, after=after.get("instability"))
+                       for r in ranks[:1]]))
     if 0 in recs:
         add(_stage_kind_finding(signals.kind, recs[0], cfg, after))
     if cfg.sparse:

@@ -10,6 +10,7 @@ Per incident kind:
 |---|---|
 | loss_spike, divergence, nan, grad_explosion | ROLLBACK to the newest good checkpoint >= `margin` steps before the onset; skip batches [checkpoint cursor, onset batch + skip_after); LR x `lr_backoff`. The same region again: skip widened x `widen_factor` per attempt, LR lowered again; after `max_attempts` NEEDS_ATTENTION |
 | reward_hacking, dpo_collapse | ROLLBACK as above with the LR backoff but no skip: PPO/DPO drift is not caused by particular batches, a lower LR is what helps |
+| instability | ROLLBACK as above, no skip, LR x `lr_backoff` (the loss oscillating above its best while the LR is high: the LR is the cause, not the data); NOTIFY instead when `instability_action` is "notify" |
 | worker_lost, hang | RESTART from the newest good checkpoint; no skip, no LR change |
 | gpu_fault | RESTART from the newest good checkpoint saved before the onset (the GPU may have computed garbage since) |
 | straggler | NOTIFY: nothing is wrong with the model; an operator may drain the node |
@@ -54,7 +55,7 @@ __all__ = [
 
 K = IncidentKind
 ROLLBACK_KINDS = frozenset({K.LOSS_SPIKE.value, K.DIVERGENCE.value, K.NAN.value, K.GRAD_EXPLOSION.value})
-NO_SKIP_ROLLBACK_KINDS = frozenset({K.REWARD_HACKING.value, K.DPO_COLLAPSE.value})
+NO_SKIP_ROLLBACK_KINDS = frozenset({K.REWARD_HACKING.value, K.DPO_COLLAPSE.value, K.INSTABILITY.value})
 RESTART_KINDS = frozenset({K.WORKER_LOST.value, K.HANG.value, K.GPU_FAULT.value})
 NOTIFY_KINDS = frozenset({K.STRAGGLER.value, K.VAL_DIVERGENCE.value})
 
@@ -99,6 +100,9 @@ class RecoveryConfig:
     """Recoveries allowed per source over the run's life: spike, worker, hang, gpu; -1 = unlimited."""
     checkpoint_max_spike_score: float | None = None
     """A checkpoint whose saved metrics carry a spike_score above this is not good (None: not checked)."""
+    instability_action: str = "rollback"
+    """What a sustained instability gets: "rollback" (to a good checkpoint before it, LR x
+    `lr_backoff`, no skip) or "notify" (recorded and alerted; an operator decides)."""
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.skip_after < 0:
@@ -107,6 +111,8 @@ class RecoveryConfig:
             raise ValueError(f"lr_backoff must be in (0, 1], got {self.lr_backoff}")
         if self.max_attempts < 1 or self.widen_factor < 1:
             raise ValueError("max_attempts and widen_factor must be >= 1")
+        if self.instability_action not in ("rollback", "notify"):
+            raise ValueError(f"instability_action must be 'rollback' or 'notify', got {self.instability_action!r}")
         if self.region_steps is not None and self.region_steps < 0:
             raise ValueError("region_steps must be >= 0")
         for src, n in self.budgets.items():
@@ -274,6 +280,9 @@ def decide(incident: Any, snapshot: RunSnapshot, cfg: RecoveryConfig = RecoveryC
         raise ValueError(f"unknown incident kind {kind!r}")
     if kind in NOTIFY_KINDS:
         return _notify(kind, onset, snapshot, cfg)
+    if kind == K.INSTABILITY.value and cfg.instability_action == "notify":
+        return Decision(Action.NOTIFY, f"instability since step {onset}: the loss keeps oscillating well above its best "
+                                       f"while the LR is high; consider a rollback with a lower LR")
 
     source = _SOURCE[kind]
     used, limit, exhausted = _budget(source, snapshot, cfg)

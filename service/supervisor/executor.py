@@ -32,7 +32,8 @@ __all__ = ["RecoveryExecutor", "Handled", "OPERATOR_ROLLBACK", "SPIKE_FAMILY"]
 log = logging.getLogger(__name__)
 
 OPERATOR_ROLLBACK = "operator_rollback"
-SPIKE_FAMILY = frozenset({"loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking", "dpo_collapse"})
+SPIKE_FAMILY = frozenset({"loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking", "dpo_collapse",
+                          "instability"})
 """Kinds that are one problem seen by several detectors: while a recovery from one is in
 flight, another is the same problem (merged), not a new incident."""
 _MAX_CHECKPOINT_RETRIES = 10

@@ -34,6 +34,7 @@ import torch
 from trainguard.workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, CheckpointRef
 
 __all__ = [
+    "FORMATS",
     "CheckpointError",
     "CheckpointIncomplete",
     "CheckpointCorrupt",
@@ -44,6 +45,10 @@ __all__ = [
     "WriteResult",
     "to_cpu",
     "write_checkpoint",
+    "side_payloads",
+    "SIDE_FILES",
+    "manifest_fields",
+    "checkpoint_format",
     "read_manifest",
     "ref_from_own_manifest",
     "read_verified",
@@ -57,6 +62,8 @@ __all__ = [
     "CheckpointWriter",
 ]
 
+SIDE_FILES = ("extra.pt", "rng.pt", "state.json")  # side_payloads: in both formats
+FORMATS = ("torch", "dcp")  # the manifest's "format" (absent: torch)
 DATA_FILES = ("model.pt", "optimizer.pt", "extra.pt", "rng.pt", "state.json")
 PROTECTED_TAGS = ("keep", "final")
 
@@ -213,6 +220,34 @@ def _finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
+def side_payloads(snap: Snapshot) -> dict[str, bytes]:
+    """The files of a checkpoint besides the model and optimizer state, as bytes: the stage's
+    extras, every rank's RNG states, and the JSON cursor/skip/LR state. The same files in both
+    formats (a DCP checkpoint holds them beside DCP's own)."""
+    return {  # SIDE_FILES
+        "extra.pt": _torch_bytes(snap.extra),
+        "rng.pt": _torch_bytes(snap.rng),
+        "state.json": json.dumps(snap.state, sort_keys=True).encode(),
+    }
+
+
+def manifest_fields(snap: Snapshot) -> dict[str, Any]:
+    """The manifest's description of `snap` (both formats), without `files`/`schema_version`."""
+    metrics = _finite_metrics(snap.metrics)
+    return {
+        "run": snap.run,
+        "stage": snap.stage,
+        "stage_kind": snap.stage_kind,
+        "step": snap.step,
+        "batch_cursor": snap.batch_cursor,
+        "metrics": metrics,
+        "healthy": bool(snap.healthy and all(v is not None for v in metrics.values())),
+        "anomalies_in_window": snap.anomalies_in_window,
+        "model_config": snap.model_config,
+        "tags": list(snap.tags),
+    }
+
+
 def write_checkpoint(snap: Snapshot, root: str | Path) -> WriteResult:
     """Write `snap` under `root`, manifest last; returns where it landed. Synchronous.
 
@@ -225,27 +260,11 @@ def write_checkpoint(snap: Snapshot, root: str | Path) -> WriteResult:
     payloads = {
         "model.pt": _torch_bytes(snap.model),
         "optimizer.pt": _torch_bytes(snap.optimizer),
-        "extra.pt": _torch_bytes(snap.extra),
-        "rng.pt": _torch_bytes(snap.rng),
-        "state.json": json.dumps(snap.state, sort_keys=True).encode(),
+        **side_payloads(snap),
     }
     files = {name: _digest(data) for name, data in payloads.items()}
-    metrics = _finite_metrics(snap.metrics)
-    manifest = {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "run": snap.run,
-        "stage": snap.stage,
-        "stage_kind": snap.stage_kind,
-        "step": snap.step,
-        "batch_cursor": snap.batch_cursor,
-        "created_at": time.time(),
-        "files": files,
-        "metrics": metrics,
-        "healthy": bool(snap.healthy and all(v is not None for v in metrics.values())),
-        "anomalies_in_window": snap.anomalies_in_window,
-        "model_config": snap.model_config,
-        "tags": list(snap.tags),
-    }
+    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **manifest_fields(snap), "created_at": time.time(),
+                "files": files}
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if st.local:
         _publish_by_rename(st, base, final, snap.step, payloads, manifest_bytes)
@@ -403,10 +422,23 @@ def list_checkpoints(root: str | Path) -> list[dict[str, Any]]:
     return sorted(out, key=lambda m: m["step"])
 
 
+def checkpoint_format(ref: CheckpointRef) -> str:
+    """"torch" (whole `.pt` files, this module) or "dcp" (workers/runtime/dcp_store.py), from
+    the manifest, verified against `ref` first."""
+    manifest = json.loads(read_verified(ref, [])[MANIFEST_NAME])
+    fmt = manifest.get("format", "torch")
+    if fmt not in ("torch", "dcp"):
+        raise CheckpointError(f"{ref.path}/{MANIFEST_NAME}: unknown checkpoint format {fmt!r}")
+    return str(fmt)
+
+
 def load_checkpoint(ref: CheckpointRef, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify against `ref`, then load: {"model", "optimizer", "extra", "rng", "state", "manifest", "path"}."""
+    """Verify against `ref`, then load: {"model", "optimizer", "extra", "rng", "state", "manifest", "path"}.
+    The "torch" format only: a DCP checkpoint loads through dcp_store (`Harness.load` routes)."""
     blobs = read_verified(ref)
     path = ref.path
+    if json.loads(blobs[MANIFEST_NAME]).get("format", "torch") != "torch":
+        raise CheckpointError(f"{path}: a DCP checkpoint; it loads through workers/runtime/dcp_store.py")
 
     def load(name: str) -> Any:
         if name not in blobs:

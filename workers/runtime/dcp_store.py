@@ -1,6 +1,9 @@
 """Checkpoints through torch.distributed.checkpoint (DCP), with trainguard's trust rules.
 
-Groundwork for "checkpoints on DCP"; not wired into the harness yet. Layout and trust are
+The harness writes these for `checkpoint.format: dcp` (the default under FSDP2) through
+`ShardedCheckpointWriter` and loads them through `load_sharded_files`; a later stage's
+initial weights and `trainguard export` read the model alone (`load_model_state_dict`,
+routed by `workers.model.load_model_state`). Layout and trust are
 those of docs/internals.md ("Checkpoint format", "Trust"): the folder is written as
 `.tmp-<name>-<token>/` beside its final place and renamed into place, `manifest.json`
 (schema 1, `"format": "dcp"`) is written last and lists the sha256 and size of every file
@@ -38,11 +41,12 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, overload
+from typing import Any, Iterable, Iterator, Literal, Mapping, overload
 
 import torch
 import torch.distributed as dist
@@ -50,20 +54,33 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 from trainguard.workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, CheckpointRef
 from trainguard.workers.runtime.checkpoint import (
     CheckpointCorrupt,
     CheckpointError,
     CheckpointIncomplete,
+    Snapshot,
+    WriteResult,
+    apply_retention,
+    checkpoint_path,
+    manifest_fields,
     read_verified,
+    side_payloads,
+    stage_root,
+    storage_for,
 )
 
 __all__ = ["FORMAT", "METADATA_NAME", "SaveResult", "PendingSave", "TrainState", "VerifyingReader",
-           "save_sharded", "load_sharded"]
+           "save_sharded", "load_sharded", "load_sharded_files", "load_model_state_dict",
+           "ShardedCheckpointWriter"]
 
 FORMAT = "dcp"
+# DCP warns on every single-process save/load (no_dist), which is what world size 1 is
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning)
 METADATA_NAME = ".metadata"
 _RESERVED = ("schema_version", "format", "files", "created_at", "world_size")
 _pending: dict[int, "PendingSave"] = {}  # id(group) -> the save still running on it
@@ -99,19 +116,39 @@ class PendingSave:
 class TrainState:
     """A model and its optimizer as one DCP `Stateful` (torch.distributed.checkpoint.state_dict
     `get_state_dict`/`set_state_dict`: parameter names instead of optimizer ids, optimizer
-    state initialised before a load so its tensors can be loaded into in place)."""
+    state initialised before a load so its tensors can be loaded into in place).
+
+    Two cases `get_state_dict` alone gets wrong for an exact resume:
+    - Saved before the first optimizer step: `get_state_dict` would create the state by a
+      zero-gradient step (AdamW's `step` becomes 1), which the uninterrupted run never takes.
+      The model and the param groups are saved, with no optimizer state.
+    - A parameter that never got a gradient (an HF reward model's unused `lm_head`) has no
+      optimizer state. The load template has state for every parameter; `load_sharded` lets
+      only optimizer-state keys be absent from the checkpoint and names them in `absent`,
+      and `load_state_dict` drops the state those parameters were given by the template."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.loading = False  # set by load_sharded while DCP builds its load template
+        self.absent: set[str] = set()  # parameters (FQNs) whose optimizer state the checkpoint lacks
 
     def state_dict(self) -> dict[str, Any]:
+        if not self.loading and not self.optimizer.state:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+                      for g in self.optimizer.param_groups]
+            return {"model": get_model_state_dict(self.model), "optimizer": {"state": {}, "param_groups": groups}}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
                        optim_state_dict=state_dict["optimizer"])
+        if self.absent:
+            params = dict(self.model.named_parameters())
+            for name in self.absent:
+                self.optimizer.state.pop(params[name], None)
 
 
 # -- save ------------------------------------------------------------------------------------------
@@ -148,17 +185,23 @@ def _file_digest(path: Path) -> dict[str, Any]:
 
 @overload
 def save_sharded(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: Any = ...,
-                 async_: Literal[False] = ..., fields: Mapping[str, Any] | None = ...) -> SaveResult: ...
+                 async_: Literal[False] = ..., fields: Mapping[str, Any] | None = ...,
+                 files: Mapping[str, bytes] | None = ...) -> SaveResult: ...
 @overload
 def save_sharded(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: Any = ...,
-                 async_: Literal[True], fields: Mapping[str, Any] | None = ...) -> PendingSave: ...
+                 async_: Literal[True], fields: Mapping[str, Any] | None = ...,
+                 files: Mapping[str, bytes] | None = ...) -> PendingSave: ...
 
 
 def save_sharded(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: Any = None,
-                 async_: bool = False, fields: Mapping[str, Any] | None = None) -> SaveResult | PendingSave:
+                 async_: bool = False, fields: Mapping[str, Any] | None = None,
+                 files: Mapping[str, bytes] | None = None) -> SaveResult | PendingSave:
     """Save `state` (e.g. `{"train": TrainState(model, opt), "extra": {...}}`) with DCP into the
     folder `path`, then hash every file, write `manifest.json` last (with `fields`: step,
-    healthy, batch_cursor, metrics, ...) and rename the folder into place. Every rank of
+    healthy, batch_cursor, metrics, ...) and rename the folder into place. `files`: more
+    files (name -> bytes) rank 0 writes into the folder beside DCP's, hashed with them (the
+    harness's per-rank RNG states, stage extras and cursor); other ranks' `fields` and
+    `files` are ignored. Every rank of
     `process_group` calls it with the same `path`; every rank gets the same `SaveResult`.
     An existing checkpoint at `path` is replaced (moved aside, then deleted).
 
@@ -176,6 +219,10 @@ def save_sharded(state: dict[str, Any], path: str | os.PathLike[str], *, process
             pass
     final = Path(path).absolute()
     extra = {k: v for k, v in (fields or {}).items() if k not in _RESERVED}
+    side = dict(files or {})
+    bad = [n for n in side if n in (METADATA_NAME, MANIFEST_NAME) or n.endswith(".distcp") or "/" in n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"save_sharded(files=...): {bad[0]!r} is reserved for DCP's or the manifest's files")
     token = _broadcast(uuid.uuid4().hex[:8], process_group)
     tmp = final.parent / f".tmp-{final.name}-{token}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -187,7 +234,7 @@ def save_sharded(state: dict[str, Any], path: str | os.PathLike[str], *, process
         except BaseException:
             _cleanup(tmp, process_group)
             raise
-        return _publish(tmp, final, extra, process_group, t0)
+        return _publish(tmp, final, extra, side, process_group, t0)
 
     try:
         upload = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=no_dist)
@@ -205,7 +252,7 @@ def save_sharded(state: dict[str, Any], path: str | os.PathLike[str], *, process
             out.set_exception(e)
             return
         try:
-            out.set_result(_publish(tmp, final, extra, process_group, t0))
+            out.set_result(_publish(tmp, final, extra, side, process_group, t0))
         except BaseException as e:  # noqa: BLE001 - handed to the waiter
             out.set_exception(e)
 
@@ -223,7 +270,8 @@ def _cleanup(tmp: Path, group: Any) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(tmp: Path, final: Path, extra: dict[str, Any], group: Any, t0: float) -> SaveResult:
+def _publish(tmp: Path, final: Path, extra: dict[str, Any], side: dict[str, bytes], group: Any,
+             t0: float) -> SaveResult:
     """After every rank's DCP write: rank 0 hashes all files, writes the manifest, renames;
     its result (or error) goes to every rank."""
     if _dist_on(group):
@@ -231,7 +279,7 @@ def _publish(tmp: Path, final: Path, extra: dict[str, Any], group: Any, t0: floa
     outcome: SaveResult | str | None = None
     if _rank(group) == 0:
         try:
-            outcome = _publish_rank0(tmp, final, extra, _world(group), t0)
+            outcome = _publish_rank0(tmp, final, extra, side, _world(group), t0)
         except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
             outcome = f"{type(e).__name__}: {e}"
             _cleanup(tmp, group)
@@ -241,7 +289,13 @@ def _publish(tmp: Path, final: Path, extra: dict[str, Any], group: Any, t0: floa
     return outcome
 
 
-def _publish_rank0(tmp: Path, final: Path, extra: dict[str, Any], world: int, t0: float) -> SaveResult:
+def _publish_rank0(tmp: Path, final: Path, extra: dict[str, Any], side: dict[str, bytes], world: int,
+                   t0: float) -> SaveResult:
+    for name, data in side.items():
+        with open(tmp / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     files = {p.name: _file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     if METADATA_NAME not in files or MANIFEST_NAME in files:
         raise CheckpointError(f"{tmp}: unexpected DCP output {sorted(files)}")
@@ -351,6 +405,29 @@ def _unwrap(e: BaseException, rank: int) -> BaseException:
     return e
 
 
+class _Planner(DefaultLoadPlanner):  # type: ignore[misc]
+    """DCP's load planner, strict except for optimizer state (TrainState's docstring): a key of
+    the load template missing from the checkpoint is refused, naming it, unless it is a
+    TrainState's optimizer state, whose parameter is then marked absent."""
+
+    def __init__(self, path: str, trained: dict[str, TrainState]) -> None:
+        super().__init__(allow_partial_load=True)
+        self.path = path
+        self.trained = trained
+
+    def create_local_plan(self) -> Any:
+        saved = self.metadata.state_dict_metadata
+        for key in self.state_dict:
+            if key in saved:
+                continue
+            owner = next((k for k in self.trained if key.startswith(f"{k}.optimizer.state.")), None)
+            if owner is None:
+                raise CheckpointCorrupt(f"{self.path}: {key} is not in the checkpoint (another model, "
+                                        f"or saved by another version); nothing loaded")
+            self.trained[owner].absent.add(key[len(f"{owner}.optimizer.state."):].rsplit(".", 1)[0])
+        return super().create_local_plan()
+
+
 def load_sharded(ref: CheckpointRef, state: dict[str, Any], *, process_group: Any = None) -> dict[str, Any]:
     """Load the checkpoint `ref` into `state` in place (DCP's `load`: tensors copied into the
     given ones, `Stateful` values such as `TrainState` get `load_state_dict`, other values
@@ -358,6 +435,14 @@ def load_sharded(ref: CheckpointRef, state: dict[str, Any], *, process_group: An
     is checked against `ref` first; `CheckpointIncomplete` when the recorded manifest is not
     there, `CheckpointCorrupt` when a file is missing, changed or unrecorded — the file named,
     nothing deserialized. Every rank of `process_group` calls it. Returns the manifest."""
+    return load_sharded_files(ref, state, (), process_group=process_group)[0]
+
+
+def load_sharded_files(ref: CheckpointRef, state: dict[str, Any], names: Iterable[str], *,
+                       process_group: Any = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """`load_sharded`, and the verified bytes of the checkpoint's other files `names` (written
+    beside DCP's through `save_sharded(files=...)`), read before DCP starts: a refusal of any
+    of them on any rank fails every rank before anything is loaded."""
     if MANIFEST_NAME not in ref.files:
         raise CheckpointError(f"{ref.path}: no recorded hash for {MANIFEST_NAME}")
     error: BaseException | None = None
@@ -366,7 +451,7 @@ def load_sharded(ref: CheckpointRef, state: dict[str, Any], *, process_group: An
     try:
         if METADATA_NAME not in ref.files:
             raise CheckpointCorrupt(f"{ref.path}/{METADATA_NAME}: no recorded hash; not a DCP checkpoint")
-        blobs = read_verified(ref, [METADATA_NAME])  # the manifest first, then .metadata
+        blobs = read_verified(ref, [METADATA_NAME, *names])  # the manifest first, then .metadata
         manifest = json.loads(blobs[MANIFEST_NAME])
         if manifest.get("format") != FORMAT:
             raise CheckpointCorrupt(f"{ref.path}/{MANIFEST_NAME}: format {manifest.get('format')!r}, not {FORMAT!r}")
@@ -374,9 +459,106 @@ def load_sharded(ref: CheckpointRef, state: dict[str, Any], *, process_group: An
         error = e
     _agree(error, process_group)
     reader = VerifyingReader(ref, {METADATA_NAME: blobs[METADATA_NAME]})
+    trained = {k: v for k, v in state.items() if isinstance(v, TrainState)}
+    for ts in trained.values():
+        ts.loading, ts.absent = True, set()
     try:
-        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=not _dist_on(process_group))
+        dcp.load(state, storage_reader=reader, planner=_Planner(ref.path, trained), process_group=process_group,
+                 no_dist=not _dist_on(process_group))
     except CheckpointException as e:
         raise _unwrap(e, _rank(process_group)) from None
+    finally:
+        for ts in trained.values():
+            ts.loading = False
     manifest["path"] = ref.path
-    return dict(manifest)
+    return dict(manifest), {n: blobs[n] for n in names}
+
+
+def load_model_state_dict(ref: CheckpointRef, key: str = "train") -> dict[str, torch.Tensor]:
+    """The full model state dict of a `TrainState` saved under `key`, on the CPU, in this process
+    alone (no process group): for a later stage's initial weights and for export. Every byte is
+    verified against `ref` before it is deserialized, as in `load_sharded`."""
+    blobs = read_verified(ref, [METADATA_NAME])
+    reader = VerifyingReader(ref, {METADATA_NAME: blobs[METADATA_NAME]})
+    prefix = f"{key}.model."
+    template: dict[str, Any] = {}
+    for fqn, meta in reader.read_metadata().state_dict_metadata.items():
+        if fqn.startswith(prefix) and hasattr(meta, "size"):
+            template[fqn[len(prefix):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not template:
+        raise CheckpointCorrupt(f"{ref.path}/{METADATA_NAME}: no model tensors under {prefix!r}")
+    try:
+        dcp.load({key: {"model": template}}, storage_reader=reader, no_dist=True)
+    except CheckpointException as e:
+        raise _unwrap(e, 0) from None
+    return template
+
+
+# -- the harness's writer --------------------------------------------------------------------------
+class ShardedCheckpointWriter:
+    """`checkpoint.CheckpointWriter`'s counterpart for DCP checkpoints (the stage option
+    `checkpoint.format`): every rank calls `submit` at the same step with its own `state`
+    (collective), each rank writes its shards, rank 0 writes the snapshot's other files
+    (`side_payloads`: RNG of every rank, extras, cursor) and the manifest, then runs retention
+    and `on_written`. Asynchronous: `submit` returns once the state is staged to CPU memory
+    (DCP's `async_save` on `process_group`, a group of its own — see the module docstring);
+    a failed save is raised by the next `submit` or `wait`. Local filesystem only."""
+
+    def __init__(self, root: str | Path, *, rank: int, process_group: Any = None, asynchronous: bool = True,
+                 keep_last: int = 3, on_written: Any = None) -> None:
+        st, _ = storage_for(root)
+        if not st.local:
+            raise ValueError(f"checkpoint.storage {root!r}: DCP checkpoints (checkpoint.format dcp, the default "
+                             "for parallel.strategy fsdp) are written to a local or shared filesystem only")
+        self.root = str(root)
+        self.rank = rank
+        self.group = process_group
+        self.asynchronous = asynchronous
+        self.keep_last = keep_last
+        self.on_written = on_written
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last: WriteResult | None = None
+        self.results: list[WriteResult] = []
+
+    def submit(self, snap: Snapshot, protect: frozenset[int], state: dict[str, Any]) -> float:
+        """Save `state` (e.g. {"train": TrainState(model, optimizer)}) with `snap`'s description;
+        only rank 0's `snap` fields are used. Returns the seconds spent waiting for the previous save."""
+        t0 = time.perf_counter()
+        self.wait()
+        stalled = time.perf_counter() - t0
+        path = checkpoint_path(self.root, snap.run, snap.stage, snap.step)
+        fields = manifest_fields(snap) if self.rank == 0 else None
+        files = side_payloads(snap) if self.rank == 0 else None
+        if not self.asynchronous:
+            self._finish(save_sharded(state, path, process_group=self.group, fields=fields, files=files), snap, protect)
+            return stalled
+        pending = save_sharded(state, path, process_group=self.group, async_=True, fields=fields, files=files)
+        self._thread = threading.Thread(target=self._complete, args=(pending, snap, protect),
+                                        name=f"dcp-ckpt-{snap.step}", daemon=True)
+        self._thread.start()
+        return stalled
+
+    def _complete(self, pending: PendingSave, snap: Snapshot, protect: frozenset[int]) -> None:
+        try:
+            self._finish(pending.result(), snap, protect)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the step loop on the next call
+            self._error = e
+
+    def _finish(self, res: SaveResult, snap: Snapshot, protect: frozenset[int]) -> None:
+        out = WriteResult(res.path, snap.step, res.seconds, res.bytes, tuple(snap.tags), res.manifest, res.ref)
+        if self.rank == 0:
+            apply_retention(stage_root(self.root, snap.run, snap.stage), self.keep_last, protect)
+        self.last = out
+        self.results.append(out)
+        if self.rank == 0 and self.on_written is not None:
+            self.on_written(out)
+
+    def wait(self) -> WriteResult | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise CheckpointError(f"checkpoint write failed: {e!r}") from e
+        return self.last

@@ -160,6 +160,13 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def new_group(self, backend: str = "gloo") -> Any:
+        """A process group over every rank, beside the default one (collective: every rank calls
+        it, in the same order); None at world size 1. The checkpoint traffic runs on its own."""
+        if not self.enabled:
+            return None
+        return dist.new_group(backend=backend)
+
 
 # -- model wrapping (stage option `parallel.strategy`) ----------------------------------------
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

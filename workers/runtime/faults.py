@@ -46,6 +46,14 @@ def corrupt_file(path: str, offset: int | None = None) -> None:
     st.write_bytes(p, bytes(data))
 
 
+def _model_file(path: str) -> str:
+    """The file holding model weights in the checkpoint folder `path` (either format)."""
+    st, p = storage_for(path)
+    names = st.listdir(p)
+    name = "model.pt" if "model.pt" in names else next((n for n in names if n.endswith(".distcp")), "model.pt")
+    return path.rstrip("/") + "/" + name
+
+
 class FaultInjector:
     def __init__(self, faults: list[FaultSpec], *, rank: int, run_id: str, stage: str,
                  fired_dir: Path | None = None, gpu: GpuHealth | None = None) -> None:
@@ -134,8 +142,9 @@ class FaultInjector:
         return FaultEffects(corrupt=corrupt, nan=nan, lr_factor=lr_factor)
 
     def after_checkpoint(self, path: str, step: int) -> bool:
-        """checkpoint_corrupt: flip a byte of model.pt in the first checkpoint written at or
-        after `at_step`, after its manifest exists. Returns True when it corrupted `path`."""
+        """checkpoint_corrupt: flip a byte of the model's file in the first checkpoint written at
+        or after `at_step`, after its manifest exists (model.pt, or a DCP checkpoint's first
+        shard file). Returns True when it corrupted `path`."""
         if self.rank != 0:
             return False
         with self._lock:
@@ -149,6 +158,6 @@ class FaultInjector:
                 elif i in self._firing:
                     continue
                 self._firing.add(i)
-                corrupt_file(path.rstrip("/") + "/model.pt")
+                corrupt_file(_model_file(path))
                 return True
         return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import collections
+import io
 import json
 import math
 import random
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 
 from trainguard.workers.contract import AnomalyKind, CheckpointRef, CheckpointReport, Control, ControlKind, MetricName, StageKind
-from trainguard.workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_path,
-                                        discard_after, load_checkpoint, stage_root, to_cpu)
+from trainguard.workers.runtime.checkpoint import (CheckpointError, CheckpointWriter, Snapshot, WriteResult, checkpoint_format,
+                                        checkpoint_path, discard_after, load_checkpoint, stage_root, to_cpu, SIDE_FILES)
 from trainguard.workers.runtime.control import ControlInbox
+from trainguard.workers.runtime.dcp_store import ShardedCheckpointWriter, TrainState, load_sharded_files
 from trainguard.workers.runtime.distributed import Dist, full_state_dicts, is_sharded, load_full_state_dicts, wrap_model
 from trainguard.workers.runtime.exporter import CHECKPOINT_STALL, Exporter
 from trainguard.workers.runtime.faults import FaultInjector
@@ -165,6 +167,11 @@ def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, worl
                         init_checkpoint=init, data_files=dict(spec.data), tokenizer=_stage_tokenizer(spec, run_id, state_dir))
 
 
+def _load_pt(data: bytes) -> Any:
+    """A verified side file of a DCP checkpoint, onto the CPU (RNG states must stay CPU tensors)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def _stage_tokenizer(spec: Any, run_id: str, state_dir: Path | str | None) -> Any:
     if getattr(spec.model, "hf", None) is None:
         return BYTE_TOKENIZER
@@ -234,8 +241,18 @@ class Harness:
         ck = spec.checkpoint_for(self.sspec)
         self.ckpt_every = ck.every
         root = checkpoint_root or ck.storage or default_checkpoint_root(self.state_dir)
-        self.writer = CheckpointWriter(root, asynchronous=ck.asynchronous, keep_last=ck.keep_last,
-                                       on_written=self._on_written)
+        # DCP checkpoints (and loads) run on a gloo group of their own: an async save's collectives
+        # run in a background thread and must not interleave with the training's (dcp_store)
+        self.ckpt_group = self.dist.new_group("gloo")
+        self.ckpt_format = spec.checkpoint_format(self.sspec)
+        self.writer: CheckpointWriter | ShardedCheckpointWriter
+        if self.ckpt_format == "dcp":
+            self.writer = ShardedCheckpointWriter(root, rank=self.rank, process_group=self.ckpt_group,
+                                                  asynchronous=ck.asynchronous, keep_last=ck.keep_last,
+                                                  on_written=self._on_written)
+        else:
+            self.writer = CheckpointWriter(root, asynchronous=ck.asynchronous, keep_last=ck.keep_last,
+                                           on_written=self._on_written)
 
         # `parallel.strategy` (none|ddp|fsdp): wrapped in place, before the optimizer sees the
         # parameters (FSDP2 turns them into sharded DTensors); the stage keeps its own `model`
@@ -578,9 +595,17 @@ class Harness:
                 tags.append("best")
         rng = {**_rng_state(self.stage.ctx.device), "guard": self.guard.state()}
         gathered = self.dist.gather_to_rank0(rng)  # collective: every rank checkpoints at the same step
-        # FSDP2: the full model and optimizer state, gathered onto rank 0's CPU (collective)
-        full = full_state_dicts(self.stage.model, self.optimizer) if self.sharded else None
+        dcp = isinstance(self.writer, ShardedCheckpointWriter)
+        # torch format under FSDP2: the full model and optimizer state, gathered onto rank 0's CPU
+        # (collective); DCP: every rank writes its own shards below
+        full = full_state_dicts(self.stage.model, self.optimizer) if self.sharded and not dcp else None
         if self.rank != 0:
+            if dcp:  # only rank 0's description of the checkpoint is written
+                snap = Snapshot(run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
+                                batch_cursor=self.cursor.next_index, model={}, optimizer={}, extra={}, rng={}, state={})
+                self.writer.submit(snap, frozenset(), self._train_state())
+                if sync or final:
+                    self.writer.wait()
             return
         window_lo = self.step - self.health_window
         anomalies = sum(1 for s in self.anomaly_steps if window_lo < s <= self.step)
@@ -592,19 +617,32 @@ class Harness:
         state = self._state_dict()
         if "best" in tags:  # this checkpoint becomes the best one once it lands
             state["best_path"] = checkpoint_path(self.writer.root, self.run_id, self.stage_name, self.step)
+        if dcp:
+            model_sd: dict[str, Any] = {}
+            optim_sd: dict[str, Any] = {}
+        elif full is not None:
+            model_sd, optim_sd = full
+        else:
+            model_sd, optim_sd = to_cpu(self.stage.model.state_dict()), to_cpu(self.optimizer.state_dict())
         snap = Snapshot(
             run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
-            batch_cursor=self.cursor.next_index,
-            model=full[0] if full is not None else to_cpu(self.stage.model.state_dict()),
-            optimizer=full[1] if full is not None else to_cpu(self.optimizer.state_dict()),
+            batch_cursor=self.cursor.next_index, model=model_sd, optimizer=optim_sd,
             extra=to_cpu(self.stage.extra_state()), rng={r: s for r, s in enumerate(gathered or [])},
             state=state, metrics=metrics,
             healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
             anomalies_in_window=anomalies, model_config=self.spec.model.model_dump(), tags=tags)
-        self.writer.submit(snap, self.retention_protect())  # waits only if the previous write still runs
+        # waits only if the previous write still runs
+        if isinstance(self.writer, ShardedCheckpointWriter):
+            self.writer.submit(snap, self.retention_protect(), self._train_state())
+        else:
+            self.writer.submit(snap, self.retention_protect())
         if sync or final:
             self.writer.wait()
         self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
+
+    def _train_state(self) -> dict[str, Any]:
+        """What a DCP checkpoint holds besides `Snapshot`'s other files: model and optimizer, sharded."""
+        return {"train": TrainState(self.stage.model, self.optimizer)}
 
     def retention_protect(self) -> frozenset[int]:
         """Steps of the healthy checkpoints written before the first anomaly of the last
@@ -648,16 +686,21 @@ class Harness:
 
     def load(self, ref: CheckpointRef) -> None:
         """Restore the full training state from a checkpoint (bytes verified against `ref` first)."""
-        # onto the CPU: the RNG states must stay CPU byte tensors; load_state_dict copies the
-        # weights into the parameters wherever they are, and the optimizer moves its state
-        # to each parameter's device — all but AdamW's `step`, which stays on the CPU
-        # (torch.optim.Optimizer.load_state_dict, capturable=False and fused=False)
-        ck = load_checkpoint(ref, map_location="cpu")
-        if self.sharded:  # collective: each rank keeps its shard of the full state
-            load_full_state_dicts(self.stage.model, self.optimizer, ck["model"], ck["optimizer"])
+        if checkpoint_format(ref) == "dcp":  # collective: each rank reads its shards (resharded by DCP)
+            _, blobs = load_sharded_files(ref, self._train_state(), SIDE_FILES, process_group=self.ckpt_group)
+            ck = {"extra": _load_pt(blobs["extra.pt"]), "rng": _load_pt(blobs["rng.pt"]),
+                  "state": json.loads(blobs["state.json"])}
         else:
-            self.stage.model.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
+            # onto the CPU: the RNG states must stay CPU byte tensors; load_state_dict copies the
+            # weights into the parameters wherever they are, and the optimizer moves its state
+            # to each parameter's device — all but AdamW's `step`, which stays on the CPU
+            # (torch.optim.Optimizer.load_state_dict, capturable=False and fused=False)
+            ck = load_checkpoint(ref, map_location="cpu")
+            if self.sharded:  # collective: each rank keeps its shard of the full state
+                load_full_state_dicts(self.stage.model, self.optimizer, ck["model"], ck["optimizer"])
+            else:
+                self.stage.model.load_state_dict(ck["model"])
+                self.optimizer.load_state_dict(ck["optimizer"])
         self.stage.load_extra_state(ck["extra"])
         st = ck["state"]
         self.step = int(st["step"])

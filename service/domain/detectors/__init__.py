@@ -5,7 +5,8 @@ frozen config with documented defaults, and returns the first episode it finds
 as a `Finding`, or None. Nothing here reads a clock, a socket or a database.
 
 Modules: `base` (IncidentKind, Finding, the shared robust statistics), `loss` (loss
-spike, gradient explosion, divergence, NaN), `post_training` (validation divergence,
+spike, gradient explosion, divergence, NaN), `instability` (loss oscillating well above its
+running best while the LR is high), `post_training` (validation divergence,
 reward hacking, DPO collapse), `health` (hang, straggler, worker lost, GPU fault).
 
 Shared conventions:
@@ -32,6 +33,7 @@ from trainguard.service.domain.detectors.health import (
     detect_straggler,
     detect_worker_lost,
 )
+from trainguard.service.domain.detectors.instability import InstabilityConfig, detect_instability
 from trainguard.service.domain.detectors.loss import (
     DivergenceConfig,
     GradExplosionConfig,
@@ -57,6 +59,7 @@ __all__ = [
     "LossSpikeConfig",
     "GradExplosionConfig",
     "DivergenceConfig",
+    "InstabilityConfig",
     "NanConfig",
     "ValDivergenceConfig",
     "RewardHackingConfig",
@@ -67,6 +70,7 @@ __all__ = [
     "detect_loss_spike",
     "detect_grad_explosion",
     "detect_divergence",
+    "detect_instability",
     "detect_nan",
     "detect_val_divergence",
     "detect_reward_hacking",

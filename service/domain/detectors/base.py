@@ -40,6 +40,7 @@ class IncidentKind(str, enum.Enum):
     STRAGGLER = "straggler"
     WORKER_LOST = "worker_lost"
     GPU_FAULT = "gpu_fault"
+    INSTABILITY = "instability"
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,7 +104,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         shard.write_bytes(bytes(data))
     dist.barrier()
     m3, o3 = _model()
-    TrainState(m3, o3).state_dict()  # get_state_dict initialises the optimizer state (zeros): before the load
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    get_state_dict(m3, o3)  # initialises the optimizer state (zeros), as a load's template does: before the load
     before = flat_state(m3, o3)
     try:
         load_sharded(res7.ref, {"train": TrainState(m3, o3)}, process_group=group)

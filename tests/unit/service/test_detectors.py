@@ -336,7 +336,7 @@ def test_gpu_fault_when_xid_counter_rises():
 def test_incident_kind_values():
     assert {k.value for k in d.IncidentKind} == {
         "loss_spike", "divergence", "nan", "grad_explosion", "val_divergence", "reward_hacking",
-        "dpo_collapse", "hang", "straggler", "worker_lost", "gpu_fault",
+        "dpo_collapse", "hang", "straggler", "worker_lost", "gpu_fault", "instability",
     }
 
 

@@ -249,3 +249,125 @@ def test_a_refused_file_leaves_every_target_untouched_even_after_good_files(tmp_
     with pytest.raises(CheckpointCorrupt, match=last):
         load_sharded(ref, target)
     assert all(torch.equal(v, torch.zeros(4)) for v in target.values())
+
+
+# -- what the harness needs: exact optimizer state, side files, the model alone, its writer ---------
+class _WithUnused(torch.nn.Module):
+    """A parameter that never gets a gradient (as an HF reward model's lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(4, 4)
+        self.unused = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_saving_before_the_first_step_leaves_the_optimizer_untouched_and_loads_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    res = save_sharded({"train": TrainState(model, opt)}, tmp_path / "step-0")
+    assert opt.state_dict()["state"] == {}  # get_state_dict would have taken a zero-gradient step
+    torch.manual_seed(1)
+    model2 = torch.nn.Linear(4, 4)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    load_sharded(res.ref, {"train": TrainState(model2, opt2)})
+    assert opt2.state_dict()["state"] == {}
+    _assert_bitwise(flat_state(model, opt), flat_state(model2, opt2))
+    x = torch.randn(3, 4)
+    for m, o in ((model, opt), (model2, opt2)):  # the first step of each: the same AdamW step
+        m(x).sum().backward()
+        o.step()
+    _assert_bitwise(flat_state(model, opt), flat_state(model2, opt2))
+
+
+def test_a_parameter_without_optimizer_state_gets_none_after_a_load(tmp_path):
+    torch.manual_seed(0)
+    model = _WithUnused()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    res = save_sharded({"train": TrainState(model, opt)}, tmp_path / "step-1")
+    model2 = _WithUnused()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    load_sharded(res.ref, {"train": TrainState(model2, opt2)})
+    assert sorted(opt2.state_dict()["state"]) == [0, 1]  # the unused Linear (ids 2, 3) has none, as saved
+    _assert_bitwise(flat_state(model, opt), flat_state(model2, opt2))
+
+
+def test_a_model_key_missing_from_the_checkpoint_is_refused_by_name(tmp_path):
+    model, opt = _trained()
+    res = _save(tmp_path, model, opt)
+    other = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(CheckpointCorrupt, match=r"train\.model\.3\.weight is not in the checkpoint"):
+        load_sharded(res.ref, {"train": TrainState(other, torch.optim.AdamW(other.parameters()))})
+
+
+def test_side_files_are_hashed_with_the_shards_and_read_back_verified(tmp_path):
+    from trainguard.workers.runtime.dcp_store import load_sharded_files
+
+    model, opt = _trained()
+    res = save_sharded({"train": TrainState(model, opt)}, tmp_path / "step-3", files={"state.json": b'{"step": 3}'})
+    assert res.ref.files["state.json"]["bytes"] == 11
+    model2, opt2 = _trained(seed=1)
+    manifest, blobs = load_sharded_files(res.ref, {"train": TrainState(model2, opt2)}, ["state.json"])
+    assert blobs == {"state.json": b'{"step": 3}'} and manifest["format"] == "dcp"
+    (Path(res.path) / "state.json").write_bytes(b'{"step": 9}')
+    with pytest.raises(CheckpointCorrupt, match="state.json"):
+        load_sharded_files(res.ref, {"train": TrainState(model2, opt2)}, ["state.json"])
+    with pytest.raises(ValueError, match="reserved"):
+        save_sharded({"train": TrainState(model, opt)}, tmp_path / "step-4", files={".metadata": b"x"})
+
+
+def test_the_model_alone_loads_in_one_process_for_the_next_stage_and_export(tmp_path):
+    from trainguard.workers.model import load_model_state
+    from trainguard.workers.runtime.dcp_store import load_model_state_dict
+
+    model, opt = _trained()
+    res = _save(tmp_path, model, opt)
+    want = model.state_dict()
+    for got in (load_model_state_dict(res.ref), load_model_state(res.ref)):  # the latter routes by format
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    shard = next(p for p in Path(res.path).iterdir() if p.name.endswith(".distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupt, match=shard.name):
+        load_model_state(res.ref)
+
+
+def test_the_sharded_writer_publishes_reports_and_keeps_the_last_k(tmp_path):
+    from trainguard.workers.runtime.checkpoint import Snapshot
+    from trainguard.workers.runtime.dcp_store import ShardedCheckpointWriter
+
+    model, opt = _trained()
+    written = []
+    w = ShardedCheckpointWriter(tmp_path, rank=0, keep_last=2, on_written=written.append)
+    for step in (5, 10, 15):
+        snap = Snapshot(run="r", stage="s", stage_kind="pretrain", step=step, batch_cursor=step, model={},
+                        optimizer={}, extra={"x": torch.ones(2)}, rng={0: {"torch": torch.get_rng_state()}},
+                        state={"step": step}, metrics={"train_loss": float("nan")}, tags=["final"] if step == 15 else [])
+        w.submit(snap, frozenset(), {"train": TrainState(model, opt)})
+        _step(model, opt, 1)
+    assert w.wait() is written[-1]
+    assert [r.step for r in written] == [5, 10, 15] and written[-1].tags == ("final",)
+    assert [m["step"] for m in list_checkpoints(tmp_path / "r" / "s")] == [10, 15]
+    m = verify_checkpoint(written[-1].ref)
+    assert m["format"] == "dcp" and m["healthy"] is False and m["metrics"] == {"train_loss": None}
+    assert {"extra.pt", "rng.pt", "state.json"} <= set(m["files"])
+    with pytest.raises(ValueError, match="local or shared filesystem"):
+        ShardedCheckpointWriter("memory://ckpts", rank=0)
+
+
+def test_a_dcp_stage_on_an_object_store_is_refused_at_submit():
+    from trainguard.workers.spec import SpecError, parse_pipeline
+
+    stage = {"name": "pretrain", "kind": "pretrain", "steps": 4, "parallel": {"strategy": "fsdp"}}
+    with pytest.raises(SpecError, match=r"checkpoint\.storage 's3://b/c': DCP checkpoints"):
+        parse_pipeline({"name": "p", "checkpoint": {"storage": "s3://b/c"}, "stages": [stage]})
+    # the whole-file format goes anywhere fsspec does
+    spec = parse_pipeline({"name": "p", "checkpoint": {"storage": "s3://b/c", "format": "torch"}, "stages": [stage]})
+    assert spec.checkpoint_format(spec.stages[0]) == "torch"
+    assert parse_pipeline({"name": "p", "stages": [stage]}).checkpoint_format(spec.stages[0]) == "dcp"

@@ -21,6 +21,14 @@ def _harness(spec, state_dir, **kw) -> Harness:
     return Harness(TinyStage(ctx), spec=spec, stage_name="pretrain", run_id="run1", state_dir=state_dir, **kw)
 
 
+FORMATS = ["torch", "dcp"]
+
+
+def _in(spec, fmt: str, **checkpoint):
+    """`spec` writing checkpoints in format `fmt` (and other checkpoint options)."""
+    return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"format": fmt, **checkpoint})})
+
+
 def _stop_at(k: int):
     def hook(h: Harness) -> None:
         if h.step == k:
@@ -40,15 +48,17 @@ def sample(h: Harness, name: str, **labels) -> float | None:
     return None
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("skip", [[], [[5, 9]]])
-def test_resume_from_stop_is_bitwise_equal_to_uninterrupted(tmp_path, skip):
-    spec = tiny_spec(steps=24)
+def test_resume_from_stop_is_bitwise_equal_to_uninterrupted(tmp_path, skip, fmt):
+    spec = _in(tiny_spec(steps=24), fmt)
     full = _harness(spec, tmp_path / "a", skip=skip)
     assert full.run()["state"] == "finished"
 
     first = _harness(spec, tmp_path / "b", skip=skip, on_step=_stop_at(11))
     out = first.run()
     assert out["state"] == "stopped" and out["step"] == 11 and out["last_checkpoint"].endswith("step-00000011")
+    assert ("model.pt" in first.own[out["last_checkpoint"]].files) == (fmt == "torch")
     second = _harness(spec, tmp_path / "b", skip=skip, resume_from=first.own[out["last_checkpoint"]])
     assert second.step == 11
     assert second.run()["state"] == "finished"
@@ -97,8 +107,9 @@ def test_lr_burst_fault_multiplies_the_learning_rate(tmp_path):
     assert recs[8]["lr"] == pytest.approx(50 * h.lr_at(8))
 
 
-def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path):
-    spec = tiny_spec(steps=30)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path, fmt):
+    spec = _in(tiny_spec(steps=30), fmt)
     seq = iter(range(1, 100))
     rolled_back = []
 
@@ -108,7 +119,7 @@ def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path):
         if h.step == 12 and not rolled_back:
             rolled_back.append(True)
             h.writer.wait()
-            ck = list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))[-1]["path"]
+            ck = h.own[list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))[-1]["path"]].to_dict()
             h.inbox.put(Control(ControlKind.ROLLBACK, next(seq), {"checkpoint": ck, "skip": [[10, 14]], "lr_multiplier": 0.25}))
         if h.step == 20 and h.anneal is None:
             h.inbox.put(Control(ControlKind.ANNEAL, next(seq), {"steps": 5, "final_lr": 1e-5, "schedule": "cosine"}))
@@ -130,16 +141,21 @@ def test_controls_lr_multiplier_anneal_and_rollback_in_process(tmp_path):
     assert h.result()["state"] == "finished"
 
 
-def test_rollback_to_a_corrupt_checkpoint_fails_naming_the_file(tmp_path):
-    spec = tiny_spec(steps=12, faults=[{"kind": "checkpoint_corrupt", "at_step": 4}])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rollback_to_a_corrupt_checkpoint_fails_naming_the_file(tmp_path, fmt):
+    spec = _in(tiny_spec(steps=12, faults=[{"kind": "checkpoint_corrupt", "at_step": 4}]), fmt)
     h = _harness(spec, tmp_path)
     h.run()
     ck = {m["step"]: m["path"] for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))}
-    with pytest.raises(CheckpointCorrupt, match="model.pt"):
+    weights = "model.pt" if fmt == "torch" else r"__0_0\.distcp"  # the fault flips the model's file
+    with pytest.raises(CheckpointCorrupt, match=weights):
         verify_checkpoint(h.own[ck[5]])
     verify_checkpoint(h.own[ck[10]])
-    with pytest.raises(CheckpointCorrupt, match="model.pt"):
+    before = _weights(h)
+    with pytest.raises(CheckpointCorrupt, match=weights):
         h.rollback(ck[5], [], None)
+    after = _weights(h)
+    assert h.step == 12 and all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded
 
 
 def test_exported_metrics_carry_run_stage_rank(tmp_path):
@@ -170,12 +186,12 @@ def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_retention_keeps_the_checkpoints_before_a_recent_anomaly_for_the_rollback(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_retention_keeps_the_checkpoints_before_a_recent_anomaly_for_the_rollback(tmp_path, fmt):
     """keep_last 2, checkpoints every 5 steps, a NaN at step 17: the two checkpoints still there
     before it (10, 15) must outlive a detection that comes many steps later; the others go as
     usual (5 before the anomaly, 20-30 after it)."""
-    spec = tiny_spec(steps=40, faults=[{"kind": "nan", "at_step": 16, "duration": 1}])
-    spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"keep_last": 2})})
+    spec = _in(tiny_spec(steps=40, faults=[{"kind": "nan", "at_step": 16, "duration": 1}]), fmt, keep_last=2)
     h = _harness(spec, tmp_path)
     h.run()
     assert h.anomaly_steps == [17]
