@@ -10,8 +10,9 @@ with a scalar head read at the last non-pad token, like `RewardModel`. State dic
 converts between them as it does for the GPT.
 
 A fresh config has no tokenizer: a byte-level BPE is trained on the pipeline's corpora
-(training split, fixed order; deterministic) and saved under `<state_dir>/runs/<run>/tokenizer`,
-so restarts and later stages read the same one.
+(training split, fixed order; deterministic) and saved under `<state_dir>/runs/<run>/tokenizer`
+with a manifest of the sha256 of every file (written last, published by an atomic rename),
+so restarts and later stages read the same one, verified before it is parsed.
 
 transformers is imported only inside functions here: the built-in GPT path and the
 supervisor never pay its import time. The Ray workers run with OFFLINE_ENV
@@ -19,8 +20,11 @@ supervisor never pay its import time. The Ray workers run with OFFLINE_ENV
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import tempfile
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -41,6 +45,10 @@ __all__ = [
     "HFRewardModel",
     "train_bpe_tokenizer",
     "tokenizer_dir",
+    "TOKENIZER_MANIFEST",
+    "TokenizerIntegrityError",
+    "write_tokenizer_manifest",
+    "read_verified_tokenizer",
     "stage_tokenizer",
     "load_hf_tokenizer",
     "build_hf_lm",
@@ -119,15 +127,131 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
 
 def tokenizer_dir(state_dir: str | Path, run_id: str) -> Path:
-    """Where a fresh-config run keeps its trained tokenizer."""
+    """Where a fresh-config run keeps its trained tokenizer (with its manifest,
+    TOKENIZER_MANIFEST, inside: see `stage_tokenizer`)."""
     return Path(state_dir) / "runs" / run_id / "tokenizer"
 
 
-def load_hf_tokenizer(folder: str | Path) -> Any:
+TOKENIZER_MANIFEST = "tokenizer.manifest.json"
+TOKENIZER_MANIFEST_FORMAT = 1
+
+
+class TokenizerIntegrityError(ValueError):
+    """A run's trained tokenizer folder does not match its manifest (or has none): never loaded."""
+
+
+def _is_run_tokenizer_folder(folder: Path) -> bool:
+    """`<state>/runs/<run>/tokenizer`: the only place a trained tokenizer is saved."""
+    return folder.name == "tokenizer" and folder.parent.parent.name == "runs"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_tokenizer_manifest(folder: str | Path) -> dict[str, Any]:
+    """Write TOKENIZER_MANIFEST into `folder`, last: the sha256 and size of every other file
+    there (a flat folder, as `save_pretrained` writes it), and `digest`, the sha256 of the
+    canonical JSON of that file table (one hash that names the whole tokenizer)."""
+    folder = Path(folder)
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name == TOKENIZER_MANIFEST:
+            continue
+        if not p.is_file() or p.is_symlink():
+            raise TokenizerIntegrityError(f"{p}: not a plain file; a tokenizer folder holds plain files only")
+        with open(p, "rb") as f:
+            data = f.read()
+            os.fsync(f.fileno())  # on disk before the manifest that vouches for it
+        files[p.name] = {"sha256": _sha256(data), "bytes": len(data)}
+    manifest = {"format": TOKENIZER_MANIFEST_FORMAT, "files": files, "digest": _files_digest(files)}
+    tmp = folder / f".{TOKENIZER_MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, folder / TOKENIZER_MANIFEST)
+    _fsync_dir(folder)
+    return manifest
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_digest(files: dict[str, dict[str, Any]]) -> str:
+    return _sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode())
+
+
+def read_verified_tokenizer(folder: str | Path) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The bytes of every file of a trained tokenizer folder, checked against its manifest
+    before anything is parsed: ({name: bytes}, manifest). Refused, naming the file: a missing
+    or unreadable manifest, a listed file missing or changed (size or sha256), a file the
+    manifest does not list (or anything other than a plain file)."""
+    folder = Path(folder)
+    mpath = folder / TOKENIZER_MANIFEST
+    try:
+        manifest = json.loads(mpath.read_bytes())
+        files = manifest["files"]
+        if manifest.get("format") != TOKENIZER_MANIFEST_FORMAT or not isinstance(files, dict) or not files:
+            raise ValueError("unknown format or no files")
+    except FileNotFoundError:
+        raise TokenizerIntegrityError(
+            f"{mpath}: missing; the tokenizer in {folder} is incomplete or was not saved by trainguard, "
+            "refusing to load it (delete the folder to train it again: training is deterministic)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerIntegrityError(f"{mpath}: unreadable tokenizer manifest ({e}); refusing to load") from None
+    if manifest.get("digest") != _files_digest(files):
+        raise TokenizerIntegrityError(f"{mpath}: its digest does not match its file table; refusing to load")
+    out: dict[str, bytes] = {}
+    for name, entry in sorted(files.items()):
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise TokenizerIntegrityError(f"{mpath}: bad file name {name!r} in the manifest; refusing to load")
+        p = folder / name
+        if p.is_symlink() or not p.is_file():
+            raise TokenizerIntegrityError(f"{p}: listed in the tokenizer manifest but missing (or not a plain file)")
+        data = p.read_bytes()
+        if len(data) != entry.get("bytes") or _sha256(data) != entry.get("sha256"):
+            raise TokenizerIntegrityError(f"{p}: sha256 mismatch against {TOKENIZER_MANIFEST}; the tokenizer "
+                                          "was changed after it was saved, refusing to load it")
+        out[name] = data
+    extra = sorted(p.name for p in folder.iterdir() if p.name != TOKENIZER_MANIFEST and p.name not in files)
+    if extra:
+        raise TokenizerIntegrityError(f"{folder / extra[0]}: not in the tokenizer manifest"
+                                      + (f" (nor {len(extra) - 1} more)" if len(extra) > 1 else "")
+                                      + "; refusing to load")
+    return out, manifest
+
+
+def load_hf_tokenizer(folder: str | Path, *, verify: bool | None = None) -> Any:
+    """A fast tokenizer from `folder`, parsed with local files only and no remote code.
+
+    `verify` (default: when `folder` is a run's trained tokenizer, `<state>/runs/<run>/tokenizer`,
+    or holds a TOKENIZER_MANIFEST): every file is read once and checked against the manifest
+    (`read_verified_tokenizer`) and the verified bytes are parsed from a private copy, so a file
+    changed between the check and the parse is never what gets loaded. A model folder given by
+    the pipeline (`model.hf.path`) has no manifest and is read as it is."""
     _offline()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, use_fast=True)
+    folder = Path(folder)
+    if verify is None:
+        verify = _is_run_tokenizer_folder(folder) or (folder / TOKENIZER_MANIFEST).exists()
+    kw = dict(local_files_only=True, trust_remote_code=False, use_fast=True)
+    if not verify:
+        tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+    else:
+        files, _ = read_verified_tokenizer(folder)
+        with tempfile.TemporaryDirectory(prefix="trainguard-tokenizer-") as private:
+            for name, data in files.items():
+                (Path(private) / name).write_bytes(data)
+            tok = AutoTokenizer.from_pretrained(private, **kw)
+        with contextlib.suppress(AttributeError):
+            tok.name_or_path = str(folder)
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"the tokenizer in {folder} is not a fast (tokenizers) tokenizer")
     return tok
@@ -135,23 +259,54 @@ def load_hf_tokenizer(folder: str | Path) -> Any:
 
 def stage_tokenizer(model_spec: Any, data_files: dict[str, str], run_id: str,
                     state_dir: str | Path | None) -> HFTokenizer:
-    """The tokenizer of an HF-model pipeline: the model folder's, or the run's trained BPE
-    (trained and saved on first use, atomically; every rank and stage trains the same one)."""
+    """The tokenizer of an HF-model pipeline: the model folder's, or the run's trained BPE.
+
+    The trained BPE is kept like a checkpoint: trained on first use, saved with
+    `save_pretrained` into a private temporary folder, TOKENIZER_MANIFEST (sha256 of every file)
+    written last into it, then published by one atomic rename to `<state>/runs/<run>/tokenizer`
+    — so the folder either does not exist or is complete with its manifest. Every later
+    load (other ranks, later stages, resumes, export) verifies every file against the manifest
+    before parsing (`load_hf_tokenizer`) and refuses a changed, missing or extra file, or a
+    folder without a manifest (which this code never publishes).
+
+    Ranks race to train it: each trains the same tokenizer (a function of the corpora and the
+    vocabulary size) and tries the rename; the losers' renames fail on the existing folder,
+    and each loser checks that its own manifest equals the published one (a rank on another
+    `tokenizers` version would train a different tokenizer: refused rather than trained on).
+
+    Trust: the manifest sits beside the files it vouches for, in the run's state folder, so a
+    worker (or anyone) able to rewrite the folder could rewrite the manifest too; it catches
+    corruption, partial copies and edits that do not also forge the manifest. Recording the
+    manifest's `digest` where workers cannot rewrite it alone — the supervisor's store, as for
+    checkpoint hashes — is not done yet (out of this change's scope)."""
     hf = model_spec.hf
     if hf.path is not None:
-        return HFTokenizer(load_hf_tokenizer(hf.path))
+        return HFTokenizer(load_hf_tokenizer(hf.path, verify=False))
     folder = tokenizer_dir(state_dir, run_id) if state_dir is not None else None
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        return HFTokenizer(load_hf_tokenizer(folder))
+    if folder is not None and folder.exists():
+        return HFTokenizer(load_hf_tokenizer(folder, verify=True))
     from trainguard.workers.data import tokenizer_training_texts
 
     tok = train_bpe_tokenizer(tokenizer_training_texts(data_files), hf.tokenizer_vocab_size)
     if folder is not None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".tmp-tokenizer-{uuid.uuid4().hex}"
-        tok.save_pretrained(str(tmp))
         try:
-            os.rename(tmp, folder)  # another rank may have won: its tokenizer is the same
-        except OSError:
+            tok.save_pretrained(str(tmp))
+            mine = write_tokenizer_manifest(tmp)
+            try:
+                os.rename(tmp, folder)  # atomic publish; fails if another rank published first
+                _fsync_dir(folder.parent)
+                return HFTokenizer(tok)
+            except OSError:
+                if not folder.is_dir():
+                    raise
+            _, theirs = read_verified_tokenizer(folder)
+            if theirs["digest"] != mine["digest"]:
+                raise TokenizerIntegrityError(
+                    f"{folder / TOKENIZER_MANIFEST}: the published tokenizer differs from the one this rank "
+                    "trained on the same corpora (tokenizers versions differ between workers?); refusing to train")
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return HFTokenizer(tok)
 

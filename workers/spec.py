@@ -292,8 +292,12 @@ class PipelineSpec(_Strict):
                 if ref is not None and ref not in seen:
                     raise ValueError(f"stages.{i}.{attr} {ref!r} names no earlier stage (earlier: {sorted(seen)})")
             seen.add(s.name)
-            if s.kind != "pretrain" and i == 0 and s.init_from is None:
-                raise ValueError(f"stages.0 ({s.kind}) needs an earlier stage to start from; the first stage must be pretrain")
+            # a pretrained Hugging Face folder is where SFT or a reward model may start; PPO and
+            # DPO need an earlier stage's policy (and reward model / reference)
+            from_folder = getattr(self.model.hf, "path", None) is not None and s.kind in ("sft", "reward_model")
+            if s.kind != "pretrain" and i == 0 and s.init_from is None and not from_folder:
+                raise ValueError(f"stages.0 ({s.kind}) needs an earlier stage to start from; the first stage must be "
+                                 f"pretrain (or sft / reward_model from a pretrained model.hf.path)")
             ck = self.checkpoint_for(s)
             if self.checkpoint_format(s) == "dcp" and ck.storage and "://" in ck.storage \
                     and not ck.storage.startswith("file://"):

@@ -6,6 +6,7 @@ import importlib
 ORDER = [
     "checkpoint_stall",
     "monitoring_overhead",
+    "train_throughput",
     "supervisor_scale",
     "api_latency",
     "recovery_loss_spike",
@@ -17,6 +18,7 @@ ORDER = [
 MODULES = [
     "tests.bench.b_checkpoint",
     "tests.bench.b_overhead",
+    "tests.bench.b_throughput",
     "tests.bench.b_scale",
     "tests.bench.b_api",
     "tests.bench.b_recovery",

@@ -71,7 +71,10 @@ class FaultInjector:
     def _marker(self, i: int, f: FaultSpec) -> Path | None:
         if self.fired_dir is None:
             return None
-        key = f"{self._run}|{self._stage}|{i}|{f.kind.value}|{f.at_step}|{f.rank}"
+        # a data fault hits the batch on every rank: each rank keeps its own marker (a shared one
+        # would let the first rank to reach the batch silence the others)
+        who = self.rank if f.kind in DATA_FAULTS else f.rank
+        key = f"{self._run}|{self._stage}|{i}|{f.kind.value}|{f.at_step}|{who}"
         return self.fired_dir / f"fired-{f.kind.value}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
     def _has_fired(self, i: int, f: FaultSpec) -> bool:

@@ -76,6 +76,16 @@ def test_once_fault_fires_once_across_process_restarts(tmp_path):
     assert repeating.before_step(3).nan and repeating.before_step(3).nan
 
 
+def test_a_once_data_fault_hits_every_rank_sharing_a_marker_folder(tmp_path):
+    """Ranks share `fired_dir`: the first rank to reach the batch must not silence the others."""
+    faults = [FaultSpec(kind=FaultKind.LOSS_SPIKE, at_step=2)]
+    ranks = [FaultInjector(faults, rank=r, run_id="r", stage="s", fired_dir=tmp_path) for r in range(2)]
+    assert [ranks[0].before_step(b).corrupt for b in range(4)] == [False, False, True, False]
+    assert [ranks[1].before_step(b).corrupt for b in range(4)] == [False, False, True, False]
+    again = [FaultInjector(faults, rank=r, run_id="r", stage="s", fired_dir=tmp_path) for r in range(2)]
+    assert not any(inj.before_step(2).corrupt for inj in again)  # once per rank, across restarts
+
+
 def test_fake_nvml_counts_injected_xids():
     gpu = make_gpu_health()
     assert isinstance(gpu, GpuHealth)

@@ -60,6 +60,18 @@ def test_first_stage_must_be_pretrain():
         parse_pipeline({"name": "t", "stages": [{"name": "sft", "kind": "sft", "steps": 5}]})
 
 
+def test_sft_or_a_reward_model_may_start_from_a_pretrained_hf_folder():
+    hf = {"seq_len": 32, "hf": {"path": "/data/models/tiny"}}
+    for kind in ("sft", "reward_model"):
+        spec = parse_pipeline({"name": "t", "model": hf, "stages": [{"name": "first", "kind": kind, "steps": 5}]})
+        assert spec.stages[0].kind == kind
+    with pytest.raises(SpecError, match=r"stages\.0 \(dpo\) needs an earlier stage"):  # DPO needs a reference
+        parse_pipeline({"name": "t", "model": hf, "stages": [{"name": "first", "kind": "dpo", "steps": 5}]})
+    fresh = {"seq_len": 32, "hf": {"config": {"architecture": "llama"}}}  # random weights: nothing to start from
+    with pytest.raises(SpecError, match=r"stages\.0 \(sft\)"):
+        parse_pipeline({"name": "t", "model": fresh, "stages": [{"name": "first", "kind": "sft", "steps": 5}]})
+
+
 @pytest.mark.parametrize("name", ["tiny.yaml", "tiny-faults.yaml"])
 def test_examples_run_all_six_stages(name):
     spec = load_pipeline(EXAMPLES / name)
