@@ -61,3 +61,29 @@ def save_tiny_llama(folder: Path, corpus: list[str]) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+def export_and_generate(run_id: str, stage: str, out: Path, state_dir: Path, capsys, new_tokens: int = 8):
+    """`trainguard export RUN --stage STAGE --to OUT --json`, then the folder loaded as any
+    Hugging Face model folder is (offline, no remote code, safetensors only) and asked to
+    generate exactly `new_tokens` tokens. Returns the loaded model."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainguard.service.cli import main as cli_main
+
+    rc = cli_main(["export", run_id, "--stage", stage, "--to", str(out), "--state-dir", str(state_dir), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["stage"] == stage and result["path"] == str(out.resolve())
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, trust_remote_code=False,
+                                                 use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ids = tok("Explain json.dumps:", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids.shape[1] + new_tokens
+    assert isinstance(tok.decode(gen[0, ids.shape[1]:]), str)
+    return model
+

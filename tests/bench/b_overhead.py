@@ -15,13 +15,12 @@ consecutive step ends, so everything the loop does between steps counts).
 from __future__ import annotations
 
 import statistics
-import threading
 import time
-import urllib.request
 
 import torch
 
 from tests.bench.core import Context, Measurement, benchmark
+from tests.bench.shared import bare_loop, scraped
 from tests.bench.workload import pipeline
 
 
@@ -40,52 +39,17 @@ def _ours(spec, state_dir, warmup: int) -> list[float]:
     h = Harness(stage, spec=spec, stage_name="pretrain", run_id="bench-overhead", state_dir=state_dir,
                 checkpoint_root=str(state_dir / "checkpoints"), on_step=lambda _h: ends.append(time.perf_counter()))
     port = h.exporter.start("127.0.0.1")
-    stop = threading.Event()
-
-    def scrape() -> None:
-        seq = -1
-        while not stop.wait(0.5):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={seq}", timeout=2).read()
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-            except OSError:
-                pass
-
-    t = threading.Thread(target=scrape, daemon=True)
-    t.start()
     try:
-        h.run()
+        with scraped(port):
+            h.run()
     finally:
-        stop.set()
-        t.join(timeout=5)
         h.exporter.close()
     return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
 
 
 def _bare(spec, warmup: int) -> list[float]:
-    from trainguard.workers.runtime.harness import make_context, schedule_lr
-    from trainguard.workers.stages import STAGES
-
-    s = spec.stage("pretrain")
-    ctx = make_context(spec, "pretrain", run_id="bench-overhead")
-    stage = STAGES["pretrain"](ctx)
-    params = [p for p in stage.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.95))
-    mixture = dict(s.mixture)
     ends: list[float] = []
-    for step in range(s.steps):
-        lr = schedule_lr(step, base=s.lr, total=s.steps, warmup=s.warmup_steps, min_ratio=s.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss = stage.step(step, step, mixture).loss.float()
-        float(loss.detach())  # every loop logs its loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        ends.append(time.perf_counter())
+    bare_loop(spec, "bench-overhead", lambda *_: ends.append(time.perf_counter()))
     return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
 
 

@@ -38,15 +38,14 @@ tokenizer; full size only — smoke runs the GPT row at `tiny` size).
 """
 from __future__ import annotations
 
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tests.bench.core import Context, Measurement, benchmark
+from tests.bench.shared import bare_loop, scraped
 from tests.bench.workload import MODELS
 from trainguard.workers.spec import PipelineSpec, parse_pipeline
 
@@ -98,24 +97,10 @@ def _ours(spec: PipelineSpec, state_dir: Path, checkpoint_root: Path, warmup: in
     h = Harness(stage, spec=spec, stage_name="pretrain", run_id=RUN_ID, state_dir=state_dir,
                 checkpoint_root=str(checkpoint_root), on_step=on_step)
     port = h.exporter.start("127.0.0.1")
-    stop = threading.Event()
-
-    def scrape() -> None:
-        seq = -1
-        while not stop.wait(0.5):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={seq}", timeout=2).read()
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-            except OSError:
-                pass
-
-    t = threading.Thread(target=scrape, daemon=True)
-    t.start()
     try:
-        res = h.run()
+        with scraped(port):
+            res = h.run()
     finally:
-        stop.set()
-        t.join(timeout=5)
         h.exporter.close()
     if res["state"] != "finished" or not h.reports:
         raise RuntimeError(f"guarded stage ended {res['state']!r} with {len(h.reports)} checkpoints")
@@ -123,39 +108,17 @@ def _ours(spec: PipelineSpec, state_dir: Path, checkpoint_root: Path, warmup: in
 
 
 def _bare(spec: PipelineSpec, state_dir: Path, warmup: int, checkpoint_dir: Path | None = None) -> Window:
-    from trainguard.workers.runtime.harness import make_context, schedule_lr
-    from trainguard.workers.stages import STAGES
-
-    s = spec.stage("pretrain")
-    ctx = make_context(spec, "pretrain", run_id=RUN_ID, state_dir=state_dir)
-    stage = STAGES["pretrain"](ctx)
-    params = [p for p in stage.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.95))
-    mixture = dict(s.mixture)
     ends: list[tuple[float, float]] = []
     losses: list[float] = []
-    tokens = 0
-    for step in range(s.steps):
-        lr = schedule_lr(step, base=s.lr, total=s.steps, warmup=s.warmup_steps, min_ratio=s.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        result = stage.step(step, step, mixture)  # builds the batch, forward, loss
-        loss = result.loss.float()
-        losses.append(float(loss.detach()))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        tokens = result.tokens
-        done = step + 1
-        if checkpoint_dir is not None and done % spec.checkpoint.every == 0 and done < s.steps:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)  # where ours checkpoints too
-            torch.save({"model": stage.model.state_dict(), "optimizer": opt.state_dict()},
-                       checkpoint_dir / f"step-{done}.pt")
+    tokens = [0]
+
+    def on_step(step: int, loss: float, n: int) -> None:
         ends.append(_now())
-    return _window(ends, losses, tokens, warmup)
+        losses.append(loss)
+        tokens[0] = n
+
+    bare_loop(spec, RUN_ID, on_step, state_dir=state_dir, checkpoint_dir=checkpoint_dir)
+    return _window(ends, losses, tokens[0], warmup)
 
 
 def _measure(ctx: Context, spec: PipelineSpec, *, blocks: int, warmup: int, tag: str) -> tuple[float, float, dict]:

@@ -140,3 +140,70 @@ def smoke_runs(ctx: Context) -> tuple[SupervisedRun, dict]:
     log("  smoke: Ray Train run (the crash)")
     base = raytrain_run(ctx, "smoke-raytrain", base_spec, crashes=[SMOKE_CRASH], every=10)
     return ours, base
+
+
+@contextlib.contextmanager
+def scraped(port: int, every_s: float = 0.5) -> Iterator[None]:
+    """A thread reading a worker exporter's /history and /metrics every `every_s` seconds, as
+    the embedded supervisor does, while the body runs (the load a guarded step really has)."""
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(every_s):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since=-1", timeout=2).read()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=scrape, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+def bare_loop(spec: Any, run_id: str, on_step: Any, *, state_dir: Path | None = None,
+              checkpoint_dir: Path | None = None) -> None:
+    """The baseline training loop of the overhead benchmarks: plain torch on the pretrain stage
+    of `spec` (same initial weights and batches as the guarded `Harness`): the LR from the same
+    schedule, zero_grad, forward + loss, `float(loss)` (every loop logs its loss), backward,
+    clip_grad_norm_, AdamW step; `on_step(step, loss, tokens)` after each step. With
+    `checkpoint_dir`, at the steps the harness checkpoints, a checkpoint as a plain script
+    writes one: `torch.save` of the model's and optimizer's state dicts, synchronously."""
+    import torch
+
+    from trainguard.workers.runtime.harness import make_context, schedule_lr
+    from trainguard.workers.stages import STAGES
+
+    s = spec.stage("pretrain")
+    stage = STAGES["pretrain"](make_context(spec, "pretrain", run_id=run_id, state_dir=state_dir))
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=s.lr, betas=(0.9, 0.95))
+    mixture = dict(s.mixture)
+    every = spec.checkpoint_for(s).every
+    for step in range(s.steps):
+        lr = schedule_lr(step, base=s.lr, total=s.steps, warmup=s.warmup_steps, min_ratio=s.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        result = stage.step(step, step, mixture)  # builds the batch, forward, loss
+        loss = result.loss.float()
+        value = float(loss.detach())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        done = step + 1
+        if checkpoint_dir is not None and done % every == 0 and done < s.steps:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": stage.model.state_dict(), "optimizer": opt.state_dict()},
+                       checkpoint_dir / f"step-{done}.pt")
+        on_step(step, value, result.tokens)
+

@@ -4,20 +4,18 @@ the SFT output as a folder `from_pretrained` loads and generates from. A model f
 the data roots is refused at submit."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import ray
 
 from tests.integration.supervisor.harness import running_controller, wait_state
 from trainguard.service.access import check_pipeline_access
-from trainguard.service.cli import main as cli_main
 from trainguard.service.config import Settings
 from trainguard.service.db import crud
 from trainguard.service.errors import InvalidRequest
 from trainguard.workers.spec import parse_pipeline
 
-from tests.support import save_tiny_llama
+from tests.support import export_and_generate, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +61,4 @@ def test_hf_llama_pretrain_sft_under_the_supervisor_then_export(ray_session, tmp
         ray.kill(probe)
     assert env == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-    out = tmp_path / "export"
-    rc = cli_main(["export", run_id, "--stage", "sft", "--to", str(out), "--state-dir", str(tmp_state), "--json"])
-    assert rc == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["stage"] == "sft" and result["path"] == str(out.resolve())
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, trust_remote_code=False,
-                                                 use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    ids = tok("Explain json.dumps:", return_tensors="pt").input_ids
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert gen.shape[1] > ids.shape[1]
-    assert isinstance(tok.decode(gen[0, ids.shape[1]:]), str)
+    export_and_generate(run_id, "sft", tmp_path / "export", tmp_state, capsys)

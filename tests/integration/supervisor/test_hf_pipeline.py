@@ -11,7 +11,6 @@ stand out (~3x) far above the spike detector's threshold. The FSDP2 stages write
 checkpoints (the default under FSDP2), one shard per rank."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.integration.supervisor.harness import incidents, metrics_log, running_controller, wait_state
-from tests.support import save_tiny_llama
-from trainguard.service.cli import main as cli_main
+from tests.support import export_and_generate, save_tiny_llama
 from trainguard.service.db import crud
 from trainguard.workers.spec import parse_pipeline
 
@@ -110,23 +108,9 @@ def test_hf_llama_sft_rm_ppo_dpo_fsdp_with_a_spike_rolled_back_then_export(ray_s
     assert not (tmp_state / "runs" / run_id / "ppo" / "metrics-rank1.jsonl").exists()
 
     # the last stage exports to a folder transformers loads (offline, safetensors) and generates from
-    out = tmp_path / "export"
-    rc = cli_main(["export", run_id, "--stage", "dpo", "--to", str(out), "--state-dir", str(tmp_state), "--json"])
-    assert rc == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["stage"] == "dpo" and result["path"] == str(out.resolve())
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, trust_remote_code=False,
-                                                 use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    ids = tok("Explain json.dumps:", return_tensors="pt").input_ids
+    model = export_and_generate(run_id, "dpo", tmp_path / "export", tmp_state, capsys)
     # it is the trained model, not the folder the run started from
     start = load_file(model_dir / "model.safetensors")
     trained = {k: t for k, t in model.state_dict().items() if k in start}
     assert trained.keys() == start.keys(), sorted(set(start) ^ set(trained))
     assert any(not torch.equal(t, start[k]) for k, t in trained.items())
-    gen = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert gen.shape[1] == ids.shape[1] + 8
-    assert isinstance(tok.decode(gen[0, ids.shape[1]:]), str)
