@@ -9,7 +9,8 @@ Formats:
 
 Metric names are normalised: train_loss -> loss, eval_loss -> val_loss, learning_rate
 -> lr, trainguard_ prefixes dropped; TensorBoard tags are mapped by the words in them
-(loss, val/eval, grad+norm, lr, reward, kl, chosen, margin).
+(loss, val/eval, grad+norm, lr, reward, kl, chosen, rejected, margin, and PPO's
+value loss, entropy, clipfrac, approxkl, ratio, response length).
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class AnalyzeConfig:
     val_divergence: d.ValDivergenceConfig = d.ValDivergenceConfig()
     reward_hacking: d.RewardHackingConfig = d.RewardHackingConfig()
     dpo_collapse: d.DpoCollapseConfig = d.DpoCollapseConfig()
+    policy_ratio: d.PolicyRatioConfig = d.PolicyRatioConfig()
+    negative_kl: d.NegativeKlConfig = d.NegativeKlConfig()
+    entropy_collapse: d.EntropyCollapseConfig = d.EntropyCollapseConfig()
+    response_length: d.ResponseLengthConfig = d.ResponseLengthConfig()
+    value_loss: d.ValueLossConfig = d.ValueLossConfig()
 
 
 _ALIASES = {
@@ -70,6 +76,36 @@ _ALIASES = {
     "chosen_logprob": "dpo_chosen_logprob",
     "dpo_reward_margin": "dpo_reward_margin",
     "reward_margin": "dpo_reward_margin",
+    "dpo_rejected_logprob": "dpo_rejected_logprob",
+    "rejected_logprob": "dpo_rejected_logprob",
+    "ppo_ratio_mean": "ppo_ratio_mean",
+    "ratio": "ppo_ratio_mean",
+    "ratio_mean": "ppo_ratio_mean",
+    "ppo_ratio_max": "ppo_ratio_max",
+    "ppo_clip_fraction": "ppo_clip_fraction",
+    "clip_fraction": "ppo_clip_fraction",
+    "clipfrac": "ppo_clip_fraction",
+    "ppo_approx_kl": "ppo_approx_kl",
+    "approx_kl": "ppo_approx_kl",
+    "approxkl": "ppo_approx_kl",
+    "policy_entropy": "policy_entropy",
+    "entropy": "policy_entropy",
+    "response_length": "response_length",
+    "response_len": "response_length",
+    "value_loss": "value_loss",
+    "vf_loss": "value_loss",
+    # TRL's PPO / DPO log names (after normalisation: "objective/kl" -> "objective_kl")
+    "objective_kl": "kl",
+    "objective_scores": "reward_mean",
+    "objective_entropy": "policy_entropy",
+    "policy_entropy_avg": "policy_entropy",
+    "policy_clipfrac_avg": "ppo_clip_fraction",
+    "policy_approxkl_avg": "ppo_approx_kl",
+    "val_ratio": "ppo_ratio_mean",
+    "loss_value_avg": "value_loss",
+    "logps_chosen": "dpo_chosen_logprob",
+    "logps_rejected": "dpo_rejected_logprob",
+    "rewards_margins": "dpo_reward_margin",
 }
 # Non-metric fields of the workers' history records and common log metadata.
 _META = {"time", "timestamp", "wall_time", "batch_index", "run", "stage", "rank", "epoch", "anomaly", "event", "kind"}
@@ -87,8 +123,22 @@ def _tag_metric(tag: str) -> str | None:
     joined = "_".join(w for w in re.split(r"[^a-z0-9]+", tag.lower()) if w)
     if "chosen" in words and ("logprob" in joined or "logps" in words or "logp" in words):
         return "dpo_chosen_logprob"
+    if "rejected" in words and ("logprob" in joined or "logps" in words or "logp" in words):
+        return "dpo_rejected_logprob"
     if "margin" in joined:
         return "dpo_reward_margin"
+    if "value" in words and "loss" in joined or "vf" in words or "vf_loss" in joined:
+        return "value_loss"
+    if "entropy" in joined:
+        return "policy_entropy"
+    if "clipfrac" in joined or "clip_fraction" in joined:
+        return "ppo_clip_fraction"
+    if "approxkl" in joined or "approx_kl" in joined:
+        return "ppo_approx_kl"
+    if "ratio" in words and "clip" not in joined:
+        return "ppo_ratio_max" if "max" in words else "ppo_ratio_mean"
+    if "length" in words and ("response" in words or "completion" in words or "completions" in words):
+        return "response_length"
     if "loss" in joined:
         if words & {"val", "valid", "validation", "eval", "evaluation", "test"} or re.search(r"(val|eval)_?loss", joined):
             return "val_loss"
@@ -357,6 +407,17 @@ def analyze_series(series: dict[str, list[Sample]], config: AnalyzeConfig | None
         findings += _scan(
             lambda after: d.detect_dpo_collapse(series["dpo_chosen_logprob"], series["dpo_reward_margin"], cfg.dpo_collapse, after=after)
         )
+    if series.get("ppo_ratio_mean"):
+        clip = series.get("ppo_clip_fraction", [])
+        findings += _scan(lambda after: d.detect_policy_ratio(series["ppo_ratio_mean"], clip, cfg.policy_ratio, after=after))
+    if series.get("kl"):
+        findings += _scan(lambda after: d.detect_negative_kl(series["kl"], cfg.negative_kl, after=after))
+    if series.get("policy_entropy"):
+        findings += _scan(lambda after: d.detect_entropy_collapse(series["policy_entropy"], cfg.entropy_collapse, after=after))
+    if series.get("response_length"):
+        findings += _scan(lambda after: d.detect_response_length(series["response_length"], cfg.response_length, after=after))
+    if series.get("value_loss"):
+        findings += _scan(lambda after: d.detect_value_loss_explosion(series["value_loss"], cfg.value_loss, after=after))
     findings.sort(key=lambda f: (f.onset_step, f.kind))
     return [f.to_dict() for f in findings]
 

@@ -23,6 +23,7 @@ from trainguard.service.cli_format import (
     CHECKPOINT_COLUMNS,
     EVENT_COLUMNS,
     INCIDENT_COLUMNS,
+    PROPOSAL_COLUMNS,
     RUN_COLUMNS,
     Column,
     cell,
@@ -147,7 +148,10 @@ def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
         text = sys.stdin.read() if args.pipeline == "-" else Path(args.pipeline).read_text()
     except OSError as e:
         raise CliError(f"cannot read {args.pipeline}: {e.strerror}") from None
-    run = client.post("/runs", {"yaml": text})
+    body = {"yaml": text}
+    if args.recovery_mode:
+        body["recovery_mode"] = args.recovery_mode
+    run = client.post("/runs", body)
     if not args.wait:
         return _emit(args, run, lambda r: f"submitted {r['id']} ({r['name']})")
     print(f"submitted {run['id']} ({run['name']})", file=sys.stderr)
@@ -187,6 +191,29 @@ def cmd_rollback(args: argparse.Namespace, client: ApiClient) -> int:
     return _emit(
         args, res, lambda r: f"rollback of {r['run_id']}: incident {cell(r.get('incident_id'))}, to step {cell(r.get('target_step'))}"
     )
+
+
+def _decide(verb: str) -> Callable[[argparse.Namespace, ApiClient], int]:
+    """`approve RUN PROPOSAL` / `reject RUN PROPOSAL` (verb: approve | reject)."""
+
+    def cmd(args: argparse.Namespace, client: ApiClient) -> int:
+        body = {"note": args.note} if args.note else None
+        prop = client.post(f"/runs/{args.run}/proposals/{args.proposal}/{verb}", body)
+        return _emit(args, prop, lambda p: f"proposal {p['id']} of {p['run_id']} {p['state']}: {p['action']}"
+                                           + (f" to step {p['checkpoint_step']}" if p.get("checkpoint_step") is not None
+                                              else ""))
+
+    return cmd
+
+
+def _proposal_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a proposal id: {text!r} (see `trainguard proposals RUN`)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"proposal ids start at 1, got {text}")
+    return value
 
 
 def _lr_multiplier(text: str) -> float:
@@ -286,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("submit", cmd_submit, "submit a pipeline YAML ('-' reads stdin)")
     p.add_argument("pipeline", metavar="PIPELINE.yaml")
+    p.add_argument("--recovery-mode", choices=["auto", "approve", "observe"], default=None,
+                   help="auto: recover on its own; approve: propose and wait for `trainguard approve`; "
+                        "observe: propose, never act (default: the server's TRAINGUARD_RECOVERY_MODE)")
     _wait_options(p)
 
     p = add("runs", cmd_runs, "list runs, newest first")
@@ -323,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     _page_options(p)
     p = add("events", _listing("events", EVENT_COLUMNS), "a run's audit log, oldest first", run=True)
     _page_options(p)
+    p = add("proposals", _listing("proposals", PROPOSAL_COLUMNS),
+            "recoveries a run in approve or observe mode proposed, and what became of them", run=True)
+    _page_options(p)
+    for verb, text in (("approve", "carry out a recovery proposal exactly as proposed"),
+                       ("reject", "decline a recovery proposal (nothing changes)")):
+        p = add(verb, _decide(verb), text, run=True)
+        p.add_argument("proposal", metavar="PROPOSAL", type=_proposal_id, help="proposal id (see `proposals RUN`)")
+        p.add_argument("--note", default=None, help="why (kept with the proposal and in the event log)")
 
     _add_demo(sub)
     _add_analyze(sub)

@@ -17,6 +17,7 @@ __all__ = [
     "CHECKPOINT_COLUMNS",
     "INCIDENT_COLUMNS",
     "EVENT_COLUMNS",
+    "PROPOSAL_COLUMNS",
     "cell",
     "format_table",
     "short_time",
@@ -148,6 +149,22 @@ EVENT_COLUMNS: list[Column] = [
 ]
 
 
+PROPOSAL_COLUMNS: list[Column] = [
+    ("ID", lambda r: r["id"]),
+    ("STAGE", lambda r: r.get("stage_name")),
+    ("KIND", lambda r: r["kind"]),
+    ("MODE", lambda r: r["mode"]),
+    ("ACTION", lambda r: r["action"]),
+    ("TO_STEP", lambda r: r.get("checkpoint_step")),
+    ("SKIP", lambda r: r.get("skip") or None),
+    ("LR_MULT", lambda r: r.get("lr_target")),
+    ("INCIDENT", lambda r: r.get("incident_id")),
+    ("STATE", lambda r: r["state"]),
+    ("PROPOSED", lambda r: short_time(r.get("proposed_at"))),
+    ("BY", lambda r: r.get("decided_by")),
+]
+
+
 def render_run(run: Row) -> str:
     """A run's fields, one per line, then its stages as a table."""
     head = [
@@ -160,6 +177,8 @@ def render_run(run: Row) -> str:
         ("created", short_time(run.get("created_at"))),
         ("updated", short_time(run.get("updated_at"))),
     ]
+    if run.get("recovery_mode") not in (None, "auto"):
+        head.append(("recovery mode", run["recovery_mode"]))
     if run.get("error"):
         head.append(("error", run["error"]))
     width = max(len(k) for k, _ in head)

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     startup_grace: float = Field(DEFAULT_STARTUP_GRACE_S, gt=0.0, le=86400.0)
     """Seconds a freshly started worker group may take to its first step before a hang is declared."""
 
+    recovery_mode: Literal["auto", "approve", "observe"] = "auto"
+    """What a run submitted without its own `recovery_mode` does with a recovery decision: "auto"
+    carries it out, "approve" records it as a proposal, holds the run and acts once an operator
+    approves, "observe" records the proposal and never acts (README, "Approval modes")."""
+    approval_timeout: float | None = Field(None, gt=0.0, le=30 * 86400.0)
+    """Approve mode: seconds after which a waiting proposal is carried out as if approved
+    (actor "auto-apply"); unset: proposals wait for an operator."""
+
     host: str = "127.0.0.1"
     """Address the server binds (and advertises in /sd). Loopback unless a proxy or Prometheus
     on another host must reach it."""

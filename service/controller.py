@@ -26,7 +26,10 @@ from trainguard.service import errors
 from trainguard.service.adapters.metrics import DirectScrapeSource, MetricsSource, PrometheusSource
 from trainguard.service.domain.detectors import Finding
 from trainguard.service.domain.evaluate import WatchConfig
-from trainguard.service.domain.state import ACTIVE_RUN_STATES, RunState
+from trainguard.service.domain.policy import Action
+from trainguard.service.domain.proposal import ProposalState, RecoveryMode
+from trainguard.service.domain.state import ACTIVE_RUN_STATES, TERMINAL_RUN_STATES, RunState
+from trainguard.service.db.models import Proposal
 from trainguard.service.supervisor.catalog import CheckpointCatalog
 from trainguard.service.supervisor.driver import DriverParts, RunDriver
 from trainguard.service.supervisor.executor import OPERATOR_ROLLBACK, RecoveryExecutor
@@ -65,7 +68,10 @@ class Controller:
         self.ledger.on_state_change(self.goodput.state_changed)
         self.ledger.on_state_change(lambda run_id, state: self.metrics.set_state(run_id, state.value))
         self.catalog = CheckpointCatalog(self.ledger, self.metrics.incidents)
-        self.executor = RecoveryExecutor(self.ledger, self.catalog, self.metrics, self.watch_config, self)
+        self.annotator = _grafana_annotator(settings)
+        self.executor = RecoveryExecutor(self.ledger, self.catalog, self.metrics, self.watch_config, self,
+                                         approval_timeout=getattr(settings, "approval_timeout", None),
+                                         on_proposal=self._proposal_event)
         self.watch = Watch(self.ledger, self.executor, self.source, self.watch_config, self._running_stages,
                            detect=settings.watch_enabled)
         self.parts = DriverParts(ledger=self.ledger, catalog=self.catalog, executor=self.executor, watch=self.watch,
@@ -86,7 +92,11 @@ class Controller:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+            # $RAY_ADDRESS: a cluster (worker groups are gang-scheduled on its nodes). Without it,
+            # "local": always a Ray of our own — plain ray.init() would join whatever cluster Ray's
+            # address file (/tmp/ray/ray_current_cluster, written by `ray start` and cluster_utils)
+            # or a running GCS on this machine points at, someone else's included.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                      log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
         from trainguard.workers.group import warm_pool
 
@@ -112,6 +122,8 @@ class Controller:
         for d in list(self.drivers.values()):
             d.join(timeout=30)
         self.source.close()
+        if self.annotator is not None:
+            self.annotator.close()
 
     def ready(self) -> bool:
         return self._started
@@ -143,6 +155,7 @@ class Controller:
     # ---- scheduler jobs ----------------------------------------------------------------------
     def watch_once(self, now: float | None = None, *, run_ids: list[str] | None = None) -> None:
         self.watch.once(now, run_ids=run_ids)
+        self.apply_due_proposals()
 
     def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
         with self._drivers_lock:
@@ -170,8 +183,11 @@ class Controller:
         return out
 
     # ---- operator control (ControllerPort) ---------------------------------------------------
-    def submit(self, spec: PipelineSpec, *, actor: str) -> str:
-        run_id = self.ledger.create_run(name=spec.name, spec_json=spec.model_dump_json(), actor=actor)
+    def submit(self, spec: PipelineSpec, *, actor: str, recovery_mode: str | None = None) -> str:
+        """`recovery_mode`: auto, approve or observe (None: the deployment's TRAINGUARD_RECOVERY_MODE)."""
+        mode = RecoveryMode(recovery_mode or getattr(self.settings, "recovery_mode", "auto")).value
+        run_id = self.ledger.create_run(name=spec.name, spec_json=spec.model_dump_json(), actor=actor,
+                                        recovery_mode=mode)
         self.metrics.set_state(run_id, RunState.PENDING.value)
         self._spawn(run_id, spec)
         return run_id
@@ -223,6 +239,8 @@ class Controller:
                 if driver is not None:
                     driver.halt()
             self.ledger.close_open_incidents(run_id, outcome="ignored", reason="run stopped")
+            for prop in self.ledger.waiting_proposals(run_id):
+                self._expire(run_id, prop, "the run was stopped")
             if driver is None:
                 self.ledger.close_stages(run_id)
 
@@ -283,6 +301,149 @@ class Controller:
                                   f"(deleted, replaced or corrupt); nothing was changed")
         return int(ckpt.step)
 
+    # ---- recovery proposals (approve / observe modes) -----------------------------------------
+    def approve_proposal(self, run_id: str, proposal_id: int, *, actor: str, note: str | None = None) -> dict[str, Any]:
+        """Carry out a waiting proposal exactly as recorded (same checkpoint, skip ranges, LR).
+        Refused (Conflict, nothing changed) when it was decided already, was made in observe
+        mode, or no longer applies (run ended, stage over, another recovery since, checkpoint
+        gone or changed): such a proposal is marked expired."""
+        with self.lock(run_id):
+            prop = self._waiting(run_id, proposal_id, "approve")
+            if prop.mode == RecoveryMode.OBSERVE:
+                raise errors.Conflict(f"proposal {proposal_id} was made in observe mode, which never acts; "
+                                      f"roll back by hand (POST /runs/{run_id}/rollback) to act on it")
+            run = self.ledger.run(run_id)
+            why = self._inapplicable(run, prop)
+            if why is not None:
+                self._expire(run_id, prop, why)
+                raise errors.Conflict(f"proposal {proposal_id} can no longer be carried out: {why}; "
+                                      f"it is now expired and nothing was changed")
+            driver = self.drivers.get(run_id)
+            active = driver.active if driver else None
+            if active is None:  # the driver ended just now
+                self._expire(run_id, prop, "the run has no running stage")
+                raise errors.Conflict(f"proposal {proposal_id} can no longer be carried out: the run has no running "
+                                      f"stage; it is now expired and nothing was changed")
+            if (prop.action == Action.ROLLBACK and run.state in (RunState.PAUSED, RunState.NEEDS_ATTENTION)
+                    and active.group is not None):
+                try:  # as an operator rollback does: the held workers take the rollback at their next step
+                    active.group.control(ControlKind.RESUME, {})
+                    active.resumed_at = time.time()
+                except Exception as e:  # noqa: BLE001 - a dead group: the rollback becomes a restart
+                    log.warning("resume before the approved rollback failed: %s", e)
+            self.executor.carry_out_proposal(run_id, active, prop, actor=actor)
+            prop = self.ledger.update_proposal(run_id, proposal_id, state=ProposalState.APPROVED.value,
+                                               decided_at=self.ledger.now(), decided_by=actor, note=note)
+            self._note_on_incident(prop, f"proposal {proposal_id} approved by {actor}")
+            self.ledger.event(run_id, actor, "proposal_approved",
+                              {"proposal": proposal_id, "incident": prop.incident_id, "action": prop.action,
+                               "checkpoint_step": prop.checkpoint_step, "skip": prop.skip,
+                               "lr_target": prop.lr_target, "note": note}, "carried out")
+            self.executor.announce(prop, ProposalState.APPROVED.value)
+            return self._proposal_result(prop)
+
+    def reject_proposal(self, run_id: str, proposal_id: int, *, actor: str, note: str | None = None) -> dict[str, Any]:
+        """Decline a waiting proposal: nothing is carried out and the run stays as it is (a run
+        approve mode held stays needs_attention until an operator resumes, rolls back or stops it)."""
+        with self.lock(run_id):
+            self._waiting(run_id, proposal_id, "reject")
+            prop = self.ledger.update_proposal(run_id, proposal_id, state=ProposalState.REJECTED.value,
+                                               decided_at=self.ledger.now(), decided_by=actor, note=note)
+            self._close_incident(prop, f"proposal {proposal_id} rejected by {actor}")
+            self.ledger.event(run_id, actor, "proposal_rejected",
+                              {"proposal": proposal_id, "incident": prop.incident_id, "action": prop.action,
+                               "note": note}, "nothing changed")
+            self.executor.announce(prop, ProposalState.REJECTED.value)
+            return self._proposal_result(prop)
+
+    def apply_due_proposals(self) -> int:
+        """Approve mode with TRAINGUARD_APPROVAL_TIMEOUT: carry out the proposals nobody decided
+        on in time (actor "auto-apply"). Returns how many were carried out."""
+        done = 0
+        for prop in self.ledger.due_proposals():
+            try:
+                self.approve_proposal(prop.run_id, int(prop.id or 0), actor="auto-apply",
+                                      note="no operator decided before the approval timeout")
+                done += 1
+            except (errors.Conflict, errors.NotFound) as e:
+                log.info("auto-apply of proposal %s of %s: %s", prop.id, prop.run_id, e)
+        return done
+
+    def _waiting(self, run_id: str, proposal_id: int, what: str) -> Proposal:
+        prop = self.ledger.proposal(run_id, proposal_id)
+        if prop.state != ProposalState.PROPOSED:
+            by = f" by {prop.decided_by}" if prop.decided_by else ""
+            raise errors.Conflict(f"cannot {what} proposal {proposal_id}: it is {prop.state} already{by}"
+                                  + (f" ({prop.note})" if prop.note else ""))
+        return prop
+
+    def _inapplicable(self, run: Any, prop: Proposal) -> str | None:
+        """Why the proposal cannot be carried out now (None: it can)."""
+        if RunState(run.state) in TERMINAL_RUN_STATES:
+            return f"the run is {run.state}"
+        if run.state == RunState.PENDING:
+            return "the run has not started"
+        driver = self.drivers.get(run.id)
+        active = driver.active if driver else None
+        if active is None:
+            return "the run has no running stage"
+        if active.name != prop.stage_name:
+            return f"the run moved on to stage {active.name!r}"
+        if active.pending is not None:
+            return f"another recovery (incident {active.pending.incident}) is in flight"
+        later = [i for i in self.ledger.stage_incidents(run.id, prop.stage_name)
+                 if (i.id or 0) > (prop.incident_id or 0) and i.action in (Action.ROLLBACK.value, Action.RESTART.value)]
+        if later:
+            return f"the run moved on: incident {later[0].id} was recovered since"
+        if prop.checkpoint_ref:
+            row = self.ledger.find_checkpoint(run.id, prop.checkpoint_ref, prop.stage_name)
+            if row is None or row.deleted_at is not None or row.bad_reason or not row.files:
+                return f"its checkpoint (step {prop.checkpoint_step}) is gone (deleted or quarantined)"
+            if not self.catalog.verified_now(run.id, prop.checkpoint_ref, prop.stage_name):
+                return (f"its checkpoint (step {prop.checkpoint_step}) no longer holds the bytes its worker wrote "
+                        f"(deleted, replaced or corrupt)")
+        return None
+
+    def _expire(self, run_id: str, prop: Proposal, why: str) -> None:
+        prop = self.ledger.update_proposal(run_id, int(prop.id or 0), state=ProposalState.EXPIRED.value,
+                                           decided_at=self.ledger.now(), decided_by="supervisor", note=why)
+        self._close_incident(prop, f"proposal {prop.id} expired: {why}")
+        self.ledger.event(run_id, "supervisor", "proposal_expired", {"proposal": prop.id, "reason": why}, "ok")
+        self.executor.announce(prop, ProposalState.EXPIRED.value)
+
+    def _note_on_incident(self, prop: Proposal, note: str) -> None:
+        inc = self.ledger.incident(prop.incident_id) if prop.incident_id is not None else None
+        if inc is not None:
+            self.ledger.update_incident(int(prop.incident_id or 0), evidence={**(inc.evidence or {}), "decided": note})
+
+    def _close_incident(self, prop: Proposal, note: str) -> None:
+        """The proposal's incident, if still open, closes without any recovery (outcome ignored)."""
+        inc = self.ledger.incident(prop.incident_id) if prop.incident_id is not None else None
+        if inc is None:
+            return
+        fields: dict[str, Any] = {"evidence": {**(inc.evidence or {}), "decided": note}}
+        if inc.outcome == "open":
+            fields["outcome"] = "ignored"
+        self.ledger.update_incident(int(prop.incident_id or 0), **fields)
+
+    def _proposal_result(self, prop: Proposal) -> dict[str, Any]:
+        return {"proposal": prop.id, "state": prop.state, "incident": prop.incident_id, "action": prop.action,
+                "rollback_to_step": prop.checkpoint_step, "run_state": self.ledger.run_state(prop.run_id).value}
+
+    def _proposal_event(self, prop: Proposal, what: str) -> None:
+        """Every proposal event becomes a Grafana annotation (when a Grafana is configured)."""
+        if self.annotator is None:
+            return
+        from trainguard.service.adapters.grafana import annotation_tags
+
+        target = (f" to checkpoint {prop.checkpoint_step}" if prop.action == Action.ROLLBACK.value
+                  and prop.checkpoint_step is not None else "")
+        by = f" by {prop.decided_by}" if prop.decided_by and what != ProposalState.PROPOSED else ""
+        text = (f"recovery proposal {prop.id} {what}{by}: {prop.action}{target} for {prop.kind} "
+                f"({prop.mode} mode) — {prop.reason}")
+        self.annotator.post(text=text, tags=annotation_tags("proposal", run=prop.run_id, stage=prop.stage_name,
+                                                             kind=prop.kind, state=what))
+
     def handle_alerts(self, payload: Any, *, actor: str = "alertmanager") -> dict[str, int]:
         return self.watch.alerts(payload, lambda run_id: d.active if (d := self.drivers.get(run_id)) else None,
                                  actor=actor)
@@ -299,3 +460,14 @@ class Controller:
 
     def metrics_text(self) -> bytes:
         return self.metrics.text()
+
+
+def _grafana_annotator(settings: Any) -> Any:
+    """A background annotator when TRAINGUARD_GRAFANA_URL and TRAINGUARD_GRAFANA_TOKEN are set
+    (grafana-client loads only then); None otherwise."""
+    url, token = getattr(settings, "grafana_url", None), getattr(settings, "grafana_token", None)
+    if not url or token is None or not token.get_secret_value():
+        return None
+    from trainguard.service.adapters.grafana import BackgroundAnnotator, GrafanaClient
+
+    return BackgroundAnnotator(GrafanaClient(url, token.get_secret_value()))

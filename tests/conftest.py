@@ -11,8 +11,13 @@ from typing import Callable
 import pytest
 
 from tests.markers import require_folder_markers
+from tests.s3server import configure_environment
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The S3 test server's address and credentials, set before anything starts Ray or imports
+# workers/group.py (see tests/s3server.py); the server starts with the `s3_server` fixture.
+configure_environment()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m`/`-k` deselect anything
@@ -82,6 +87,24 @@ def ray_session():
         )
     yield ray
     # Ray is shut down at interpreter exit; other session fixtures may still need it.
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server, one process per session (tests/s3server.py). Locally a
+    server that cannot start skips the test; in CI it fails it."""
+    from tests.s3server import start_server
+
+    try:
+        server = start_server()
+    except Exception as e:  # noqa: BLE001 - moto missing, port taken, server crashed
+        require(False, f"S3 test server (moto) could not start: {e}")
+    yield server
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except Exception:  # noqa: BLE001
+        server.process.kill()
 
 
 @pytest.fixture

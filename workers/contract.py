@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "MetricName",
     "WORKER_LABELS",
+    "STAGE_METRIC_NAMES",
     "AnomalyKind",
     "FaultKind",
     "StageKind",
@@ -50,6 +51,16 @@ class MetricName:
     PREFERENCE_ACCURACY = "trainguard_preference_accuracy"
     DPO_REWARD_MARGIN = "trainguard_dpo_reward_margin"
     DPO_CHOSEN_LOGPROB = "trainguard_dpo_chosen_logprob"
+    DPO_REJECTED_LOGPROB = "trainguard_dpo_rejected_logprob"
+    # PPO update health (workers/stages/ppo.py): per step, rank-local, over the minibatch's response tokens
+    PPO_RATIO_MEAN = "trainguard_ppo_ratio_mean"  # mean policy ratio pi/pi_old
+    PPO_RATIO_MAX = "trainguard_ppo_ratio_max"
+    PPO_CLIP_FRACTION = "trainguard_ppo_clip_fraction"  # tokens whose ratio is outside the clip range
+    PPO_APPROX_KL = "trainguard_ppo_approx_kl"  # KL(pi_old || pi), k3 estimator
+    POLICY_ENTROPY = "trainguard_policy_entropy"  # nats per response token
+    VALUE_LOSS = "trainguard_value_loss"  # the critic's (clipped) value loss
+    # per rollout, mean over ranks
+    RESPONSE_LENGTH = "trainguard_response_length"  # mean sampled response length (tokens, EOS included)
     GPU_UTILIZATION = "trainguard_gpu_utilization_ratio"
     GPU_MEMORY_USED = "trainguard_gpu_memory_used_bytes"
     GPU_XID = "trainguard_gpu_xid_errors"  # counter: trainguard_gpu_xid_errors_total, from 0 at the worker's start
@@ -64,6 +75,28 @@ class MetricName:
 
 
 WORKER_LABELS = ("run", "stage", "rank")
+
+STAGE_METRIC_NAMES: dict[str, str] = {
+    "val_loss": MetricName.VAL_LOSS,
+    "reward_mean": MetricName.REWARD_MEAN,
+    "kl": MetricName.KL,
+    "kl_coef": MetricName.KL_COEF,
+    "kl_target": MetricName.KL_TARGET,
+    "preference_accuracy": MetricName.PREFERENCE_ACCURACY,
+    "dpo_reward_margin": MetricName.DPO_REWARD_MARGIN,
+    "dpo_chosen_logprob": MetricName.DPO_CHOSEN_LOGPROB,
+    "dpo_rejected_logprob": MetricName.DPO_REJECTED_LOGPROB,
+    "ppo_ratio_mean": MetricName.PPO_RATIO_MEAN,
+    "ppo_ratio_max": MetricName.PPO_RATIO_MAX,
+    "ppo_clip_fraction": MetricName.PPO_CLIP_FRACTION,
+    "ppo_approx_kl": MetricName.PPO_APPROX_KL,
+    "policy_entropy": MetricName.POLICY_ENTROPY,
+    "value_loss": MetricName.VALUE_LOSS,
+    "response_length": MetricName.RESPONSE_LENGTH,
+}
+"""Stage metric key (a key of `StepResult.metrics` / `Stage.evaluate()`, and of the per-step
+history records) -> the gauge it is exported as. The key is the gauge's name without
+`trainguard_`."""
 
 
 class StageKind(str, enum.Enum):

@@ -7,14 +7,24 @@ failure, shut it down, and start a new group from a checkpoint to recover.
 Each actor runs the step loop in one of its threads (`max_concurrency`), so control and
 status calls are served while training runs, and even while a rank hangs.
 
+Gang scheduling: every group reserves its resources in one Ray placement group first — a
+bundle per rank (the stage's `placement`: strategy PACK/SPREAD/..., `cpus_per_rank`), all or
+nothing — waiting up to $TRAINGUARD_PLACEMENT_WAIT_S (default 120 s); a group that cannot be
+placed in time raises `InsufficientResources` naming what was asked and what is free (the
+supervisor records an `insufficient_resources` incident), never a half-started group.
+
 GPUs: a group runs either all its ranks on GPUs or all on CPUs (`plan_gpus`), never a mix:
-a GPU group reserves one GPU per rank in a placement group first (`reserve_gpus`: waits up
-to $TRAINGUARD_GPU_WAIT_S, default 120 s, then fails naming what is missing), and each rank
-uses the GPU Ray assigned it. Warm-pool actors have no GPU; they hide the GPUs they can see.
+a GPU group's bundles hold one GPU per rank (`reserve_gpus`: waits up to
+$TRAINGUARD_GPU_WAIT_S when set, else the placement wait), and each rank uses the GPU Ray
+assigned it; its ranks are new actors inside the bundles. A CPU group's ranks are warm spares
+(`WarmPool`) that already live on the node Ray chose for their bundle — 0-CPU actors: the
+bundle holds their CPUs — or, where no spare is on that node, new actors inside the bundle.
+Warm-pool actors have no GPU; they hide the GPUs they can see.
 """
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import traceback
 from pathlib import Path
@@ -23,21 +33,93 @@ from typing import Any, Iterable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import placement_group_table
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
 from trainguard.workers.spec import HF_OFFLINE_ENV, PipelineSpec
 
 __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV", "plan_gpus",
-           "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV"]
+           "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV", "worker_env", "FORWARDED_ENV_PREFIXES",
+           "InsufficientResources", "PLACEMENT_WAIT_ENV", "reserve", "placement_wait_s", "bundle_nodes", "node_id",
+           "dead_nodes"]
 
 STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
 GPU_WAIT_ENV = "TRAINGUARD_GPU_WAIT_S"
+PLACEMENT_WAIT_ENV = "TRAINGUARD_PLACEMENT_WAIT_S"
+DEFAULT_PLACEMENT_WAIT_S = 120.0
 TERMINAL = ("finished", "stopped", "failed")
 
 
-class GpusUnavailable(RuntimeError):
+class InsufficientResources(RuntimeError):
+    """A worker group could not be placed in time: its placement group (a bundle per rank) was
+    not ready within the wait. `evidence`: what was asked (bundles, strategy, totals), what is
+    free and what the cluster has (`ray.available_resources()` / `cluster_resources()`), the wait."""
+
+    def __init__(self, message: str, evidence: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.evidence: dict[str, Any] = dict(evidence or {})
+
+
+class GpusUnavailable(InsufficientResources):
     """A GPU worker group could not get its GPUs in time."""
+
+
+def placement_wait_s(use_gpu: bool = False) -> float:
+    """How long a group waits for its placement group: $TRAINGUARD_PLACEMENT_WAIT_S (default
+    120 s); a GPU group honours $TRAINGUARD_GPU_WAIT_S first (its older name)."""
+    raw = (os.environ.get(GPU_WAIT_ENV) if use_gpu else None) or os.environ.get(PLACEMENT_WAIT_ENV)
+    return float(raw) if raw else DEFAULT_PLACEMENT_WAIT_S
+
+
+def _plain_resources(res: dict[str, Any]) -> dict[str, float]:
+    """CPU, GPU and custom resources; not Ray's per-node, per-placement-group or memory entries."""
+    return {k: round(float(v), 3) for k, v in sorted(res.items())
+            if not k.startswith("node:") and "_group_" not in k and k not in ("memory", "object_store_memory")}
+
+
+def placement_evidence(what: str, bundles: list[dict[str, float]], strategy: str, waited_s: float) -> dict[str, Any]:
+    asked: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            asked[k] = asked.get(k, 0.0) + float(v)
+    return {"group": what, "asked": {"bundles": len(bundles), "per_bundle": bundles[0] if bundles else {},
+                                     "strategy": strategy, "total": asked},
+            "free": _plain_resources(ray.available_resources()), "cluster": _plain_resources(ray.cluster_resources()),
+            "waited_s": waited_s}
+
+
+def missing_resources_message(ev: dict[str, Any]) -> str:
+    a = ev["asked"]
+    return (f"{ev['group']}: needs {a['bundles']} x {a['per_bundle']} ({a['strategy']}, {a['total']} in all) and "
+            f"could not place them in {ev['waited_s']:g} s; free now: {ev['free']}, the cluster: {ev['cluster']}. "
+            f"Free capacity (stop another run, add nodes), lower the stage's placement.cpus_per_rank, or raise "
+            f"${PLACEMENT_WAIT_ENV}.")
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, what: str, wait_s: float | None = None,
+            error: type[InsufficientResources] = InsufficientResources,
+            message: Any = None) -> Any:
+    """A placement group with `bundles`, ready (all of them placed at once); or `error` (an
+    InsufficientResources), the half-made reservation removed."""
+    wait_s = placement_wait_s() if wait_s is None else wait_s
+    pg = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(pg.ready(), timeout=wait_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        ev = placement_evidence(what, bundles, strategy, wait_s)
+        raise error(message(ev) if message else missing_resources_message(ev), ev) from None
+    return pg
+
+
+def bundle_nodes(pg: Any, n: int) -> list[str | None]:
+    """The node each of a ready placement group's `n` bundles was placed on (None: unknown)."""
+    try:
+        table = placement_group_table(pg).get("bundles_to_node_id") or {}
+    except Exception:  # noqa: BLE001 - the GCS unreachable: no node known
+        table = {}
+    return [str(table[i]) if table.get(i) else None for i in range(n)]
 
 
 def plan_gpus(world_size: int, cluster: dict[str, float]) -> bool:
@@ -55,23 +137,39 @@ def missing_gpus_message(what: str, world_size: int, cluster: dict[str, float], 
             f"(or nodes being added did not come up in time). Wait, stop another run, or raise ${GPU_WAIT_ENV}.")
 
 
-def reserve_gpus(world_size: int, what: str, wait_s: float | None = None) -> Any:
-    """A placement group with one GPU bundle per rank, ready; or GpusUnavailable."""
-    wait_s = float(os.environ.get(GPU_WAIT_ENV, "120")) if wait_s is None else wait_s
-    pg = placement_group([{"GPU": 1}] * world_size, strategy="PACK")
-    try:
-        ray.get(pg.ready(), timeout=wait_s)
-    except GetTimeoutError:
-        remove_placement_group(pg)
-        raise GpusUnavailable(missing_gpus_message(what, world_size, ray.cluster_resources(),
-                                                   ray.available_resources(), wait_s)) from None
-    return pg
+def reserve_gpus(world_size: int, what: str, wait_s: float | None = None, *, strategy: str = "PACK",
+                 cpus_per_rank: float = 0.0) -> Any:
+    """A placement group with one GPU bundle per rank (and `cpus_per_rank` CPUs), ready; or GpusUnavailable."""
+    wait_s = placement_wait_s(use_gpu=True) if wait_s is None else wait_s
+    bundle: dict[str, float] = {"GPU": 1, **({"CPU": cpus_per_rank} if cpus_per_rank > 0 else {})}
+
+    def message(ev: dict[str, Any]) -> str:
+        return missing_gpus_message(what, world_size, ray.cluster_resources(), ray.available_resources(), wait_s)
+
+    return reserve([dict(bundle) for _ in range(world_size)], strategy, what, wait_s, GpusUnavailable, message)
+
+
+# Checkpoint storage settings the operator gives the supervisor's process (never a pipeline):
+# the S3 endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and
+# fsspec's per-protocol options (FSSPEC_S3_ENDPOINT_URL, ...). On a local Ray the workers inherit
+# them anyway; on a cluster they reach the rank actors only through the actor's runtime_env.
+FORWARDED_ENV_PREFIXES = ("AWS_", "FSSPEC_")
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables every TrainWorker process gets: the Hugging Face Hub offline, and
+    the storage variables of `environ` (default: this process's) named by FORWARDED_ENV_PREFIXES."""
+    environ = dict(os.environ) if environ is None else environ
+    fwd = {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    return {**fwd, **HF_OFFLINE_ENV}
 
 
 # Every TrainWorker process (warm-pool spares included: the variables are fixed when the actor's
 # process starts, so setting them later in the driver would not reach it) runs with the Hugging
-# Face Hub offline: a pipeline's HF model is read from its local folder, never downloaded.
-@ray.remote(num_cpus=0, max_concurrency=8, runtime_env={"env_vars": dict(HF_OFFLINE_ENV)})
+# Face Hub offline: a pipeline's HF model is read from its local folder, never downloaded. The
+# storage variables are read when this module is imported (the supervisor's environment at
+# start-up): one set later in the process reaches no actor.
+@ray.remote(num_cpus=0, max_concurrency=8, runtime_env={"env_vars": worker_env()})
 class TrainWorker:
     """One rank. Created bare (imports only, so it can wait warm in the pool), then
     `configure`d for a stage — which starts the exporter, so endpoints exist before training."""
@@ -111,7 +209,7 @@ class TrainWorker:
         opt = torch.optim.AdamW([p], lr=1e-3)
         (p * p).sum().backward()
         opt.step()
-        return os.getpid()
+        return node_id()
 
     def configure(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
                   state_dir: str, resume_from: dict[str, Any] | None, skip: list[list[int]],
@@ -140,7 +238,7 @@ class TrainWorker:
         host = self.exporter.host
         if host in ("0.0.0.0", "::", ""):
             host = ray.util.get_node_ip_address()
-        return {"rank": self.rank, "host": host, "port": self.port}
+        return {"rank": self.rank, "host": host, "port": self.port, "node": node_id()}
 
     def rendezvous(self, world_size: int) -> tuple[str, int]:
         """Rank 0: the tcp:// address of the process group (this node, a free port)."""
@@ -208,6 +306,41 @@ class TrainWorker:
         return st
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (hex id)."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def dead_nodes() -> set[str]:
+    """Ids of the Ray nodes the cluster knows as dead (removed, crashed, lost)."""
+    try:
+        return {str(n["NodeID"]) for n in ray.nodes() if not n.get("Alive", True)}
+    except Exception:  # noqa: BLE001 - the GCS unreachable: nothing is known to be dead
+        return set()
+
+
+def unreachable_nodes(nodes: set[str], timeout: float = 1.0) -> set[str]:
+    """Of `nodes`, those the GCS still lists as alive whose raylet accepts no connection (its
+    process gone, or its host): lost, before Ray's health checks mark them dead."""
+    if not nodes:
+        return set()
+    try:
+        table = {str(n["NodeID"]): n for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 - the GCS unreachable: claim nothing
+        return set()
+    out: set[str] = set()
+    for node in nodes:
+        n = table.get(node)
+        if n is None or not n.get("Alive", True) or not n.get("NodeManagerAddress") or not n.get("NodeManagerPort"):
+            continue
+        try:
+            with socket.create_connection((str(n["NodeManagerAddress"]), int(n["NodeManagerPort"])), timeout=timeout):
+                pass
+        except OSError:
+            out.add(node)
+    return out
+
+
 class WorkerGroup:
     """Handle on one stage's worker actors (one per rank). See docs/internals.md."""
 
@@ -245,25 +378,57 @@ class WorkerGroup:
         self._last: dict[str, Any] | None = None
         self._report_seq = -1  # the newest checkpoint report handed out (poll, checkpoint_reports)
         self._reports_lock = threading.Lock()
-        self._pg: Any = None  # the GPU reservation of a GPU group
+        self._pg: Any = None  # the group's placement group (a bundle per rank)
+        self._spare_nodes: dict[int, str] = {}  # rank -> its node, known before its endpoint (spare, bundle)
+        self.warm_spares = 0  # ranks of a gang-scheduled CPU group that came from the warm pool
 
     def start(self) -> None:
-        """Take warm actors (or create them) and start their loops; returns without waiting for
-        them — a GPU group first waits (up to $TRAINGUARD_GPU_WAIT_S) for its GPUs to be free."""
+        """Reserve the group's placement group (a bundle per rank, all at once: waits up to
+        $TRAINGUARD_PLACEMENT_WAIT_S, then raises InsufficientResources), take warm actors on the
+        bundles' nodes (or create them in the bundles) and start their loops; returns without
+        waiting for the loops."""
         assert not self._actors, "start() called twice"
         use_gpu = plan_gpus(self.world_size, ray.cluster_resources())
+        placement = self.stage_spec.placement
+        cpus = placement.cpus(use_gpu)
+        what = f"run {self.run_id} stage {self.stage_name}"
         if use_gpu:
             # one GPU per rank, reserved together; spares would hold GPUs idle, so GPU ranks never
             # come from the pool
-            self._pg = reserve_gpus(self.world_size, f"run {self.run_id} stage {self.stage_name}")
-            self._actors = [TrainWorker.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self._pg, placement_group_bundle_index=r)).remote() for r in range(self.world_size)]
+            self._pg = reserve_gpus(self.world_size, what, strategy=placement.strategy, cpus_per_rank=cpus)
+            self._actors = [TrainWorker.options(num_gpus=1, num_cpus=cpus,
+                                                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                                    placement_group=self._pg, placement_group_bundle_index=r)).remote()
+                            for r in range(self.world_size)]
+        elif cpus <= 0:
+            # gang scheduling turned off (placement.cpus_per_rank 0): 0-CPU spares wherever they are
+            taken = warm_pool().take_with_nodes(self.world_size)
+            self._actors = [a for a, _ in taken]
+            self._spare_nodes = {r: n for r, (_, n) in enumerate(taken) if n}
         else:
-            self._actors = warm_pool().take(self.world_size)
+            self._pg = reserve([{"CPU": cpus} for _ in range(self.world_size)], placement.strategy, what)
+            try:
+                self._take_for_bundles(cpus)
+            except BaseException:
+                self.shutdown()  # no reservation (or actor) outlives a start that failed
+                raise
         self._endpoint_refs = [a.configure.remote(rank=r, use_gpu=use_gpu, **self._kwargs)
                                for r, a in enumerate(self._actors)]
         addr = self._actors[0].rendezvous.remote(self.world_size)  # each run() starts once it resolves
         self._run_refs = [a.run.remote(addr, ep) for a, ep in zip(self._actors, self._endpoint_refs)]
+
+    def _take_for_bundles(self, cpus: float) -> None:
+        """Rank r: a warm spare already on bundle r's node (a 0-CPU actor: the bundle holds its
+        CPUs), else a new actor inside bundle r."""
+        on_nodes = warm_pool().take_on_nodes(bundle_nodes(self._pg, self.world_size))
+        self.warm_spares = sum(1 for spare, _ in on_nodes if spare is not None)
+        for r, (spare, node) in enumerate(on_nodes):
+            if spare is None:
+                spare = TrainWorker.options(num_cpus=cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=r)).remote()
+            if node:
+                self._spare_nodes[r] = node
+            self._actors.append(spare)
 
     def endpoints(self, timeout: float = 120.0) -> list[dict[str, Any]]:
         if self._endpoints is None:
@@ -290,6 +455,7 @@ class WorkerGroup:
         its way), and a group called finished then would have no output."""
         status_refs = [a.status.remote(self._report_seq) for a in self._actors]
         ranks = [self._rank_info(r, ref, sref, timeout) for r, (ref, sref) in enumerate(zip(self._run_refs, status_refs))]
+        self._add_nodes(ranks)
         reports = self._new_reports(ranks[0].pop("reports", []) if ranks else [])
         for i in ranks[1:]:
             i.pop("reports", None)
@@ -298,7 +464,8 @@ class WorkerGroup:
         failed = [i for i in ranks if not i["alive"]] or [i for i in ranks if i["state"] == "failed"]
         out = {
             "state": state,
-            "ranks": [{k: i[k] for k in ("rank", "step", "state", "alive", "error")} for i in ranks],
+            "ranks": [{k: i[k] for k in ("rank", "step", "state", "alive", "error", "node", "node_alive")}
+                      for i in ranks],
             "output_checkpoint": ranks[0]["output_checkpoint"] if state == "finished" else None,
             "failed_rank": failed[0]["rank"] if failed else None,
             "error": failed[0]["error"] if failed else None,
@@ -309,6 +476,38 @@ class WorkerGroup:
         }
         self._last = out
         return out
+
+    def _add_nodes(self, ranks: list[dict[str, Any]]) -> None:
+        """Each rank's Ray node (from its endpoint, once configured) and, for a rank that died,
+        whether its node is gone too (a node loss, not a worker loss)."""
+        nodes: dict[int, str] = {}
+        for r, ref in enumerate(self._endpoint_refs):
+            if self._endpoints is not None:
+                nodes[r] = str(self._endpoints[r].get("node") or "")
+                continue
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    nodes[r] = str(ray.get(ref).get("node") or "")
+                except Exception:  # noqa: BLE001 - died before it was configured
+                    pass
+        gone: set[str] = set()
+        if any(not i["alive"] or i["state"] == "failed" for i in ranks):
+            # a rank died or the group broke (a peer's collective failed): which nodes are gone —
+            # those the GCS knows as dead, and those whose raylet no longer answers (a node lost
+            # a moment ago: Ray's health checks take ~15 s to say so, a peer's gloo error ~0 s)
+            gone = dead_nodes()
+            suspects = {nodes.get(i["rank"]) or self._spare_nodes.get(i["rank"]) or ""
+                        for i in ranks if not i["alive"] or i.get("unreachable")} - gone - {""}
+            gone |= unreachable_nodes(suspects)
+        for i in ranks:
+            node = nodes.get(i["rank"]) or self._spare_nodes.get(i["rank"])
+            i["node"] = node or None
+            if node and node in gone and i["alive"] and i.pop("unreachable", False):
+                # its status could not be fetched and its node is gone: it died with it
+                i.update(alive=False, state="failed", error=f"rank {i['rank']}: its Ray node {node} is gone")
+            i.pop("unreachable", None)
+            i["node_alive"] = None if not node or i["alive"] else node not in gone
 
     def _rank_info(self, r: int, ref: Any, sref: Any, timeout: float) -> dict[str, Any]:
         info: dict[str, Any] = {"rank": r, "step": None, "state": "running", "returned": False, "alive": True,
@@ -336,6 +535,7 @@ class WorkerGroup:
                 info.update(state="failed", alive=False, error=f"rank {r}: worker process died: {_short(e)}")
             except GetTimeoutError:
                 info["error"] = f"rank {r}: status timed out"
+                info["unreachable"] = True
         return info
 
     def checkpoint_reports(self, timeout: float = 5.0) -> list[CheckpointReport]:
@@ -370,7 +570,7 @@ class WorkerGroup:
                 pass
         if self._pg is not None:
             try:
-                remove_placement_group(self._pg)  # the GPUs go back to other runs
+                remove_placement_group(self._pg)  # the CPUs / GPUs go back to other runs
             except Exception:  # noqa: BLE001 - already removed
                 pass
             self._pg = None
@@ -398,35 +598,137 @@ class WarmPool:
     They reserve no GPU, hide any they can see, and train on the CPU (CPU groups only).
 
     Size from $TRAINGUARD_WARM_WORKERS (default 2; 0 turns the pool off). Used actors are
-    never returned: a process that trained (process group, allocator state) is not reused."""
+    never returned: a process that trained (process group, allocator state) is not reused.
+
+    Each spare is pinned (hard node affinity) to a node with CPUs, spread over those nodes, so
+    its node is known from the start: a gang-scheduled group takes, for each of its bundles, a
+    spare on that bundle's node (`take_on_nodes`).
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._idle: list[Any] = []
+        # (actor, its warm() ref: resolves to its node id, the node it was pinned to or None)
+        self._idle: list[tuple[Any, Any, str | None]] = []
         self._lock = threading.Lock()
 
     def take(self, n: int) -> list[Any]:
+        return [a for a, _ in self.take_with_nodes(n)]
+
+    def _checked(self) -> list[tuple[Any, Any, str | None]]:
+        """Every idle spare that may be handed out (see `_usable`); the bad ones are killed."""
         with self._lock:
-            got, self._idle = self._idle[:n], self._idle[n:]
-        got += [TrainWorker.remote() for _ in range(n - len(got))]
+            idle, self._idle = self._idle, []
+        usable, bad = _usable(idle, dead_nodes())
+        for a in bad:
+            _kill(a)
+        return usable
+
+    def _put_back(self, rest: list[tuple[Any, Any, str | None]]) -> None:
+        with self._lock:
+            self._idle = rest + self._idle
+
+    def take_with_nodes(self, n: int) -> list[tuple[Any, str | None]]:
+        """`n` actors, spares first, each with its node id when known. A spare whose warm-up
+        failed (its process or node died) or that lives on a node the cluster knows as dead is
+        dropped, never handed out; one still warming up is taken as it is."""
+        usable = self._checked()
+        got, rest = usable[:n], usable[n:]
+        self._put_back(rest)
+        out: list[tuple[Any, str | None]] = [(a, node) for a, _, node in got]
+        out += [(TrainWorker.remote(), None) for _ in range(n - len(out))]
         self.refill()
-        return got
+        return out
+
+    def take_on_nodes(self, nodes: list[str | None]) -> list[tuple[Any | None, str | None]]:
+        """For each wanted node, a spare known to live there (warm or still warming up), or
+        (None, node) when there is none: the caller creates that rank in its bundle."""
+        usable = self._checked()
+        out: list[tuple[Any | None, str | None]] = []
+        for want in nodes:
+            i = next((k for k, (_, _, node) in enumerate(usable) if want is not None and node == want), None)
+            out.append((usable.pop(i)[0], want) if i is not None else (None, want))
+        self._put_back(usable)
+        self.refill()
+        return out
 
     def refill(self) -> None:
         with self._lock:
-            while len(self._idle) < self.size:
-                a = TrainWorker.remote()
-                a.warm.remote()
-                self._idle.append(a)
+            missing = self.size - len(self._idle)
+            if missing <= 0:
+                return
+            nodes = _spare_nodes_for(missing, [n for _, _, n in self._idle])
+            for node in nodes:
+                opts: dict[str, Any] = {}
+                if node is not None:
+                    opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+                a = TrainWorker.options(**opts).remote()
+                self._idle.append((a, a.warm.remote(), node))
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle = [a for a, _, _ in self._idle], []
         for a in idle:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def _usable(idle: list[tuple[Any, Any, str | None]],
+            dead: set[str]) -> tuple[list[tuple[Any, Any, str | None]], list[Any]]:
+    """Split spares into usable (actor, warm ref, node: where it was pinned, or where it warmed
+    up, or None while an unpinned one warms up) and bad ones (warm-up failed, or on a dead node)."""
+    usable: list[tuple[Any, Any, str | None]] = []
+    bad: list[Any] = []
+    for a, ref, pinned in idle:
+        if pinned is not None and pinned in dead:
+            bad.append(a)
+            continue
+        done, _ = ray.wait([ref], timeout=0)
+        if not done:
+            usable.append((a, ref, pinned))
+            continue
+        try:
+            node = str(ray.get(ref))
+        except Exception:  # noqa: BLE001 - its process (or node) died while warming up
+            bad.append(a)
+            continue
+        if node in dead:
+            bad.append(a)
+        else:
+            usable.append((a, ref, node))
+    return usable, bad
+
+
+def _cpu_nodes() -> list[str]:
+    """Alive nodes that have CPUs (where ranks can be placed), in a stable order."""
+    try:
+        return sorted(str(n["NodeID"]) for n in ray.nodes()
+                      if n.get("Alive", True) and float((n.get("Resources") or {}).get("CPU", 0)) > 0)
+    except Exception:  # noqa: BLE001 - the GCS unreachable: let Ray place them
+        return []
+
+
+def _spare_nodes_for(n: int, have: list[str | None]) -> list[str | None]:
+    """Nodes for `n` new spares: each on the CPU node with the fewest spares so far (None: no
+    CPU node known, Ray places it)."""
+    nodes = _cpu_nodes()
+    if not nodes:
+        return [None] * n
+    count = {node: sum(1 for h in have if h == node) for node in nodes}
+    out: list[str | None] = []
+    for _ in range(n):
+        node = min(nodes, key=lambda x: (count[x], nodes.index(x)))
+        count[node] += 1
+        out.append(node)
+    return out
+
+
+def _kill(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 _POOL: WarmPool | None = None

@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointSpec",
     "FaultSpec",
     "ParallelSpec",
+    "PlacementSpec",
     "StageSpec",
     "PipelineSpec",
     "SpecError",
@@ -164,6 +165,23 @@ class ParallelSpec(_Strict):
     strategy: Literal["none", "ddp", "fsdp"] = "none"
 
 
+class PlacementSpec(_Strict):
+    """Gang scheduling of a stage's worker group (workers/group.py): one Ray placement group with a
+    bundle per rank, reserved all at once before any rank starts — a group that cannot get all of
+    it within $TRAINGUARD_PLACEMENT_WAIT_S is an `insufficient_resources` incident, never half a
+    group. `strategy`: PACK (as few nodes as possible), SPREAD (across nodes where it can),
+    STRICT_PACK (one node), STRICT_SPREAD (one node per rank). `cpus_per_rank`: logical CPUs in
+    each rank's bundle; default 1 for a CPU group and 0 for a GPU group (its bundle holds its GPU);
+    0 on a CPU group turns gang scheduling off (ranks are 0-CPU actors placed anywhere)."""
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    cpus_per_rank: float | None = Field(None, ge=0.0, le=1024.0,
+                                        description="logical CPUs per rank's bundle; default 1 (CPU) / 0 (GPU)")
+
+    def cpus(self, use_gpu: bool) -> float:
+        return self.cpus_per_rank if self.cpus_per_rank is not None else (0.0 if use_gpu else 1.0)
+
+
 StageKindName = Literal["pretrain", "anneal", "sft", "reward_model", "ppo", "dpo"]
 
 
@@ -188,6 +206,9 @@ class _StageBase(_Strict):
     faults: list[FaultSpec] = Field(default_factory=list)
     step_delay: float = Field(0.0, ge=0.0, le=60.0, description="extra seconds per step (demo pacing)")
     parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="none | ddp | fsdp (see ParallelSpec)")
+    placement: PlacementSpec = Field(default_factory=PlacementSpec,
+                                     description="gang scheduling: {strategy: PACK|SPREAD|..., cpus_per_rank} "
+                                                 "(see PlacementSpec)")
 
     @field_validator("mixture")
     @classmethod
@@ -223,6 +244,9 @@ class _StageBase(_Strict):
         data = handler(self)
         if isinstance(data, dict) and "micro_batch_size" in data and data["micro_batch_size"] is None:
             del data["micro_batch_size"]
+        # ... and without a placement option, exactly as before placement existed
+        if isinstance(data, dict) and data.get("placement") == PlacementSpec().model_dump():
+            del data["placement"]
         return data
 
 
@@ -253,7 +277,26 @@ class PPOStage(_StageBase):
     kl_coef: float = Field(0.1, ge=0.0)
     kl_horizon: int = Field(50, ge=1)
     response_len: int = Field(16, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature; the ratio and the KL estimate are of the "
+                                                          "untempered policy, so only 1.0 samples on-policy")
+    ppo_epochs: int = Field(2, ge=1, le=64, description="passes over each rollout (optimizer steps per rollout = "
+                                                        "ppo_epochs x minibatches)")
+    minibatches: int = Field(2, ge=1, le=1024, description="minibatches each rank's share of a rollout is split into")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount over response tokens")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range of the policy ratio")
+    value_clip: float = Field(0.2, gt=0.0, description="clip range of the value prediction (PPO2 value clipping)")
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss in the stage loss")
+    ptx_coef: float = Field(0.5, ge=0.0, description="weight of the ptx term (next-token loss on an SFT batch, InstructGPT's "
+                                                      "PPO-ptx); 0 turns it off (the corrupted-batch fault then only negates advantages)")
+    value_lr: float = Field(1e-3, gt=0.0, le=10.0, description="AdamW learning rate of the value head (its own optimizer)")
+
+    @model_validator(mode="after")
+    def _minibatches_fit(self) -> "PPOStage":
+        if self.minibatches * self.world_size > self.batch_size:
+            raise ValueError(f"minibatches ({self.minibatches}) x world_size ({self.world_size}) is above "
+                             f"batch_size ({self.batch_size}): every minibatch needs a prompt on every rank")
+        return self
 
 
 class DPOStage(_StageBase):

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +34,7 @@ __all__ = [
     "load_dashboards",
     "push_dashboards",
     "annotate",
+    "BackgroundAnnotator",
     "add_dashboards_parser",
     "run_dashboards",
 ]
@@ -50,14 +53,18 @@ class GrafanaAuthError(GrafanaError):
 
 
 def annotation_tags(
-    event: Literal["incident", "rollback"], *, run: str, stage: str | None = None, kind: str | None = None
+    event: Literal["incident", "rollback", "proposal"], *, run: str, stage: str | None = None,
+    kind: str | None = None, state: str | None = None,
 ) -> list[str]:
-    """Tags for an incident or rollback annotation; the dashboards query by these."""
+    """Tags for an incident, rollback or recovery-proposal annotation; the dashboards query by
+    these. `state`: a proposal's (proposed, approved, rejected, expired, superseded)."""
     tags = ["trainguard", event, f"run:{run}"]
     if stage:
         tags.append(f"stage:{stage}")
     if kind:
         tags.append(f"kind:{kind}")
+    if state:
+        tags.append(f"state:{state}")
     return tags
 
 
@@ -125,6 +132,36 @@ class GrafanaClient:
             time_to=int(time_end_ms if time_end_ms is not None else time_ms), tags=list(tags), text=text,
         )
         return result.get("id")
+
+
+class BackgroundAnnotator:
+    """Adds annotations off the caller's thread, one at a time: a recovery decision never waits
+    on Grafana, and a Grafana that is down costs a logged warning, nothing more."""
+
+    def __init__(self, client: GrafanaClient) -> None:
+        self.client = client
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grafana-annotate")
+        self._last: Future[Any] | None = None
+
+    def post(self, *, text: str, tags: list[str], time_ms: int | None = None) -> Future[Any]:
+        at = int(time.time() * 1000) if time_ms is None else int(time_ms)
+        self._last = self._pool.submit(self._post, text, list(tags), at)
+        return self._last
+
+    def _post(self, text: str, tags: list[str], at: int) -> int | None:
+        try:
+            return self.client.annotate(text=text, tags=tags, time_ms=at)
+        except GrafanaError as e:
+            log.warning("Grafana annotation %r not added: %s", text[:80], e)
+            return None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what was posted so far has been sent (tests, shutdown)."""
+        if self._last is not None:
+            self._last.result(timeout=timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
 
 
 def _message(e: GrafanaException) -> str:

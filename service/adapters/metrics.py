@@ -15,7 +15,7 @@ from typing import Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainguard.workers.contract import MetricName
+from trainguard.workers.contract import STAGE_METRIC_NAMES, MetricName
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,10 @@ class DirectScrapeSource:
 
 # gauge -> the key of the worker's per-step history record that carries the same value
 _PROM_TO_RECORD = {
-    MetricName.TRAIN_LOSS: "loss", MetricName.VAL_LOSS: "val_loss", MetricName.GRAD_NORM: "grad_norm", MetricName.LEARNING_RATE: "lr",
-    MetricName.SPIKE_SCORE: "spike_score", MetricName.REWARD_MEAN: "reward_mean", MetricName.KL: "kl", MetricName.KL_TARGET: "kl_target",
-    MetricName.KL_COEF: "kl_coef", MetricName.PREFERENCE_ACCURACY: "preference_accuracy", MetricName.DPO_REWARD_MARGIN: "dpo_reward_margin",
-    MetricName.DPO_CHOSEN_LOGPROB: "dpo_chosen_logprob",
+    MetricName.TRAIN_LOSS: "loss", MetricName.GRAD_NORM: "grad_norm", MetricName.LEARNING_RATE: "lr",
+    MetricName.SPIKE_SCORE: "spike_score",
+    # every stage gauge (val loss, RLHF signals): the contract's table, inverted
+    **{name: key for key, name in STAGE_METRIC_NAMES.items()},
 }
 _PROM_NAMES = (
     MetricName.STEP, *_PROM_TO_RECORD, MetricName.LAST_STEP_TS, MetricName.WORKER_PAUSED, _ANOMALIES_TOTAL, _GPU_XID_TOTAL, _GPU_ECC_TOTAL,

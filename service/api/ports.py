@@ -19,7 +19,10 @@ __all__ = ["ControllerPort"]
 
 @runtime_checkable
 class ControllerPort(Protocol):
-    def submit(self, spec: PipelineSpec, *, actor: str) -> str: ...
+    def submit(self, spec: PipelineSpec, *, actor: str, recovery_mode: str | None = None) -> str:
+        """`recovery_mode`: auto, approve or observe; None: the deployment's default. (The API
+        passes it only when the request names one.)"""
+        ...
 
     def pause(self, run_id: str, *, actor: str) -> None: ...
 
@@ -50,6 +53,17 @@ class ControllerPort(Protocol):
         """Roll back to `checkpoint_id` (None: the newest good checkpoint). `skip`: add the batches
         since the checkpoint to the skip list; `lr_multiplier`: None means the policy's lr_backoff.
         Returns {"incident", "action", "rollback_to_step"}."""
+        ...
+
+    def approve_proposal(self, run_id: str, proposal_id: int, *, actor: str, note: str | None = None) -> dict[str, Any]:
+        """Carry out a waiting recovery proposal exactly as recorded. NotFound: no such proposal
+        in the run; Conflict: decided already, made in observe mode, or no longer applicable
+        (then marked expired; nothing changed). Returns {"proposal", "state", "incident",
+        "action", "rollback_to_step", "run_state"}."""
+        ...
+
+    def reject_proposal(self, run_id: str, proposal_id: int, *, actor: str, note: str | None = None) -> dict[str, Any]:
+        """Decline a waiting proposal; nothing else changes. Same errors and answer as approve."""
         ...
 
     def handle_alerts(self, payload: "AlertmanagerPayload", *, actor: str) -> dict[str, int]:

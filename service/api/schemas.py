@@ -11,6 +11,7 @@ __all__ = [
     "AnnealRequest",
     "RollbackRequest",
     "RollbackAccepted",
+    "ProposalDecision",
     "Alert",
     "AlertmanagerPayload",
     "AlertsResult",
@@ -61,6 +62,12 @@ class RollbackRequest(_Body):
     lr_multiplier: float | None = Field(
         None, gt=0.0, le=1.0, description="multiply the learning rate by this; default: the recovery policy's backoff"
     )
+
+
+class ProposalDecision(_Body):
+    """Body of POST /runs/{id}/proposals/{pid}/approve|reject (optional)."""
+
+    note: str | None = Field(None, max_length=500, description="why; kept with the proposal and in the event log")
 
 
 class RollbackAccepted(BaseModel):

@@ -20,11 +20,14 @@ from trainguard.service.db.models import (
     INCIDENT_OUTCOMES,
     INCIDENT_SOURCES,
     OPEN_OUTCOMES,
+    PROPOSAL_STATES,
+    RECOVERY_MODES,
     RUN_STATES,
     STAGE_STATES,
     Checkpoint,
     Event,
     Incident,
+    Proposal,
     Run,
     RunStage,
     utcnow,
@@ -57,6 +60,12 @@ __all__ = [
     "add_event",
     "list_events",
     "count_events",
+    "create_proposal",
+    "get_proposal",
+    "update_proposal",
+    "list_proposals",
+    "count_proposals",
+    "due_proposals",
 ]
 
 
@@ -94,17 +103,20 @@ def new_run_id() -> str:
     return f"run-{secrets.token_hex(6)}"
 
 
-def create_run(session: Session, *, name: str, spec_json: str, actor: str) -> Run:
+def create_run(session: Session, *, name: str, spec_json: str, actor: str, recovery_mode: str = "auto") -> Run:
     """Insert a run, one RunStage per spec stage (state pending) and a "submitted" event."""
+    recovery_mode = _value(recovery_mode)
+    _check_choice("recovery mode", recovery_mode, RECOVERY_MODES)
     spec = json.loads(spec_json)
-    run = Run(id=new_run_id(), name=name, spec=spec_json)
+    run = Run(id=new_run_id(), name=name, spec=spec_json, recovery_mode=recovery_mode)
     session.add(run)
     session.flush()  # no ORM relationships: the run row must exist before rows pointing at it
     for index, stage in enumerate(spec.get("stages", [])):
         session.add(
             RunStage(run_id=run.id, index=index, name=stage["name"], kind=stage["kind"], steps=int(stage["steps"]))
         )
-    session.add(Event(run_id=run.id, actor=actor, kind="submitted", detail={"name": name}, result="ok"))
+    session.add(Event(run_id=run.id, actor=actor, kind="submitted", detail={"name": name, "recovery_mode": recovery_mode},
+                      result="ok"))
     return _save(session, run)
 
 
@@ -423,3 +435,58 @@ def list_events(session: Session, *, run_id: str, limit: int | None = None, offs
 
 def count_events(session: Session, *, run_id: str) -> int:
     return session.exec(select(func.count()).select_from(Event).where(Event.run_id == run_id)).one()
+
+
+# --- proposals ------------------------------------------------------------------------
+
+
+def create_proposal(session: Session, *, run_id: str, **fields: Any) -> Proposal:
+    prop = Proposal(run_id=run_id, **{k: _value(v) for k, v in fields.items()})
+    _check_choice("proposal state", prop.state, PROPOSAL_STATES)
+    _check_choice("recovery mode", prop.mode, RECOVERY_MODES)
+    return _save(session, prop)
+
+
+def get_proposal(session: Session, *, run_id: str, proposal_id: int) -> Proposal | None:
+    """None when the id is unknown or belongs to another run."""
+    prop = session.get(Proposal, proposal_id)
+    if prop is None or prop.run_id != run_id:
+        return None
+    return prop
+
+
+def update_proposal(session: Session, *, proposal: Proposal, **fields: Any) -> Proposal:
+    _apply(proposal, fields, forbidden=("id", "run_id"))
+    if "state" in fields:
+        _check_choice("proposal state", proposal.state, PROPOSAL_STATES)
+    return _save(session, proposal)
+
+
+def _proposals_query(run_id: str, state: str | None, stage_name: str | None) -> Any:
+    q = select(Proposal).where(Proposal.run_id == run_id)
+    if state is not None:
+        q = q.where(Proposal.state == _value(state))
+    if stage_name is not None:
+        q = q.where(Proposal.stage_name == stage_name)
+    return q
+
+
+def list_proposals(session: Session, *, run_id: str, state: str | None = None, stage_name: str | None = None,
+                   limit: int | None = None, offset: int = 0) -> list[Proposal]:
+    """Oldest first."""
+    q = _proposals_query(run_id, state, stage_name).order_by(col(Proposal.id)).offset(offset)
+    if limit is not None:
+        q = q.limit(limit)
+    return list(session.exec(q).all())
+
+
+def count_proposals(session: Session, *, run_id: str, state: str | None = None) -> int:
+    q = _proposals_query(run_id, state, None)
+    return session.exec(select(func.count()).select_from(q.subquery())).one()
+
+
+def due_proposals(session: Session, *, now: Any) -> list[Proposal]:
+    """Proposals still waiting whose auto-apply time has come, oldest first (every run)."""
+    q = select(Proposal).where(Proposal.state == "proposed", col(Proposal.auto_apply_at).is_not(None),
+                               col(Proposal.auto_apply_at) <= now).order_by(col(Proposal.id))
+    return list(session.exec(q).all())

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import ConfigDict, field_validator
 from sqlmodel import JSON, Field, SQLModel
 
+from trainguard.service.domain.proposal import PROPOSAL_STATES, RECOVERY_MODES
 from trainguard.service.domain.state import RunState, StageState
 
 __all__ = [
@@ -46,12 +47,19 @@ __all__ = [
     "Event",
     "EventPublic",
     "EventsPublic",
+    "RECOVERY_MODES",
+    "PROPOSAL_STATES",
+    "ProposalBase",
+    "Proposal",
+    "ProposalPublic",
+    "ProposalsPublic",
 ]
 
 RUN_STATES = tuple(s.value for s in RunState)
 STAGE_STATES = tuple(s.value for s in StageState)
 INCIDENT_SOURCES = ("watch", "alert", "operator")
-INCIDENT_OUTCOMES = ("open", "recovering", "resolved", "needs_attention", "failed", "ignored")
+# observed: observe mode proposed a recovery and, by design, did nothing
+INCIDENT_OUTCOMES = ("open", "recovering", "resolved", "needs_attention", "failed", "ignored", "observed")
 OPEN_OUTCOMES = ("open", "recovering")
 RUN_ID_PATTERN = r"^run-[0-9a-f]{12}$"
 
@@ -87,6 +95,7 @@ class RunBase(SQLModel):
     lr_multiplier: float = 1.0
     goodput: float | None = None
     error: str | None = None
+    recovery_mode: str = "auto"  # auto | approve | observe (service/domain/proposal.py)
 
 
 class Run(RunBase, table=True):
@@ -105,6 +114,9 @@ class RunCreate(SQLModel):
 
     spec: dict[str, Any] | None = None
     yaml: str | None = None
+    recovery_mode: Literal["auto", "approve", "observe"] | None = None
+    """auto: recover on its own; approve: propose, act once an operator approves; observe:
+    propose, never act. Default: the deployment's TRAINGUARD_RECOVERY_MODE."""
 
 
 class RunPublic(RunBase):
@@ -271,4 +283,52 @@ class EventPublic(EventBase):
 
 class EventsPublic(SQLModel):
     data: list[EventPublic]
+    count: int
+
+
+# --- recovery proposals (approve / observe modes) ---------------------------------------
+
+
+class ProposalBase(SQLModel):
+    """A recovery the policy decided on and the run's mode did not carry out on its own: the
+    Decision field for field, what it was about, and what became of it."""
+
+    stage_name: str
+    incident_id: int | None = None
+    mode: str  # the run's recovery mode when it was proposed: approve | observe
+    kind: str  # the incident kind
+    action: str  # rollback | restart | needs_attention
+    reason: str
+    checkpoint_step: int | None = None  # the target checkpoint (None: the stage's input)
+    checkpoint_ref: str | None = None  # its path
+    checkpoint_id: int | None = None
+    skip: list[list[int]] = Field(default_factory=list, sa_type=JSON)  # half-open [a, b) batch ranges
+    lr_multiplier: float = 1.0  # factor on the checkpoint's LR multiplier
+    lr_target: float | None = None  # the absolute LR multiplier the run would have
+    attempt: int = 0
+    source: str | None = None  # budget source
+    evidence: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    at_step: int | None = None  # the stage's last step when it was proposed
+    state: str = "proposed"
+    proposed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    auto_apply_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # approve mode with a timeout
+    decided_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    decided_by: str | None = None
+    note: str | None = None  # the operator's note, or why it expired / was superseded
+
+
+class Proposal(ProposalBase, table=True):
+    __tablename__ = "proposal"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+
+
+class ProposalPublic(ProposalBase):
+    id: int
+    run_id: str
+
+
+class ProposalsPublic(SQLModel):
+    data: list[ProposalPublic]
     count: int

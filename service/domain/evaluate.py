@@ -43,6 +43,11 @@ class WatchConfig:
     val_divergence: detectors.ValDivergenceConfig = field(default_factory=detectors.ValDivergenceConfig)
     reward_hacking: detectors.RewardHackingConfig = field(default_factory=detectors.RewardHackingConfig)
     dpo_collapse: detectors.DpoCollapseConfig = field(default_factory=detectors.DpoCollapseConfig)
+    policy_ratio: detectors.PolicyRatioConfig = field(default_factory=detectors.PolicyRatioConfig)
+    negative_kl: detectors.NegativeKlConfig = field(default_factory=detectors.NegativeKlConfig)
+    entropy_collapse: detectors.EntropyCollapseConfig = field(default_factory=detectors.EntropyCollapseConfig)
+    response_length: detectors.ResponseLengthConfig = field(default_factory=detectors.ResponseLengthConfig)
+    value_loss: detectors.ValueLossConfig = field(default_factory=detectors.ValueLossConfig)
     hang: detectors.HangConfig = field(default_factory=detectors.HangConfig)
     straggler: detectors.StragglerConfig = field(default_factory=detectors.StragglerConfig)
     gpu: detectors.GpuFaultConfig = field(default_factory=detectors.GpuFaultConfig)
@@ -143,7 +148,8 @@ def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
                                                     cfg.instability, after=after.get("instability"))
                        for r in ranks[:1]]))
     if 0 in recs:
-        add(_stage_kind_finding(signals.kind, recs[0], cfg, after))
+        for kind_finding in _stage_kind_findings(signals.kind, recs[0], cfg, after):
+            add(kind_finding)
     if cfg.sparse:
         add(_earliest([_guard_spike(recs[r], after.get("loss_spike")) for r in ranks]))
     if len(ranks) > 1:
@@ -158,19 +164,32 @@ def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
     return sorted(out, key=lambda f: f.onset_step)
 
 
-def _stage_kind_finding(kind: str, r0: list[Record], cfg: WatchConfig, after: Mapping[str, int]) -> Finding | None:
-    """The detectors that only make sense for some stage kinds (rank 0's series)."""
+def _stage_kind_findings(kind: str, r0: list[Record], cfg: WatchConfig, after: Mapping[str, int]) -> list[Finding]:
+    """The detectors that only make sense for some stage kinds (rank 0's series); at most one
+    finding per kind."""
+    found: list[Finding | None] = []
     if kind in ("sft", "pretrain", "anneal"):
-        return detectors.detect_val_divergence(_samples(r0, "val_loss"), _samples(r0, "loss"), cfg.val_divergence,
-                                               after=after.get("val_divergence"))
-    if kind == "ppo":
-        return detectors.detect_reward_hacking(_samples(r0, "reward_mean"), _samples(r0, "kl"),
-                                               _samples(r0, "kl_target") or None, cfg.reward_hacking,
-                                               after=after.get("reward_hacking"))
-    if kind == "dpo":
-        return detectors.detect_dpo_collapse(_samples(r0, "dpo_chosen_logprob"), _samples(r0, "dpo_reward_margin"),
-                                             cfg.dpo_collapse, after=after.get("dpo_collapse"))
-    return None
+        found.append(detectors.detect_val_divergence(_samples(r0, "val_loss"), _samples(r0, "loss"), cfg.val_divergence,
+                                                     after=after.get("val_divergence")))
+    elif kind == "ppo":
+        kl = _samples(r0, "kl")
+        found += [
+            detectors.detect_reward_hacking(_samples(r0, "reward_mean"), kl, _samples(r0, "kl_target") or None,
+                                            cfg.reward_hacking, after=after.get("reward_hacking")),
+            detectors.detect_policy_ratio(_samples(r0, "ppo_ratio_mean"), _samples(r0, "ppo_clip_fraction"),
+                                          cfg.policy_ratio, after=after.get("policy_ratio")),
+            detectors.detect_negative_kl(kl, cfg.negative_kl, after=after.get("negative_kl")),
+            detectors.detect_entropy_collapse(_samples(r0, "policy_entropy"), cfg.entropy_collapse,
+                                              after=after.get("entropy_collapse")),
+            detectors.detect_response_length(_samples(r0, "response_length"), cfg.response_length,
+                                             after=after.get("response_length")),
+            detectors.detect_value_loss_explosion(_samples(r0, "value_loss"), cfg.value_loss,
+                                                  after=after.get("value_loss_explosion")),
+        ]
+    elif kind == "dpo":
+        found.append(detectors.detect_dpo_collapse(_samples(r0, "dpo_chosen_logprob"), _samples(r0, "dpo_reward_margin"),
+                                                   cfg.dpo_collapse, after=after.get("dpo_collapse")))
+    return [f for f in found if f is not None]
 
 
 def _guard_spike(records: Sequence[Record], after: int | None) -> Finding | None:

@@ -10,11 +10,14 @@ Per incident kind:
 |---|---|
 | loss_spike, divergence, nan, grad_explosion | ROLLBACK to the newest good checkpoint >= `margin` steps before the onset; skip batches [checkpoint cursor, onset batch + skip_after); LR x `lr_backoff`. The same region again: skip widened x `widen_factor` per attempt, LR lowered again; after `max_attempts` NEEDS_ATTENTION |
 | reward_hacking, dpo_collapse | ROLLBACK as above with the LR backoff but no skip: PPO/DPO drift is not caused by particular batches, a lower LR is what helps |
+| policy_ratio, entropy_collapse, response_length, value_loss_explosion | ROLLBACK as above, no skip, LR x `lr_backoff`: PPO updates that were too drastic (ratio, clip fraction), a policy collapsing onto one answer or one length while it exploits the reward model, a critic that cannot follow the returns: all driven by the step size, not by particular prompts |
+| negative_kl | NOTIFY: the responses are not sampled from the policy (a configuration fault); a rollback would replay it |
 | instability | ROLLBACK as above, no skip, LR x `lr_backoff` (the loss oscillating above its best while the LR is high: the LR is the cause, not the data); NOTIFY instead when `instability_action` is "notify" |
-| worker_lost, hang | RESTART from the newest good checkpoint; no skip, no LR change |
+| worker_lost, node_lost, hang | RESTART from the newest good checkpoint; no skip, no LR change (node_lost: on the capacity left; no spare that lived on the lost node) |
 | gpu_fault | RESTART from the newest good checkpoint saved before the onset (the GPU may have computed garbage since) |
 | straggler | NOTIFY: nothing is wrong with the model; an operator may drain the node |
 | val_divergence | NOTIFY, naming the checkpoint with the best validation loss (checkpoint_step) for the controller to tag "keep" |
+| insufficient_resources | NEEDS_ATTENTION: the stage's worker group could not be placed (its placement group was not ready within the wait); the evidence names what was asked and what is free. Waiting longer is the placement wait's job and an automatic retry would only hold a half-reserved cluster again; an operator frees capacity (or adds nodes) and resumes — the stage restarts from its newest good checkpoint. Spends no budget |
 
 Budgets are counted per source ("spike", "worker", "hang", "gpu"; -1 = unlimited);
 an exhausted budget means NEEDS_ATTENTION. With no good checkpoint at all,
@@ -51,17 +54,22 @@ __all__ = [
     "NO_SKIP_ROLLBACK_KINDS",
     "RESTART_KINDS",
     "NOTIFY_KINDS",
+    "ATTENTION_KINDS",
 ]
 
 K = IncidentKind
 ROLLBACK_KINDS = frozenset({K.LOSS_SPIKE.value, K.DIVERGENCE.value, K.NAN.value, K.GRAD_EXPLOSION.value})
-NO_SKIP_ROLLBACK_KINDS = frozenset({K.REWARD_HACKING.value, K.DPO_COLLAPSE.value, K.INSTABILITY.value})
-RESTART_KINDS = frozenset({K.WORKER_LOST.value, K.HANG.value, K.GPU_FAULT.value})
-NOTIFY_KINDS = frozenset({K.STRAGGLER.value, K.VAL_DIVERGENCE.value})
+NO_SKIP_ROLLBACK_KINDS = frozenset({K.REWARD_HACKING.value, K.DPO_COLLAPSE.value, K.INSTABILITY.value,
+                                    K.POLICY_RATIO.value, K.ENTROPY_COLLAPSE.value, K.RESPONSE_LENGTH.value,
+                                    K.VALUE_LOSS_EXPLOSION.value})
+RESTART_KINDS = frozenset({K.WORKER_LOST.value, K.NODE_LOST.value, K.HANG.value, K.GPU_FAULT.value})
+NOTIFY_KINDS = frozenset({K.STRAGGLER.value, K.VAL_DIVERGENCE.value, K.NEGATIVE_KL.value})
+ATTENTION_KINDS = frozenset({K.INSUFFICIENT_RESOURCES.value})
 
 _SOURCE = {
     **{k: "spike" for k in ROLLBACK_KINDS | NO_SKIP_ROLLBACK_KINDS},
     K.WORKER_LOST.value: "worker",
+    K.NODE_LOST.value: "worker",
     K.HANG.value: "hang",
     K.GPU_FAULT.value: "gpu",
 }
@@ -276,8 +284,12 @@ def decide(incident: Any, snapshot: RunSnapshot, cfg: RecoveryConfig = RecoveryC
     """The recovery for `incident` (anything with `kind` and `onset_step`, e.g. a Finding)."""
     kind = getattr(incident.kind, "value", incident.kind)
     onset = int(incident.onset_step)
-    if kind not in ROLLBACK_KINDS | NO_SKIP_ROLLBACK_KINDS | RESTART_KINDS | NOTIFY_KINDS:
+    if kind not in ROLLBACK_KINDS | NO_SKIP_ROLLBACK_KINDS | RESTART_KINDS | NOTIFY_KINDS | ATTENTION_KINDS:
         raise ValueError(f"unknown incident kind {kind!r}")
+    if kind == K.INSUFFICIENT_RESOURCES.value:
+        return Decision(Action.NEEDS_ATTENTION,
+                        f"insufficient_resources at step {onset}: the worker group could not be placed in time; "
+                        f"free capacity (or add nodes), then resume the run")
     if kind in NOTIFY_KINDS:
         return _notify(kind, onset, snapshot, cfg)
     if kind == K.INSTABILITY.value and cfg.instability_action == "notify":
@@ -301,6 +313,10 @@ def decide(incident: Any, snapshot: RunSnapshot, cfg: RecoveryConfig = RecoveryC
 def _notify(kind: str, onset: int, snapshot: RunSnapshot, cfg: RecoveryConfig) -> Decision:
     if kind == K.STRAGGLER.value:
         return Decision(Action.NOTIFY, f"straggler since step {onset}: training continues; consider draining the node")
+    if kind == K.NEGATIVE_KL.value:
+        return Decision(Action.NOTIFY, f"negative_kl since step {onset}: the KL estimate to the reference stays below 0, "
+                                       f"so the responses are not sampled from the policy (temperature other than 1, "
+                                       f"forced or banned tokens); fix the sampling: a rollback would not")
     good = [c for c in snapshot.checkpoints if is_good_checkpoint(c, cfg) and "val_loss" in c.metrics]
     best = min(good, key=lambda c: (c.metrics["val_loss"], -c.step)) if good else newest_good_checkpoint(snapshot.checkpoints, cfg, onset)
     keep = f"; keep checkpoint {best.step} (best validation loss)" if best is not None else ""

@@ -6,11 +6,13 @@ so a folder nobody reported is never trusted. They are re-verified against those
 hashes: a missing manifest, or another checkpoint's, means deleted (retention, a rollback, a
 step rewritten), never corrupt; only bytes that differ under the recorded manifest are
 corruption, and are quarantined with an incident.
+
+Scans work from listings (`checkpoint_listing`: each file's size and ETag or mtime, local folders
+and object stores alike) and read only what changed; a use reads everything (`verify`).
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -33,7 +35,8 @@ class CheckpointCatalog:
         self.ledger = ledger
         self._incidents_metric = incidents_metric
         self._verify_lock = threading.Lock()  # the scan job and a decision may both verify
-        self._verified: dict[str, tuple[int, int]] = {}  # local path -> (size, mtime_ns) when verified
+        # path -> its listing (file -> (size, ETag or mtime)) when it last verified
+        self._verified: dict[str, dict[str, tuple[int, str]]] = {}
 
     def register(self, run_id: str, stage: str, reports: Iterable[CheckpointReport]) -> None:
         """What rank 0 reported it wrote, with the hashes that anchor every later load."""
@@ -60,27 +63,55 @@ class CheckpointCatalog:
                         self.verify(row)
 
     def verify(self, row: Checkpoint, *, force: bool = False) -> bool:
-        """Does `row` still hold the bytes its worker reported? Local folders are re-read only when
-        their size or mtime changed; an object store's are fetched and hashed only right before a
-        use (`force`: always re-read). Marks the row deleted or quarantined when it does not."""
-        from trainguard.workers.runtime.checkpoint import CheckpointCorrupt, CheckpointError, verify_checkpoint
+        """Does `row` still hold the bytes its worker reported? Marks the row deleted or
+        quarantined when it does not.
 
-        remote = "://" in row.path
-        sig = None if remote else _stat_sig(row.path)
-        if not force and (remote or (sig is not None and self._verified.get(row.path) == sig)):
-            return True
+        The change signature is one listing of the folder (`checkpoint_listing`: each file's
+        size and ETag or mtime; local folders and object stores alike), never the bytes. A scan
+        re-reads only the recorded files whose entry changed since the last verification (and
+        the manifest). A folder seen for the first time is read in full when it is local; on an
+        object store only its manifest is fetched and hashed, and every recorded file must be
+        listed with its recorded size (one that is not is read, which names it). `force` (right
+        before a use): every recorded file is read and hashed, wherever it lives."""
+        from trainguard.workers.contract import MANIFEST_NAME
+        from trainguard.workers.runtime.checkpoint import (
+            CheckpointCorrupt, CheckpointError, CheckpointIncomplete, checkpoint_listing, read_verified,
+        )
+
+        ref = Ledger.ref_of(row)
         try:
-            verify_checkpoint(Ledger.ref_of(row))
+            listing: dict[str, tuple[int, str]] | None = checkpoint_listing(row.path)
+        except OSError as e:
+            if not force:  # the storage is unreachable now: no verdict either way
+                log.warning("listing checkpoint %s of run %s failed: %s", row.step, row.run_id, e)
+                return True
+            listing = None
+        names: list[str] | None = None  # None: every recorded file
+        if not force and listing is not None:
+            seen = self._verified.get(row.path)
+            if seen == listing:
+                return True
+            if seen is not None:
+                names = [n for n in ref.files if n != MANIFEST_NAME and listing.get(n) != seen.get(n)]
+            elif "://" in row.path:
+                names = [n for n in ref.files if n != MANIFEST_NAME
+                         and (n not in listing or listing[n][0] != ref.files[n].get("bytes", listing[n][0]))]
+        try:
+            read_verified(ref, names)  # the manifest first, always: gone unless it is the recorded one
         except CheckpointCorrupt as e:
             self._quarantine(row, str(e))
             return False
         except (CheckpointError, OSError) as e:
+            if not force and "://" in row.path and not isinstance(e, CheckpointIncomplete):
+                # unreadable, not absent (a connection reset mid-read): no verdict in a scan
+                log.warning("checkpoint %s of run %s unreadable now: %s", row.step, row.run_id, e)
+                return True
             log.info("checkpoint %s of run %s is gone: %s", row.step, row.run_id, e)
             self._verified.pop(row.path, None)
             self.ledger.mark_checkpoint_gone(row)
             return False
-        if sig is not None:
-            self._verified[row.path] = sig
+        if listing is not None:  # taken before the read: a change during it shows at the next scan
+            self._verified[row.path] = listing
         return True
 
     def verified_now(self, run_id: str, path: str, stage: str | None = None) -> bool:
@@ -110,15 +141,3 @@ class CheckpointCatalog:
                     return Ledger.ref_of(row)
         return None
 
-
-def _stat_sig(path: str) -> tuple[int, int]:
-    """(total size, newest mtime) of a checkpoint dir: a byte flipped in place changes it."""
-    size, mtime = 0, 0
-    try:
-        for entry in os.scandir(path):
-            st = entry.stat()
-            size += st.st_size
-            mtime = max(mtime, st.st_mtime_ns)
-    except OSError:
-        pass
-    return size, mtime

@@ -7,12 +7,17 @@ worker group.
     rollback was decided that the loop ended too soon to apply, restarted) | failed: worker
     lost | restart requested: a new group from the decided checkpoint | stop: end the stage
 
+A group that cannot be placed (its placement group not ready in time: WorkerGroup.start
+raises InsufficientResources) is an `insufficient_resources` incident — the policy says
+needs_attention — and the run ends here until an operator resumes it; never a hang.
+
 Other threads talk to it through `request_restart`, `request_stop` and `halt`; the group is
 swapped only on this thread.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainguard.service.domain.detectors import Finding, IncidentKind
 from trainguard.service.domain.policy import in_effect
 from trainguard.service.domain.state import RunState, StageState
 from trainguard.service.supervisor.catalog import CheckpointCatalog
@@ -32,13 +38,31 @@ from trainguard.service.supervisor.stage import ActiveStage
 from trainguard.workers.contract import CheckpointRef, ControlKind
 from trainguard.workers.spec import PipelineSpec
 
-__all__ = ["RunDriver", "DriverParts", "STOP_GRACE_S", "start_worker_group"]
+__all__ = ["RunDriver", "DriverParts", "STOP_GRACE_S", "START_DEADLINE_ENV", "START_TRIES", "start_worker_group",
+           "start_deadline_s"]
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 30.0
 """How long a stopped group may take to write its last checkpoint before it is killed."""
+START_DEADLINE_ENV = "TRAINGUARD_GROUP_START_DEADLINE_S"
+DEFAULT_START_DEADLINE_S = 300.0
+"""How long a worker group started for a recovery may take to its first step (the model and
+checkpoint loaded, the process group up) before it is torn down and started again."""
+START_TRIES = 3
+"""Worker groups a recovery may start before the run needs an operator."""
 _POLL_S = 0.2
+
+
+def start_deadline_s() -> float:
+    return float(os.environ.get(START_DEADLINE_ENV, DEFAULT_START_DEADLINE_S))
+
+
+def _insufficient_resources(e: BaseException) -> bool:
+    """Whether a group's start failed because it could not be placed (workers.group.InsufficientResources)."""
+    from trainguard.workers.group import InsufficientResources
+
+    return isinstance(e, InsufficientResources)
 
 
 def start_worker_group(**kwargs: Any) -> Any:
@@ -145,7 +169,13 @@ class RunDriver(threading.Thread):
         parts, ledger = self.parts, self.parts.ledger
         resume = parts.catalog.resume_point(self.run_id, active.name)
         ledger.start_stage(self.run_id, active.name)
-        group = self._new_group(active.name, outputs, resume)
+        try:
+            group = self._new_group(active.name, outputs, resume)
+        except Exception as e:
+            if not _insufficient_resources(e):
+                raise
+            self._unplaceable(active, e)
+            return False
         targets = parts.watch.targets_of(active, group)  # waits for the workers: not under the lock
         with self.stage_lock:
             active.group, active.targets = group, targets
@@ -166,7 +196,8 @@ class RunDriver(threading.Thread):
             if cmd == "halt":
                 return False
             if cmd == "restart" and self._stop_deadline is None:
-                self._restart(active, outputs, arg)
+                if not self._restart(active, outputs, arg):
+                    return False
                 continue
             status = self._poll()
             if status is None:
@@ -192,17 +223,50 @@ class RunDriver(threading.Thread):
                 restart = self._rollback_missed(active, status)
                 active.done = restart is None
             if restart is not None:
-                self._restart(active, outputs, restart)
-                return None
+                return None if self._restart(active, outputs, restart) else False
             self._finish_stage(active, status)
             return True
         if state == "stopped":
             self.parts.ledger.set_state(self.run_id, RunState.STOPPED, actor="supervisor",
                                         reason=f"stage {active.name} stopped")
             return False
+        late = time.time() - active.started_at > start_deadline_s()
+        if state == "failed" or late:
+            start = self._start_failed(active, status, late=state != "failed")
+            if start is False:
+                return False  # out of tries: the run needs an operator
+            if isinstance(start, dict):
+                return None if self._restart(active, outputs, start) else False
         if state == "failed":
             self.parts.executor.worker_lost(self.run_id, active, status)
         return None
+
+    def _start_failed(self, active: ActiveStage, status: dict[str, Any], *,
+                      late: bool) -> dict[str, Any] | bool | None:
+        """A group started for a recovery died, or reached no step within the deadline, before
+        the recovery took effect (its first step completes it): start another one from the same
+        checkpoint (fresh workers: none from a lost node), up to START_TRIES groups; then the
+        run needs an operator (False). None: not such a group, the caller goes on."""
+        with self.parts.ledger.lock(self.run_id):
+            pend = active.pending
+            if pend is None or not (pend.restart and pend.group_started):
+                return None
+            pend.start_failures += 1
+            why = (f"no step within {start_deadline_s():g} s" if late
+                   else f"failed before its first step: {status.get('error') or 'a rank died'}")
+            nodes = sorted({str(r["node"]) for r in status.get("ranks") or [] if r.get("node_alive") is False})
+            self.parts.ledger.event(self.run_id, "supervisor", "group_start_failed",
+                                    {"stage": active.name, "incident": pend.incident, "attempt": pend.start_failures,
+                                     "reason": why, **({"lost_nodes": nodes} if nodes else {})},
+                                    "retry" if pend.start_failures < START_TRIES else "needs_attention")
+            if pend.start_failures >= START_TRIES:
+                self.parts.executor.give_up(self.run_id, active,
+                                            f"{pend.start_failures} worker groups started for incident {pend.incident} "
+                                            f"did not reach their first step (last: {why})")
+                return False
+            log.warning("run %s: the worker group restarted for incident %s %s; starting another",
+                        self.run_id, pend.incident, why)
+            return {"checkpoint": pend.checkpoint, "incident": pend.incident}
 
     def _rollback_missed(self, active: ActiveStage, status: dict[str, Any]) -> dict[str, Any] | None:
         """Under the run's lock, the group finished with a rollback in flight. Applied (the
@@ -232,7 +296,9 @@ class RunDriver(threading.Thread):
             log.warning("poll of %s failed: %s", self.run_id, e)
             return {"state": "failed", "error": str(e), "failed_rank": None, "ranks": []}
 
-    def _restart(self, active: ActiveStage, outputs: dict[str, str], arg: dict[str, Any]) -> None:
+    def _restart(self, active: ActiveStage, outputs: dict[str, str], arg: dict[str, Any]) -> bool:
+        """A new group from the decided checkpoint; False when none could be placed (the run
+        needs an operator: it ends here)."""
         parts = self.parts
         with self.stage_lock:
             old, active.group, active.targets = active.group, None, []
@@ -243,7 +309,14 @@ class RunDriver(threading.Thread):
                 log.exception("shutdown of old group failed")
         parts.watch.forget(old)
         checkpoint = arg.get("checkpoint")
-        group = self._new_group(active.name, outputs, parts.catalog.ref_for(self.run_id, checkpoint) if checkpoint else None)
+        try:
+            group = self._new_group(active.name, outputs,
+                                    parts.catalog.ref_for(self.run_id, checkpoint) if checkpoint else None)
+        except Exception as e:
+            if not _insufficient_resources(e):
+                raise
+            self._unplaceable(active, e)
+            return False
         targets = parts.watch.targets_of(active, group)
         with parts.ledger.lock(self.run_id), self.stage_lock:  # the lock order everywhere: run, then stage
             if self._halt.is_set() or self._stop_deadline is not None:
@@ -251,11 +324,39 @@ class RunDriver(threading.Thread):
                 # finally kills it), it does not train
                 active.group, active.targets = group, targets
                 self._halt.set()
-                return
+                return True
             pend = active.pending
             active.new_group(group, targets, resumed_at_step=pend.target_step if pend is not None else None)
         parts.ledger.event(self.run_id, "supervisor", "group_restarted", {"stage": active.name, "checkpoint": checkpoint},
                            "ok")
+        return True
+
+    def _unplaceable(self, active: ActiveStage, err: BaseException) -> None:
+        """The stage's worker group could not be placed in time: an `insufficient_resources`
+        incident (evidence: what was asked, what is free), which the policy hands to an operator;
+        a recovery that needed the group is given up with it. The run then needs attention."""
+        parts = self.parts
+        step = max(active.last_step, 0)
+        evidence = {**dict(getattr(err, "evidence", {}) or {}), "error": str(err)[:2000]}
+        log.warning("run %s: stage %s could not be placed: %s", self.run_id, active.name, err)
+        if parts.ledger.run_state(self.run_id) == RunState.PENDING:
+            # the run's first group: pending runs may not need attention; it was starting
+            parts.ledger.set_state(self.run_id, RunState.RUNNING, actor="supervisor",
+                                   reason=f"stage {active.name} starting")
+        handled = parts.executor.handle(self.run_id, active,
+                                        Finding(IncidentKind.INSUFFICIENT_RESOURCES.value, step, step, evidence),
+                                        source="watch")
+        with parts.ledger.lock(self.run_id):
+            pend = active.pending
+            state = parts.ledger.run_state(self.run_id)
+            if state in (RunState.STOPPED, RunState.FAILED, RunState.COMPLETED):
+                return  # ended meanwhile (an operator's stop): nothing waits for a group
+            if (pend is not None and pend.incident != handled.incident) or state != RunState.NEEDS_ATTENTION:
+                # the recovery in flight cannot be carried out; or the incident merged into an
+                # open one: either way the run waits for an operator
+                parts.executor.give_up(self.run_id, active,
+                                       f"stage {active.name}: the worker group could not be placed "
+                                       f"(incident {handled.incident}): {str(err)[:500]}")
 
     def _finish_stage(self, active: ActiveStage, status: dict[str, Any]) -> None:
         parts = self.parts

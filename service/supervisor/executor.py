@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 
 from trainguard.service.domain.detectors import Finding, detect_worker_lost
@@ -20,23 +22,32 @@ from trainguard.service.domain.evaluate import WatchConfig
 from trainguard.service.domain.policy import (
     Action, Decision, RunSnapshot, budget_source, decide, dedup_key, in_effect, operator_rollback,
 )
+from trainguard.service.domain.proposal import (
+    ProposalState, RecoveryMode, decision_from_proposal, holds_training, proposal_fields, proposes,
+)
 from trainguard.service.domain.state import TERMINAL_RUN_STATES, RunState
+from trainguard.service.db.models import Proposal
 from trainguard.service.supervisor.catalog import CheckpointCatalog
 from trainguard.service.supervisor.ledger import Ledger, row_id
 from trainguard.service.supervisor.stage import ActiveStage, PendingRecovery
 from trainguard.service.telemetry import SupervisorMetrics
 from trainguard.workers.contract import ControlKind
 
-__all__ = ["RecoveryExecutor", "Handled", "OPERATOR_ROLLBACK", "SPIKE_FAMILY"]
+__all__ = ["RecoveryExecutor", "Handled", "OPERATOR_ROLLBACK", "SPIKE_FAMILY", "ProposalListener"]
 
 log = logging.getLogger(__name__)
 
 OPERATOR_ROLLBACK = "operator_rollback"
 SPIKE_FAMILY = frozenset({"loss_spike", "divergence", "nan", "grad_explosion", "reward_hacking", "dpo_collapse",
-                          "instability"})
+                          "instability", "policy_ratio", "entropy_collapse", "response_length", "value_loss_explosion"})
 """Kinds that are one problem seen by several detectors: while a recovery from one is in
 flight, another is the same problem (merged), not a new incident."""
 _MAX_CHECKPOINT_RETRIES = 10
+
+
+ProposalListener = Callable[[Proposal, str], None]
+"""Told of every proposal event (the proposal row, then "proposed", "approved", "rejected",
+"expired" or "superseded"): the controller annotates Grafana with it."""
 
 
 class GroupRestarter(Protocol):
@@ -51,28 +62,41 @@ class Handled:
     created: bool
     action: Action | None = None
     ignored: str | None = None
+    proposal: int | None = None
+    """Approve / observe mode: the proposal recorded instead of carrying `action` out."""
 
 
 class RecoveryExecutor:
     def __init__(self, ledger: Ledger, catalog: CheckpointCatalog, metrics: SupervisorMetrics,
-                 config: WatchConfig, restarter: GroupRestarter) -> None:
+                 config: WatchConfig, restarter: GroupRestarter, *, approval_timeout: float | None = None,
+                 on_proposal: ProposalListener | None = None) -> None:
         self.ledger, self.catalog, self.metrics, self.config = ledger, catalog, metrics, config
         self.restarter = restarter
+        self.approval_timeout = approval_timeout
+        """Approve mode: seconds after which a waiting proposal is carried out as if approved (None: never)."""
+        self.on_proposal = on_proposal
 
     # ---- record --------------------------------------------------------------------------------
     def handle(self, run_id: str, active: ActiveStage, finding: Finding, *, source: str,
                fingerprint: str | None = None, actor: str = "supervisor") -> Handled:
-        """Record the incident (de-duplicated) and carry out the policy's decision once."""
+        """Record the incident (de-duplicated) and carry out the policy's decision once (or, as
+        the run's recovery mode says, record it as a proposal; an operator's request is always
+        carried out)."""
         kind = finding.kind
         with self.ledger.lock(run_id):
-            if self.ledger.run_state(run_id) in TERMINAL_RUN_STATES:
+            run = self.ledger.run(run_id)
+            if RunState(run.state) in TERMINAL_RUN_STATES:
                 return Handled(None, False, ignored="run has ended")
+            mode = RecoveryMode.AUTO if source == "operator" else RecoveryMode(run.recovery_mode)
             pend = active.pending
             if pend is not None and (kind in SPIKE_FAMILY or kind == pend.kind):
                 # a recovery is already in flight for this stage: the same problem seen again
                 return self._merge(pend.incident, fingerprint)
             active.handled_until[kind] = finding.detected_at_step
-            open_same = [i for i in self.ledger.stage_incidents(run_id, active.name, open_only=True) if i.kind == kind]
+            open_same = [i for i in self.ledger.stage_incidents(run_id, active.name, open_only=True)
+                         if i.kind == kind or (kind in SPIKE_FAMILY and i.kind in SPIKE_FAMILY
+                                               and (i.evidence or {}).get("proposal") is not None)]
+            # (a spike-family problem while a proposal about another waits: the same problem)
             if open_same:
                 return self._merge(row_id(open_same[0]), fingerprint)
             generation = len(self.ledger.attempts(run_id, active.name))
@@ -90,6 +114,9 @@ class RecoveryExecutor:
             log.warning("incident %s: %s in %s/%s at step %s (%s)", incident_id, kind, run_id, active.name,
                         finding.onset_step, source)
             decision = self._decide_on_valid_checkpoint(run_id, active, incident_id, finding)
+            if proposes(mode, decision.action):
+                pid = self._propose(run_id, active, incident_id, finding, decision, mode, actor=actor)
+                return Handled(incident_id, True, decision.action, proposal=pid)
             self._carry_out(run_id, active, incident_id, kind, decision, actor=actor)
             return Handled(incident_id, True, decision.action)
 
@@ -148,11 +175,89 @@ class RecoveryExecutor:
                                batch_index_at=batch_at)
         return decide(finding, snapshot, self.config.recovery)
 
+    # ---- propose (approve / observe modes) ------------------------------------------------------
+    def _propose(self, run_id: str, active: ActiveStage, incident_id: int, finding: Finding, decision: Decision,
+                 mode: RecoveryMode, *, actor: str) -> int:
+        """Record the decision as a proposal instead of carrying it out; approve mode holds the
+        run for the operator (workers paused, run needs_attention); observe mode touches nothing."""
+        ckpt = (self.ledger.find_checkpoint(run_id, decision.checkpoint_ref, active.name)
+                if decision.checkpoint_ref else None)
+        hold = holds_training(mode, decision.action)
+        auto_at = (self.ledger.now() + timedelta(seconds=self.approval_timeout)
+                   if mode is RecoveryMode.APPROVE and self.approval_timeout is not None else None)
+        prop = self.ledger.create_proposal(
+            run_id, stage_name=active.name, incident_id=incident_id, mode=mode.value, kind=finding.kind,
+            **proposal_fields(decision), checkpoint_id=ckpt.id if ckpt is not None else None,
+            evidence={"onset_step": finding.onset_step, "detected_at_step": finding.detected_at_step,
+                      **finding.evidence},
+            at_step=active.last_step, state=ProposalState.PROPOSED.value, auto_apply_at=auto_at)
+        pid = _pid(prop)
+        inc = self.ledger.incident(incident_id)
+        evidence = {**((inc.evidence if inc is not None else None) or {}), "proposal": pid}
+        if mode is RecoveryMode.OBSERVE:
+            self.ledger.update_incident(incident_id, outcome="observed", evidence=evidence)
+        else:
+            self.ledger.update_incident(incident_id, evidence=evidence)
+        if hold:
+            if active.group is not None:
+                try:
+                    active.group.control(ControlKind.PAUSE, {})
+                except Exception:  # noqa: BLE001 - a dead or hung group holds by itself
+                    log.warning("pause while proposal %s waits failed", pid, exc_info=True)
+            self.ledger.set_state(run_id, RunState.NEEDS_ATTENTION, actor=actor,
+                                  reason=f"proposal {pid} waits for approval: {decision.reason}")
+        self.ledger.event(run_id, actor, "recovery_proposed",
+                          {"proposal": pid, "incident": incident_id, "kind": finding.kind, "mode": mode.value,
+                           **decision.to_dict(), "auto_apply_at": auto_at.isoformat() if auto_at else None},
+                          "held" if hold else "proposed")
+        log.warning("proposal %s (%s mode) for incident %s of %s: %s", pid, mode.value, incident_id, run_id,
+                    decision.reason)
+        self.announce(prop, ProposalState.PROPOSED.value)
+        return pid
+
+    def announce(self, prop: Proposal, what: str) -> None:
+        if self.on_proposal is None:
+            return
+        try:
+            self.on_proposal(prop, what)
+        except Exception:  # noqa: BLE001 - an annotation never stands in the way of a decision
+            log.warning("announcing proposal %s (%s) failed", prop.id, what, exc_info=True)
+
+    def carry_out_proposal(self, run_id: str, active: ActiveStage, prop: Proposal, *, actor: str) -> Decision:
+        """Carry out an approved proposal exactly as it was recorded (the caller holds the run's
+        lock and has checked it still applies: same stage, checkpoint verified)."""
+        decision = decision_from_proposal(
+            action=prop.action, reason=prop.reason, checkpoint_step=prop.checkpoint_step,
+            checkpoint_ref=prop.checkpoint_ref, skip=prop.skip or [], lr_multiplier=prop.lr_multiplier,
+            lr_target=prop.lr_target, attempt=prop.attempt, source=prop.source)
+        if prop.incident_id is None:
+            raise ValueError(f"proposal {prop.id} has no incident")
+        self._carry_out(run_id, active, prop.incident_id, prop.kind, decision, actor=actor)
+        return decision
+
+    def _supersede(self, run_id: str, stage: str, incident_id: int) -> None:
+        """A recovery of the stage is being carried out: proposals still waiting for it are moot."""
+        for prop in self.ledger.waiting_proposals(run_id, stage):
+            if prop.incident_id == incident_id:
+                continue
+            note = f"superseded by the recovery of incident {incident_id}"
+            prop = self.ledger.update_proposal(run_id, _pid(prop), state=ProposalState.SUPERSEDED.value,
+                                               decided_at=self.ledger.now(), decided_by="supervisor", note=note)
+            if prop.incident_id is not None:
+                inc = self.ledger.incident(prop.incident_id)
+                if inc is not None and inc.outcome == "open":
+                    self.ledger.update_incident(prop.incident_id, outcome="ignored",
+                                                evidence={**(inc.evidence or {}), "closed": note})
+            self.ledger.event(run_id, "supervisor", "proposal_superseded",
+                              {"proposal": prop.id, "incident": prop.incident_id, "by_incident": incident_id}, "ok")
+            self.announce(prop, ProposalState.SUPERSEDED.value)
+
     # ---- carry out -----------------------------------------------------------------------------
     def _carry_out(self, run_id: str, active: ActiveStage, incident_id: int, kind: str, decision: Decision,
                    *, actor: str) -> None:
         action = decision.action
         if action in (Action.ROLLBACK, Action.RESTART):
+            self._supersede(run_id, active.name, incident_id)
             self._recover(run_id, active, incident_id, kind, decision, actor=actor)
         elif action == Action.NEEDS_ATTENTION:
             self.ledger.update_incident(incident_id, action=action.value, outcome="needs_attention",
@@ -206,6 +311,16 @@ class RecoveryExecutor:
             log.warning("rollback control failed (%s); restarting the group instead", e)
             return False
 
+    def give_up(self, run_id: str, active: ActiveStage, reason: str) -> None:
+        """The recovery in flight cannot be carried out (its worker groups never came up): the
+        incident and the run need an operator, who may resume (a new driver starts the stage
+        from its newest good checkpoint)."""
+        with self.ledger.lock(run_id):
+            pend, active.pending = active.pending, None
+            if pend is not None:
+                self.ledger.update_incident(pend.incident, outcome="needs_attention")
+            self.ledger.set_state(run_id, RunState.NEEDS_ATTENTION, actor="supervisor", reason=reason)
+
     def recovered(self, active: ActiveStage, *, step: int, at: float) -> None:
         """The recovery in flight took effect at rank 0's `step` (unix time `at`)."""
         pend, active.pending = active.pending, None
@@ -223,3 +338,9 @@ class RecoveryExecutor:
         self.ledger.event(active.run_id, "supervisor", "recovered",
                           {"incident": pend.incident, "step": step, "seconds": round(secs, 3)}, "ok")
 
+
+
+def _pid(prop: Proposal) -> int:
+    if prop.id is None:
+        raise ValueError("proposal was never saved")
+    return prop.id

@@ -18,7 +18,7 @@ from sqlmodel import Session
 
 from trainguard.service import errors
 from trainguard.service.db import crud
-from trainguard.service.db.models import Checkpoint, Incident, Run
+from trainguard.service.db.models import Checkpoint, Incident, Proposal, Run
 from trainguard.service.domain.policy import Attempt, CheckpointInfo
 from trainguard.service.domain.state import FINAL_STAGE_STATES, RunState, StageState, transition_to
 from trainguard.workers.contract import CheckpointRef, CheckpointReport
@@ -66,9 +66,9 @@ class Ledger:
     def run_state(self, run_id: str) -> RunState:
         return RunState(self.run(run_id).state)
 
-    def create_run(self, *, name: str, spec_json: str, actor: str) -> str:
+    def create_run(self, *, name: str, spec_json: str, actor: str, recovery_mode: str = "auto") -> str:
         with self.session() as s:
-            return crud.create_run(s, name=name, spec_json=spec_json, actor=actor).id
+            return crud.create_run(s, name=name, spec_json=spec_json, actor=actor, recovery_mode=recovery_mode).id
 
     def runs_in(self, states: frozenset[RunState]) -> list[Run]:
         with self.session() as s:
@@ -173,6 +173,29 @@ class Ledger:
                     crud.update_incident(s, incident=inc, outcome="resolved", resolved_at=self.now())
                     n += 1
         return n
+
+    # ---- proposals (approve / observe modes) -------------------------------------------------
+    def create_proposal(self, run_id: str, **fields: Any) -> Proposal:
+        with self.session() as s:
+            return crud.create_proposal(s, run_id=run_id, **jsonable(fields))
+
+    def proposal(self, run_id: str, proposal_id: int) -> Proposal:
+        with self.session() as s:
+            prop = crud.get_proposal(s, run_id=run_id, proposal_id=proposal_id)
+        return _found(prop, f"proposal {proposal_id} of run {run_id!r}")
+
+    def update_proposal(self, run_id: str, proposal_id: int, **fields: Any) -> Proposal:
+        with self.session() as s:
+            prop = _found(crud.get_proposal(s, run_id=run_id, proposal_id=proposal_id), f"proposal {proposal_id}")
+            return crud.update_proposal(s, proposal=prop, **jsonable(fields))
+
+    def waiting_proposals(self, run_id: str, stage: str | None = None) -> list[Proposal]:
+        with self.session() as s:
+            return crud.list_proposals(s, run_id=run_id, state="proposed", stage_name=stage)
+
+    def due_proposals(self) -> list[Proposal]:
+        with self.session() as s:
+            return crud.due_proposals(s, now=self.now())
 
     # ---- checkpoints -------------------------------------------------------------------------
     def register_checkpoint(self, run_id: str, stage: str, report: CheckpointReport) -> None:

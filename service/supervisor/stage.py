@@ -31,6 +31,7 @@ class PendingRecovery:
     from_step: int = -1  # rank 0's step when the rollback was sent
     restart: bool = False  # carried out by a new worker group (not a control to the live one)
     group_started: bool = False  # that new group is up: its first step completes the recovery
+    start_failures: int = 0  # groups started for it that died or timed out before their first step
 
     def taken_effect(self, step: int) -> bool:
         """Is rank 0's `step` the first one after this recovery was carried out?"""

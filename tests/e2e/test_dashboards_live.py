@@ -62,6 +62,12 @@ MUST_BE_EMPTY = {
     "TrainguardNeedsAttention": "the one crash is recovered",
     "TrainguardSupervisorDown": "the supervisor is up for the whole window",
     "TrainguardRepeatedIncidents": "one incident, under the rule's 3",
+    "TrainguardPolicyRatio": "a healthy PPO clips a few tokens per minibatch, far under the rule's median 0.5",
+    "TrainguardNegativeKl": "PPO samples on-policy (temperature 1): the KL estimate's median stays >= 0",
+    "TrainguardEntropyCollapse": "a 50-step healthy PPO loses a few percent of its entropy, not 60%",
+    "TrainguardResponseLength": "nothing rewards length here: the mean length stays near its median",
+    "TrainguardValueLossExplosion": "the value loss falls from its start, and the stage is shorter than the 5 min offset",
+    "TrainguardDpoCollapse": "a 50-step healthy DPO does not halve its chosen log-probability",
 }
 # Panel or rule expressions whose only values may be NaN here (a panel shows them as gaps).
 NAN_OK = {

@@ -41,6 +41,7 @@ __all__ = [
     "Storage",
     "FsspecStorage",
     "storage_for",
+    "checkpoint_listing",
     "Snapshot",
     "WriteResult",
     "to_cpu",
@@ -93,6 +94,7 @@ class Storage(Protocol):
     def rename(self, src: str, dst: str) -> None: ...
     def remove_tree(self, path: str) -> None: ...
     def display(self, path: str) -> str: ...
+    def listing(self, path: str) -> dict[str, tuple[int, str]]: ...
 
 
 class FsspecStorage:
@@ -120,12 +122,17 @@ class FsspecStorage:
         self.fs.makedirs(path, exist_ok=True)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
+        if self.local:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+        else:
+            self.fs.pipe_file(path, data)  # one PUT (multipart when large), no buffered file object
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as f:
-            return f.read()
+        if self.local:
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        return bytes(self.fs.cat_file(path))  # one GET; open() would ask for the object's info first
 
     def rename(self, src: str, dst: str) -> None:
         if self.local:
@@ -142,6 +149,24 @@ class FsspecStorage:
     def display(self, path: str) -> str:
         return path if self.local else self.fs.unstrip_protocol(path)
 
+    def listing(self, path: str) -> dict[str, tuple[int, str]]:
+        """The files directly in `path`, from one listing call: name -> (size, version marker).
+        The marker is what the store says changes when an object is rewritten: the ETag on S3
+        (a content hash for a plain upload), else the modification time. Empty when `path` does
+        not exist; other errors (an unreachable store) propagate."""
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[str, tuple[int, str]] = {}
+        for e in entries:
+            if e.get("type") != "file":
+                continue
+            marker = next((e[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
+                           if e.get(k) is not None), "")
+            out[str(e["name"]).rstrip("/").rsplit("/", 1)[-1]] = (int(e.get("size") or 0), str(marker))
+        return out
+
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     p = fs.protocol
@@ -149,8 +174,24 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 
 
 def storage_for(url: str | Path) -> tuple[FsspecStorage, str]:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    text = str(url)
+    if "://" in text and not text.startswith("file://"):
+        # No listings cache: fsspec caches a folder's listing per filesystem instance (one per
+        # process), and on s3fs an object another process wrote after this one listed its folder
+        # then does not exist here (exists() False, open() FileNotFoundError). Ranks, the
+        # supervisor and retention all share folders across processes.
+        fs, path = fsspec.core.url_to_fs(text, use_listings_cache=False)
+    else:
+        fs, path = fsspec.core.url_to_fs(text)
     return FsspecStorage(fs), path.rstrip("/") or "/"
+
+
+def checkpoint_listing(path: str | Path) -> dict[str, tuple[int, str]]:
+    """A checkpoint folder's files from one listing (no object is read): name -> (size, version
+    marker: ETag or mtime). The supervisor's change signature for a folder on any storage;
+    empty when the folder is gone, OSError when the storage cannot be reached."""
+    st, p = storage_for(path)
+    return st.listing(p)
 
 
 def stage_root(root: str | Path, run_id: str, stage: str) -> str:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from trainguard.workers.contract import WORKER_LABELS, AnomalyKind, MetricName
+from trainguard.workers.contract import STAGE_METRIC_NAMES, WORKER_LABELS, AnomalyKind, MetricName
 from trainguard.workers.runtime.gpu import GpuHealth
 
 __all__ = ["Exporter", "STAGE_GAUGES", "CHECKPOINT_STALL"]
@@ -31,17 +31,8 @@ CHECKPOINT_STALL = "trainguard_checkpoint_stall_seconds"
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CKPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-# stage metric key (StepResult.metrics / evaluate()) -> gauge name
-STAGE_GAUGES = {
-    "val_loss": MetricName.VAL_LOSS,
-    "reward_mean": MetricName.REWARD_MEAN,
-    "kl": MetricName.KL,
-    "kl_coef": MetricName.KL_COEF,
-    "kl_target": MetricName.KL_TARGET,
-    "preference_accuracy": MetricName.PREFERENCE_ACCURACY,
-    "dpo_reward_margin": MetricName.DPO_REWARD_MARGIN,
-    "dpo_chosen_logprob": MetricName.DPO_CHOSEN_LOGPROB,
-}
+# stage metric key (StepResult.metrics / evaluate()) -> gauge name: the contract's table
+STAGE_GAUGES = dict(STAGE_METRIC_NAMES)
 
 
 class _GpuCollector:

@@ -2,6 +2,12 @@
 
 loss = -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]),
 policy and frozen reference both start from the SFT output.
+
+Signals per step (this rank's share): dpo_reward_margin (the β-scaled margin above),
+preference_accuracy, dpo_chosen_logprob and dpo_rejected_logprob (the policy's summed
+log-probs of the chosen and rejected responses). A β far too small lets the loss keep
+widening the margin by pushing both log-probs down: the chosen log-prob falling while the
+margin grows is the `dpo_collapse` detector's signal.
 """
 from __future__ import annotations
 
@@ -41,15 +47,16 @@ class DPOStage(Stage):
     def model(self) -> GPT:
         return self._model
 
-    def _margins(self, ch, chm, rj, rjm) -> tuple[torch.Tensor, torch.Tensor]:
-        """β·(implicit reward of chosen - of rejected) (B,), and the policy's chosen log-probs (B,)."""
+    def _margins(self, ch, chm, rj, rjm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """β·(implicit reward of chosen - of rejected) (B,), and the policy's chosen and
+        rejected log-probs (B,) each."""
         tokens, mask = torch.cat([ch, rj]), torch.cat([chm, rjm])  # (2B, L)
         pol = sequence_logprobs(self._model, tokens, mask)  # (2B,)
         with torch.no_grad():
             ref = sequence_logprobs(self.reference, tokens, mask)  # (2B,)
         pol_ch, pol_rj = pol.chunk(2)
         ref_ch, ref_rj = ref.chunk(2)
-        return self.ctx.stage.beta * ((pol_ch - ref_ch) - (pol_rj - ref_rj)), pol_ch
+        return self.ctx.stage.beta * ((pol_ch - ref_ch) - (pol_rj - ref_rj)), pol_ch, pol_rj
 
     def step(self, batch_index: int, step: int, mixture: dict[str, float], corrupt: bool = False) -> StepResult:
         ctx = self.ctx
@@ -58,12 +65,13 @@ class DPOStage(Stage):
         if corrupt:
             batch = corrupt_preferences(batch[0], batch[1], "dpo", ctx.seed, batch_index, ctx.rank, tokenizer=ctx.tokenizer)
         ch, chm, rj, rjm = (t.to(ctx.device) for t in batch)  # (B, L) each
-        margin, pol_ch = self._margins(ch, chm, rj, rjm)
+        margin, pol_ch, pol_rj = self._margins(ch, chm, rj, rjm)
         loss = -F.logsigmoid(margin).mean()
         metrics = {
             "dpo_reward_margin": float(margin.detach().mean()),
             "preference_accuracy": float((margin.detach() > 0).float().mean()),
             "dpo_chosen_logprob": float(pol_ch.detach().mean()),
+            "dpo_rejected_logprob": float(pol_rj.detach().mean()),
         }
         pad = ctx.tokenizer.pad
         return StepResult(loss=loss, tokens=int((ch != pad).sum() + (rj != pad).sum()), metrics=metrics)

@@ -4,17 +4,26 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, status
 
 from trainguard.service.access import check_pipeline_access
 from trainguard.service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, SettingsDep, ViewerDep
-from trainguard.service.api.schemas import MAX_DB_INT, AnnealRequest, RollbackAccepted, RollbackRequest
+from trainguard.service.api.schemas import (
+    MAX_DB_INT,
+    AnnealRequest,
+    ProposalDecision,
+    RollbackAccepted,
+    RollbackRequest,
+)
 from trainguard.service.db import crud
 from trainguard.service.db.models import (
     RUN_STATES,
     CheckpointsPublic,
     EventsPublic,
     IncidentsPublic,
+    PROPOSAL_STATES,
+    ProposalPublic,
+    ProposalsPublic,
     Run,
     RunCreate,
     RunDetailPublic,
@@ -27,6 +36,8 @@ from trainguard.workers.spec import PipelineSpec, parse_pipeline, parse_pipeline
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 RunStateName = Literal[RUN_STATES]  # type: ignore[valid-type]
+ProposalStateName = Literal[PROPOSAL_STATES]  # type: ignore[valid-type]
+ProposalIdPath = Annotated[int, Path(ge=1, le=MAX_DB_INT, description="proposal id (see GET /runs/{id}/proposals)")]
 
 # Every list is a page: `count` is the total that matches, `data` at most `limit` of them.
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
@@ -58,7 +69,9 @@ def submit_run(
     checkpoint storage outside the roots this deployment allows."""
     spec = _parse_body(body)  # SpecError is an InvalidRequest-like ValueError: 422
     check_pipeline_access(spec, settings)
-    run_id = controller.submit(spec, actor=principal.actor)
+    # recovery_mode only when asked for: the controller applies the deployment's default otherwise
+    mode = {"recovery_mode": body.recovery_mode} if body.recovery_mode is not None else {}
+    run_id = controller.submit(spec, actor=principal.actor, **mode)
     run = crud.get_run(session, run_id=run_id)
     assert run is not None, f"controller.submit returned {run_id} without storing it"
     return _detail(session, run)
@@ -170,3 +183,51 @@ def list_events(_: ViewerDep, run: RunDep, session: SessionDep, limit: Limit = 1
     """The audit log, oldest first."""
     rows = crud.list_events(session, run_id=run.id, limit=limit, offset=offset)
     return EventsPublic(data=rows, count=crud.count_events(session, run_id=run.id))
+
+
+# --- recovery proposals (approve / observe modes) ----------------------------------------
+
+
+def _proposal_or_404(session: SessionDep, run: Run, proposal_id: int):
+    prop = crud.get_proposal(session, run_id=run.id, proposal_id=proposal_id)
+    if prop is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"proposal {proposal_id} not found in run {run.id}")
+    return prop
+
+
+@router.get("/{run_id}/proposals", response_model=ProposalsPublic)
+def list_proposals(
+    _: ViewerDep,
+    run: RunDep,
+    session: SessionDep,
+    state: ProposalStateName | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+):
+    """Recoveries the run's mode (approve, observe) recorded instead of carrying out, oldest first."""
+    rows = crud.list_proposals(session, run_id=run.id, state=state, limit=limit, offset=offset)
+    return ProposalsPublic(data=rows, count=crud.count_proposals(session, run_id=run.id, state=state))
+
+
+@router.post("/{run_id}/proposals/{proposal_id}/{decision}", status_code=status.HTTP_202_ACCEPTED,
+             response_model=ProposalPublic)
+def decide_proposal(
+    principal: OperatorDep,
+    run: RunDep,
+    session: SessionDep,
+    controller: ControllerDep,
+    proposal_id: ProposalIdPath,
+    decision: Annotated[Literal["approve", "reject"], Path(description="approve: carry it out; reject: decline it")],
+    body: Annotated[ProposalDecision | None, Body()] = None,
+):
+    """`approve`: carry the proposal out exactly as recorded (its checkpoint, verified again
+    first, its skip ranges and LR multiplier). `reject`: decline it; nothing is carried out and
+    the run stays as it is (a run approve mode held stays needs_attention: resume, roll back or
+    stop it). 409, with nothing changed, when it was decided already, or (approve) was made in
+    observe mode or no longer applies (the run ended or moved on, the checkpoint is gone; the
+    proposal is then marked expired). One operation for both keeps the contract tests short."""
+    prop = _proposal_or_404(session, run, proposal_id)
+    act = controller.approve_proposal if decision == "approve" else controller.reject_proposal
+    act(run.id, proposal_id, actor=principal.actor, note=(body or ProposalDecision()).note)
+    session.refresh(prop)  # the controller wrote through its own session
+    return prop

@@ -7,7 +7,8 @@ as a `Finding`, or None. Nothing here reads a clock, a socket or a database.
 Modules: `base` (IncidentKind, Finding, the shared robust statistics), `loss` (loss
 spike, gradient explosion, divergence, NaN), `instability` (loss oscillating well above its
 running best while the LR is high), `post_training` (validation divergence,
-reward hacking, DPO collapse), `health` (hang, straggler, worker lost, GPU fault).
+reward hacking, DPO collapse, and PPO's update health: policy ratio, negative KL estimate,
+entropy collapse, response-length collapse/explosion, value-loss explosion), `health` (hang, straggler, worker lost, GPU fault).
 
 Shared conventions:
 - Windows count *samples*, not steps: a sparse window from Prometheus scrapes
@@ -46,11 +47,21 @@ from trainguard.service.domain.detectors.loss import (
 )
 from trainguard.service.domain.detectors.post_training import (
     DpoCollapseConfig,
+    EntropyCollapseConfig,
+    NegativeKlConfig,
+    PolicyRatioConfig,
+    ResponseLengthConfig,
     RewardHackingConfig,
     ValDivergenceConfig,
+    ValueLossConfig,
     detect_dpo_collapse,
+    detect_entropy_collapse,
+    detect_negative_kl,
+    detect_policy_ratio,
+    detect_response_length,
     detect_reward_hacking,
     detect_val_divergence,
+    detect_value_loss_explosion,
 )
 
 __all__ = [
@@ -64,6 +75,11 @@ __all__ = [
     "ValDivergenceConfig",
     "RewardHackingConfig",
     "DpoCollapseConfig",
+    "PolicyRatioConfig",
+    "NegativeKlConfig",
+    "EntropyCollapseConfig",
+    "ResponseLengthConfig",
+    "ValueLossConfig",
     "HangConfig",
     "StragglerConfig",
     "GpuFaultConfig",
@@ -75,6 +91,11 @@ __all__ = [
     "detect_val_divergence",
     "detect_reward_hacking",
     "detect_dpo_collapse",
+    "detect_policy_ratio",
+    "detect_negative_kl",
+    "detect_entropy_collapse",
+    "detect_response_length",
+    "detect_value_loss_explosion",
     "detect_hang",
     "detect_straggler",
     "detect_worker_lost",

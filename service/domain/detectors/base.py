@@ -41,6 +41,14 @@ class IncidentKind(str, enum.Enum):
     WORKER_LOST = "worker_lost"
     GPU_FAULT = "gpu_fault"
     INSTABILITY = "instability"
+    # PPO update health (detectors/post_training.py)
+    POLICY_RATIO = "policy_ratio"
+    NEGATIVE_KL = "negative_kl"
+    ENTROPY_COLLAPSE = "entropy_collapse"
+    RESPONSE_LENGTH = "response_length"
+    VALUE_LOSS_EXPLOSION = "value_loss_explosion"
+    NODE_LOST = "node_lost"
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,8 +123,10 @@ def detect_straggler(step_seconds: Mapping[int, Iterable[SampleLike]], cfg: Stra
 
 def detect_worker_lost(status: Mapping[str, Any]) -> Finding | None:
     """Ranks that died, from `WorkerGroup.poll()`: {"state", "ranks": [{"rank", "step",
-    "state", "alive", "error"}], "failed_rank", "error"}. A rank that finished or was
-    stopped is not lost; a group in state "failed" is."""
+    "state", "alive", "error", "node", "node_alive"}], "failed_rank", "error"}. A rank that
+    finished or was stopped is not lost; a group in state "failed" is. `node_lost` instead of
+    `worker_lost` when a dead rank's Ray node is gone (`node_alive` False): the evidence names
+    the nodes, and the restart must not count on anything that lived there."""
     ranks = list(status.get("ranks") or [])
     lost = [r for r in ranks if not r.get("alive", True) and r.get("state") not in ("finished", "stopped")]
     if not lost and status.get("state") == "failed":
@@ -134,11 +136,13 @@ def detect_worker_lost(status: Mapping[str, Any]) -> Finding | None:
         return None
     steps = [int(r["step"]) for r in lost if r.get("step") is not None]
     step = min(steps) if steps else 0
+    gone = sorted({str(r["node"]) for r in lost if r.get("node") and r.get("node_alive") is False})
     return Finding(
-        IncidentKind.WORKER_LOST.value,
+        (IncidentKind.NODE_LOST if gone else IncidentKind.WORKER_LOST).value,
         step,
         step,
         {
+            **({"nodes": gone} if gone else {}),
             "ranks": [r.get("rank") for r in lost],
             "errors": {str(r.get("rank")): r.get("error") for r in lost if r.get("error")},
             "group_error": status.get("error"),

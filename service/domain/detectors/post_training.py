@@ -1,5 +1,7 @@
 """Detectors for the post-training stages: validation divergence (SFT overfitting),
-reward hacking (PPO) and DPO collapse. Each compares two series of the same run."""
+reward hacking (PPO), DPO collapse, and the health of PPO's updates: the policy ratio,
+a negative KL estimate, entropy collapse, response-length collapse or explosion, and the
+value loss blowing up."""
 from __future__ import annotations
 
 import bisect
@@ -9,7 +11,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainguard.service.domain.detectors.base import Finding, IncidentKind, RollingMedian, evidence_window, sorted_samples
+from trainguard.service.domain.detectors.base import (
+    Finding,
+    IncidentKind,
+    RollingMedian,
+    evidence_window,
+    json_value,
+    sorted_samples,
+)
 from trainguard.service.domain.series import Sample, SampleLike, asof
 
 __all__ = [
@@ -19,6 +28,16 @@ __all__ = [
     "detect_val_divergence",
     "detect_reward_hacking",
     "detect_dpo_collapse",
+    "PolicyRatioConfig",
+    "NegativeKlConfig",
+    "EntropyCollapseConfig",
+    "ResponseLengthConfig",
+    "ValueLossConfig",
+    "detect_policy_ratio",
+    "detect_negative_kl",
+    "detect_entropy_collapse",
+    "detect_response_length",
+    "detect_value_loss_explosion",
 ]
 
 
@@ -272,5 +291,368 @@ def _dpo_finding(
             "score": med - ch_start,
             "window": evidence_window(ch, o - 4, d),
             "end_step": ch[end_i].step if end_i is not None else None,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- PPO update health
+#
+# The RLHF signals practitioners watch (TRL's "What to look out for", verl's metrics), one
+# detector each. They read the series the PPO stage exports per step (workers/stages/ppo.py):
+# rollout-level values (kl, response_length) repeat on every step of a rollout, update-level
+# values (ratio, clip fraction, entropy, value loss) change every step. Every detector smooths
+# with a rolling median of `window` samples and asks for `persistence` consecutive samples over
+# its threshold, so one odd minibatch never counts.
+
+
+def _finite(xs: Iterable[SampleLike]) -> list[Sample]:
+    return [s for s in sorted_samples(xs) if math.isfinite(s.value)]
+
+
+def _persistent(
+    samples: Sequence[Sample],
+    over: Any,
+    persistence: int,
+    after: int | None,
+) -> tuple[int, int, int | None] | None:
+    """(first index, index where it became conclusive, index of the episode's last sample or
+    None while it goes on) of the first stretch of `persistence` consecutive i with over(i)
+    true whose first sample is after `after`."""
+    run_start: int | None = None
+    found: tuple[int, int] | None = None
+    for i in range(len(samples)):
+        if over(i):
+            if run_start is None:
+                run_start = i
+            if found is None and i - run_start + 1 >= persistence and (after is None or samples[run_start].step > after):
+                found = (run_start, i)
+            continue
+        if found is not None:
+            return found[0], found[1], i - 1
+        run_start = None
+    return (found[0], found[1], None) if found is not None else None
+
+
+def _rolling(samples: Sequence[Sample], window: int) -> list[float]:
+    roll = RollingMedian(window)
+    out = []
+    for s in samples:
+        roll.push(s.value)
+        out.append(roll.median())
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyRatioConfig:
+    """PPO updates too drastic: the policy ratio pi/pi_old far from 1 (TRL's documentation: a
+    mean ratio above 2 means the policy moved much further than the clip allows), or most
+    tokens' ratio outside the clip range."""
+
+    max_ratio_mean: float = 2.0
+    """Smoothed mean ratio above this counts..."""
+    min_ratio_mean: float = 0.5
+    """...and so does one below this."""
+    max_clip_fraction: float = 0.5
+    """Smoothed fraction of tokens whose ratio is outside the clip range above this counts
+    (healthy PPO clips 0.1-0.3 of the tokens at most; single minibatches of a healthy tiny run
+    at a brisk LR reach 0.4-0.6, their rolling median stays near 0.3)."""
+    window: int = 8
+    """Samples per rolling median (two rollouts at the stage's defaults; a rollout's first
+    minibatch has ratio 1 exactly)."""
+    persistence: int = 4
+    """Consecutive smoothed samples over a threshold before it is an incident."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_ratio_mean < 1 < self.max_ratio_mean or not 0 < self.max_clip_fraction <= 1:
+            raise ValueError("need 0 < min_ratio_mean < 1 < max_ratio_mean and 0 < max_clip_fraction <= 1")
+        if self.window < 1 or self.persistence < 1:
+            raise ValueError("window and persistence must be >= 1")
+
+
+def detect_policy_ratio(
+    ratio_mean: Iterable[SampleLike],
+    clip_fraction: Iterable[SampleLike] = (),
+    cfg: PolicyRatioConfig = PolicyRatioConfig(),
+    *,
+    after: int | None = None,
+) -> Finding | None:
+    """First stretch of `persistence` samples where the rolling median of the mean ratio is
+    outside [min_ratio_mean, max_ratio_mean], or that of the clip fraction (as of the same
+    step) is above max_clip_fraction. Onset = the first such sample."""
+    ratio = _finite(ratio_mean)
+    clip = _finite(clip_fraction)
+    if not ratio:
+        return None
+    r_med = _rolling(ratio, cfg.window)
+    c_med = _rolling(clip, cfg.window)
+    c_steps = [s.step for s in clip]
+
+    def clip_at(i: int) -> float | None:
+        j = bisect.bisect_right(c_steps, ratio[i].step) - 1
+        return c_med[j] if j >= 0 else None
+
+    def over(i: int) -> bool:
+        c = clip_at(i)
+        return not cfg.min_ratio_mean <= r_med[i] <= cfg.max_ratio_mean or (c is not None and c > cfg.max_clip_fraction)
+
+    hit = _persistent(ratio, over, cfg.persistence, after)
+    if hit is None:
+        return None
+    o, d, end = hit
+    c = clip_at(d)
+    by_ratio = not cfg.min_ratio_mean <= r_med[d] <= cfg.max_ratio_mean
+    return Finding(
+        IncidentKind.POLICY_RATIO.value,
+        ratio[o].step,
+        ratio[d].step,
+        {
+            "signal": "ratio_mean" if by_ratio else "clip_fraction",
+            "ratio_mean": r_med[d],
+            "clip_fraction": c,
+            "score": r_med[d] if by_ratio else c,
+            "threshold": (cfg.max_ratio_mean if r_med[d] > 1 else cfg.min_ratio_mean) if by_ratio else cfg.max_clip_fraction,
+            "persistence": cfg.persistence,
+            "window": evidence_window(ratio, o - 4, d),
+            "end_step": ratio[end].step if end is not None else None,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NegativeKlConfig:
+    """The KL estimate to the reference below zero: KL(pi || pi_ref) is never negative, and
+    its sampled estimate (the sum of log pi - log pi_ref over a response) is >= 0 in
+    expectation when the responses are sampled from pi. A persistently negative estimate
+    means they are not: a sampling temperature other than 1, forced or banned tokens, a
+    policy/generation mismatch (TRL's documentation: "negative KL")."""
+
+    tolerance: float = 0.1
+    """Nats below zero that count..."""
+    window: int = 12
+    """...for the rolling median of this many samples (three rollouts at the PPO stage's
+    defaults): one rollout's estimate is noisy (a healthy tiny run saw -0.2 once), their
+    median is not."""
+    persistence: int = 4
+    """Consecutive smoothed samples below -tolerance before it is an incident."""
+
+    def __post_init__(self) -> None:
+        if self.tolerance < 0 or self.window < 1 or self.persistence < 1:
+            raise ValueError("tolerance must be >= 0; window and persistence >= 1")
+
+
+def detect_negative_kl(
+    kl: Iterable[SampleLike], cfg: NegativeKlConfig = NegativeKlConfig(), *, after: int | None = None
+) -> Finding | None:
+    """First stretch of `persistence` samples whose rolling median is below -tolerance.
+    Onset = the first negative sample of the window that crossed first."""
+    kls = _finite(kl)
+    med = _rolling(kls, cfg.window)
+    hit = _persistent(kls, lambda i: med[i] < -cfg.tolerance, cfg.persistence, after)
+    if hit is None:
+        return None
+    o, d, end = hit
+    lo = max(0, o - cfg.window + 1)
+    o = next((j for j in range(lo, o + 1) if kls[j].value < 0 and (after is None or kls[j].step > after)), o)
+    return Finding(
+        IncidentKind.NEGATIVE_KL.value,
+        kls[o].step,
+        kls[d].step,
+        {
+            "kl": kls[d].value,
+            "kl_median": med[d],
+            "score": med[d],
+            "threshold": -cfg.tolerance,
+            "persistence": cfg.persistence,
+            "window": evidence_window(kls, o - 4, d),
+            "end_step": kls[end].step if end is not None else None,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntropyCollapseConfig:
+    """Policy entropy collapse: the policy's per-token entropy falls to a small fraction of its
+    start (mode collapse: it answers everything the same way, usually while exploiting the
+    reward model)."""
+
+    baseline: int = 8
+    """First samples whose median is the start value."""
+    window: int = 4
+    """Samples per rolling median."""
+    rel_floor: float = 0.4
+    """The smoothed entropy below this fraction of the start counts (healthy PPO loses entropy
+    slowly: the tiny pipelines lose about 10% in their 30 steps)."""
+    persistence: int = 4
+    """Consecutive smoothed samples under the floor before it is an incident."""
+
+    def __post_init__(self) -> None:
+        if self.baseline < 1 or self.window < 1 or self.persistence < 1 or not 0 < self.rel_floor < 1:
+            raise ValueError("baseline, window, persistence >= 1; 0 < rel_floor < 1")
+
+
+def detect_entropy_collapse(
+    entropy: Iterable[SampleLike], cfg: EntropyCollapseConfig = EntropyCollapseConfig(), *, after: int | None = None
+) -> Finding | None:
+    """First stretch of `persistence` samples whose rolling median is below rel_floor x the
+    median of the first `baseline` samples. Onset = the first such sample."""
+    ent = _finite(entropy)
+    if len(ent) <= cfg.baseline:
+        return None
+    start = statistics.median(s.value for s in ent[: cfg.baseline])
+    if start <= 0:
+        return None
+    floor = cfg.rel_floor * start
+    med = _rolling(ent, cfg.window)
+    hit = _persistent(ent, lambda i: i >= cfg.baseline and med[i] < floor, cfg.persistence, after)
+    if hit is None:
+        return None
+    o, d, end = hit
+    return Finding(
+        IncidentKind.ENTROPY_COLLAPSE.value,
+        ent[o].step,
+        ent[d].step,
+        {
+            "entropy_start": start,
+            "entropy_median": med[d],
+            "score": med[d] / start,
+            "threshold": floor,
+            "window": evidence_window(ent, o - 4, d),
+            "end_step": ent[end].step if end is not None else None,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseLengthConfig:
+    """Response-length collapse or explosion: the mean length of the sampled responses far
+    below or above its start (a reward model that prefers short or long answers, exploited)."""
+
+    baseline: int = 8
+    """First samples whose median is the start value."""
+    window: int = 4
+    """Samples per rolling median."""
+    collapse_ratio: float = 0.5
+    """The smoothed length below this x the start is a collapse..."""
+    explosion_ratio: float = 1.5
+    """...above this x the start an explosion (a length already near the stage's response_len
+    cannot explode: there the collapse is what can be seen)."""
+    persistence: int = 4
+    """Consecutive smoothed samples beyond a bound before it is an incident."""
+
+    def __post_init__(self) -> None:
+        if self.baseline < 1 or self.window < 1 or self.persistence < 1:
+            raise ValueError("baseline, window and persistence must be >= 1")
+        if not 0 < self.collapse_ratio < 1 < self.explosion_ratio:
+            raise ValueError("need 0 < collapse_ratio < 1 < explosion_ratio")
+
+
+def detect_response_length(
+    length: Iterable[SampleLike], cfg: ResponseLengthConfig = ResponseLengthConfig(), *, after: int | None = None
+) -> Finding | None:
+    """First stretch of `persistence` samples whose rolling median is below collapse_ratio x
+    or above explosion_ratio x the median of the first `baseline` samples (one direction per
+    stretch). evidence["direction"]: "collapse" or "explosion"."""
+    xs = _finite(length)
+    if len(xs) <= cfg.baseline:
+        return None
+    start = statistics.median(s.value for s in xs[: cfg.baseline])
+    if start <= 0:
+        return None
+    med = _rolling(xs, cfg.window)
+    lo, hi = cfg.collapse_ratio * start, cfg.explosion_ratio * start
+
+    def side(i: int) -> int:
+        if i < cfg.baseline:
+            return 0
+        return -1 if med[i] < lo else 1 if med[i] > hi else 0
+
+    best: tuple[int, int, int | None] | None = None
+    for direction in (-1, 1):
+        hit = _persistent(xs, lambda i, d=direction: side(i) == d, cfg.persistence, after)
+        if hit is not None and (best is None or hit[0] < best[0]):
+            best = hit
+    if best is None:
+        return None
+    o, d, end = best
+    collapse = med[d] < lo
+    return Finding(
+        IncidentKind.RESPONSE_LENGTH.value,
+        xs[o].step,
+        xs[d].step,
+        {
+            "direction": "collapse" if collapse else "explosion",
+            "length_start": start,
+            "length_median": med[d],
+            "score": med[d] / start,
+            "threshold": lo if collapse else hi,
+            "window": evidence_window(xs, o - 4, d),
+            "end_step": xs[end].step if end is not None else None,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValueLossConfig:
+    """The critic's value loss blowing up: its smoothed value far above the lowest it reached
+    (the value head cannot follow the returns: a reward scale that grew, a value learning
+    rate far too high, a diverging critic)."""
+
+    window: int = 4
+    """Samples per rolling median."""
+    factor: float = 10.0
+    """The smoothed value loss above factor x max(its running best, floor x its start) counts."""
+    floor: float = 0.1
+    """Fraction of the start value below which the running best stops lowering the threshold
+    (a critic that fits well must not turn ordinary noise into a 10x rise)."""
+    persistence: int = 4
+    """Consecutive smoothed samples over the threshold before it is an incident."""
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.persistence < 1 or self.factor <= 1 or not 0 <= self.floor <= 1:
+            raise ValueError("window, persistence >= 1; factor > 1; 0 <= floor <= 1")
+
+
+def detect_value_loss_explosion(
+    value_loss: Iterable[SampleLike], cfg: ValueLossConfig = ValueLossConfig(), *, after: int | None = None
+) -> Finding | None:
+    """First stretch of `persistence` samples whose rolling median exceeds factor x max(the
+    lowest earlier rolling median, floor x the first sample), or that are not finite.
+    Onset = the first such sample."""
+    xs = sorted_samples(value_loss)
+    if not xs:
+        return None
+    roll = RollingMedian(cfg.window)
+    med: list[float] = []
+    thr: list[float] = []
+    best = math.inf
+    start: float | None = None
+    for s in xs:
+        if not math.isfinite(s.value):
+            med.append(math.inf)
+            thr.append(cfg.factor * best if math.isfinite(best) else math.inf)
+            continue
+        if start is None:
+            start = abs(s.value)
+        roll.push(s.value)
+        m = roll.median()
+        t = cfg.factor * max(best, cfg.floor * start) if math.isfinite(best) else math.inf
+        med.append(m)
+        thr.append(t)
+        if m <= t:
+            best = min(best, m)
+    hit = _persistent(xs, lambda i: med[i] > thr[i], cfg.persistence, after)
+    if hit is None:
+        return None
+    o, d, end = hit
+    return Finding(
+        IncidentKind.VALUE_LOSS_EXPLOSION.value,
+        xs[o].step,
+        xs[d].step,
+        {
+            "value_loss_median": json_value(med[d]),
+            "threshold": json_value(thr[d]),
+            "score": json_value(med[d] / (thr[d] / cfg.factor)) if math.isfinite(thr[d]) and thr[d] > 0 else None,
+            "window": evidence_window(xs, o - 4, d),
+            "end_step": xs[end].step if end is not None else None,
         },
     )

@@ -41,10 +41,11 @@ class RecordingControllerForApiTests:
             exc, self.fail_with = self.fail_with, None
             raise exc
 
-    def submit(self, spec, *, actor):
-        self._record("submit", spec, actor=actor)
+    def submit(self, spec, *, actor, recovery_mode=None):
+        self._record("submit", spec, actor=actor, **({"recovery_mode": recovery_mode} if recovery_mode else {}))
         with Session(self.engine) as s:
-            run_id = crud.create_run(s, name=spec.name, spec_json=spec.model_dump_json(), actor=actor).id
+            run_id = crud.create_run(s, name=spec.name, spec_json=spec.model_dump_json(), actor=actor,
+                                     recovery_mode=recovery_mode or "auto").id
         if self.after_submit:
             self.after_submit(run_id)
         return run_id
@@ -65,6 +66,14 @@ class RecordingControllerForApiTests:
         self._record("rollback", run_id, checkpoint_id=checkpoint_id, skip=skip, lr_multiplier=lr_multiplier,
                      actor=actor)
         return dict(self.rollback_result)
+
+    def approve_proposal(self, run_id, proposal_id, *, actor, note=None):
+        self._record("approve_proposal", run_id, proposal_id, actor=actor, note=note)
+        return {"proposal": proposal_id, "state": "approved"}
+
+    def reject_proposal(self, run_id, proposal_id, *, actor, note=None):
+        self._record("reject_proposal", run_id, proposal_id, actor=actor, note=note)
+        return {"proposal": proposal_id, "state": "rejected"}
 
     def handle_alerts(self, payload, *, actor):
         self._record("handle_alerts", payload, actor=actor)

@@ -22,7 +22,8 @@ from trainguard.workers.contract import MetricName
 DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 INCIDENT_KINDS = {"loss_spike", "nan", "grad_explosion", "val_divergence", "hang", "straggler", "gpu_fault",
-                  "reward_hacking", "needs_attention", "supervisor_down", "low_goodput"}
+                  "reward_hacking", "needs_attention", "supervisor_down", "low_goodput", "policy_ratio",
+                  "negative_kl", "entropy_collapse", "response_length", "value_loss_explosion", "dpo_collapse"}
 
 
 def _allowed_names() -> set[str]:

@@ -326,6 +326,19 @@ def test_worker_lost(status, lost):
     assert (f.evidence["ranks"] if f else None) == lost
 
 
+def test_a_rank_dead_with_its_node_is_a_node_loss_naming_the_node():
+    status = {"state": "failed", "ranks": [
+        {"rank": 0, "step": 12, "alive": True, "node": "n-head", "node_alive": True},
+        {"rank": 1, "step": 11, "alive": False, "error": "died", "node": "n-worker2", "node_alive": False}]}
+    f = d.detect_worker_lost(status)
+    assert f is not None and f.kind == "node_lost" and f.evidence["nodes"] == ["n-worker2"] and f.evidence["ranks"] == [1]
+    # the process died, its node lives (or is unknown): a worker loss
+    status["ranks"][1]["node_alive"] = True
+    assert d.detect_worker_lost(status).kind == "worker_lost"
+    del status["ranks"][1]["node_alive"]
+    assert d.detect_worker_lost(status).kind == "worker_lost"
+
+
 def test_gpu_fault_when_xid_counter_rises():
     counters = {"xid/rank0": [Sample(0, 0), Sample(10, 0), Sample(20, 1)], "ecc/rank0": [Sample(0, 0), Sample(20, 0)]}
     f = d.detect_gpu_fault(counters)
@@ -336,7 +349,9 @@ def test_gpu_fault_when_xid_counter_rises():
 def test_incident_kind_values():
     assert {k.value for k in d.IncidentKind} == {
         "loss_spike", "divergence", "nan", "grad_explosion", "val_divergence", "reward_hacking",
-        "dpo_collapse", "hang", "straggler", "worker_lost", "gpu_fault", "instability",
+        "dpo_collapse", "hang", "straggler", "worker_lost", "gpu_fault", "instability", "node_lost",
+        "insufficient_resources", "policy_ratio", "negative_kl", "entropy_collapse", "response_length",
+        "value_loss_explosion",
     }
 
 

@@ -90,6 +90,9 @@ class FakePool:
     def take(self, n: int) -> list[FakeActor]:
         return [FakeActor() for _ in range(n)]
 
+    def take_on_nodes(self, nodes: list) -> list:
+        return [(FakeActor(), n) for n in nodes]  # a warm spare on every bundle's node
+
 
 class FakeRay:
     def __init__(self, cluster: dict, available: dict | None = None, ready: bool = True) -> None:
@@ -129,6 +132,9 @@ def _configured_use_gpu(actors: list[FakeActor]) -> list[bool]:
 def test_a_cpu_group_takes_warm_actors_and_tells_every_rank_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(group_module, "ray", FakeRay({"CPU": 8}))
     monkeypatch.setattr(group_module, "warm_pool", FakePool)
+    # gang scheduling (issue 11): the CPU group's placement group comes first (tests/unit/workers/test_placement.py)
+    monkeypatch.setattr(group_module, "placement_group", FakePlacementGroup)
+    monkeypatch.setattr(group_module, "placement_group_table", lambda pg: {"bundles_to_node_id": {0: "n", 1: "n"}})
     g = _group(tmp_path, 2)
     g.start()
     assert _configured_use_gpu(g._actors) == [False, False]

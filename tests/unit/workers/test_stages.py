@@ -165,7 +165,9 @@ def test_ppo_keeps_kl_near_target_and_checkpoints_its_coefficient(reward_model):
     kls = [r.metrics["kl"] for r in results]
     assert {"reward_mean", "kl", "kl_coef"} <= set(results[-1].metrics)
     assert sum(kls) / len(kls) < 3 * 0.5 and stage.evaluate()["val_kl"] < 3 * 0.5
-    assert stage.kl_coef != 0.1 and stage.extra_state() == {"kl_coef": stage.kl_coef}
+    assert stage.kl_coef != 0.1 and stage.extra_state()["kl_coef"] == stage.kl_coef
+    # a healthy run raises none of the PPO update-health incidents
+    assert not {f.kind for f in findings("ppo", results)} & PPO_HEALTH_KINDS
     assert corrupt_ratio(stage) >= 3.0
 
     again = make_stage("ppo", inputs, reward_model["path"], kl_target=0.5, response_len=12)
@@ -238,3 +240,163 @@ def test_post_training_stages_share_one_global_batch_across_ranks(monkeypatch, p
     one = ppo._prompts(5, 0)[0]
     halves = [STAGES["ppo"](dataclasses.replace(ppo.ctx, rank=r, world_size=2))._prompts(5, r)[0] for r in (0, 1)]
     assert _rows(one, pad=pad) == _rows(*halves, pad=pad)
+
+
+# --------------------------------------------------------------------------- RLHF failure signals
+#
+# The real PPO and DPO stages pushed into each failure the watch knows, their per-step records
+# (as the harness publishes them: step, loss and StepResult.metrics) fed to the supervisor's
+# evaluation. Small rollouts (8 prompts, 8-token responses) keep each run to a few seconds.
+
+PPO_HEALTH_KINDS = {"policy_ratio", "negative_kl", "entropy_collapse", "response_length", "value_loss_explosion"}
+
+
+class _Signals:
+    """The watch's view of one stage (service.domain.evaluate.StageSignals), rank 0 only."""
+
+    def __init__(self, kind: str, records: list[dict]) -> None:
+        self.kind, self.records = kind, {0: records}
+        self.handled_until: dict[str, int] = {}
+        self.counter_series: dict = {}
+        self.heartbeat: dict[int, float] = {}
+        self.paused_ranks: set[int] = set()
+        self.last_step = records[-1]["step"] if records else 0
+        self.started_at = self.resumed_at = 0.0
+        self.ranks = [0]
+
+
+def findings(kind: str, results: list[StepResult]):
+    from trainguard.service.domain.evaluate import WatchConfig, evaluate_stage
+
+    records = [{"step": i + 1, "loss": r.loss.item(), **r.metrics} for i, r in enumerate(results)]
+    return evaluate_stage(_Signals(kind, records), WatchConfig(), now=0.0)
+
+
+class _ResponseScorer(torch.nn.Module):
+    """A stand-in reward model scoring only the sampled response (the last `n` tokens)."""
+
+    def __init__(self, n: int, score) -> None:
+        super().__init__()
+        self.n, self.score = n, score
+
+    def forward(self, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.score(seq[:, -self.n :], valid[:, -self.n :]).float()
+
+
+def _ppo(reward_model, scorer=None, **fields) -> Stage:
+    fields = {"batch_size": 8, "response_len": 8, "kl_target": 0.5, "kl_coef": 0.1, **fields}
+    stage = make_stage("ppo", reward_model["inputs"] | {"reward-model": reward_model["path"]}, reward_model["path"],
+                       **fields)
+    if scorer is not None:
+        stage.reward_model = _ResponseScorer(fields["response_len"], scorer)
+    return stage
+
+
+def _kinds(kind: str, results) -> dict[str, dict]:
+    return {f.kind: f.evidence for f in findings(kind, results)}
+
+
+def test_ppo_learning_rate_far_too_high_drives_the_ratio_away_from_1(reward_model):
+    stage = _ppo(reward_model, ppo_epochs=4)
+    results = train(stage, 12, lr=2e-2)
+    assert max(r.metrics["ppo_ratio_max"] for r in results) > 2.0
+    assert results[0].metrics["ppo_ratio_mean"] == 1.0  # a rollout's first minibatch: nothing moved yet
+    ev = _kinds("ppo", results)["policy_ratio"]
+    assert ev["clip_fraction"] > 0.5
+
+
+def test_ppo_sampling_off_policy_gives_a_negative_kl_estimate(reward_model):
+    """Temperature 2.5: the responses are not the policy's samples, so log pi - log pi_ref over
+    them is no KL estimate; once the policy leaves its reference it goes negative."""
+    stage = _ppo(reward_model, temperature=2.5)
+    results = train(stage, 16, lr=5e-4)
+    assert min(r.metrics["kl"] for r in results) < -0.1
+    kinds = _kinds("ppo", results)
+    assert "negative_kl" in kinds and kinds["negative_kl"]["kl_median"] < -0.1
+
+
+def test_ppo_exploiting_a_reward_model_collapses_entropy_and_hacks_the_reward(reward_model):
+    """A reward model that counts spaces, no KL penalty and no ptx: the policy answers every
+    prompt with spaces (entropy collapse), the reward rises while the KL leaves its budget
+    (reward hacking), and the critic cannot follow the returns' new scale."""
+    stage = _ppo(reward_model, lambda r, v: ((r == 32) & v).sum(1), kl_coef=0.0, ptx_coef=0.0, ppo_epochs=8,
+                 minibatches=1)
+    results = train(stage, 24, lr=3e-2)
+    kinds = _kinds("ppo", results)
+    assert {"entropy_collapse", "reward_hacking"} <= set(kinds), kinds.keys()
+    assert kinds["entropy_collapse"]["score"] < 0.4
+    assert kinds["reward_hacking"]["reward_during"] > kinds["reward_hacking"]["reward_before"]
+
+
+def test_ppo_reward_model_preferring_terse_answers_collapses_the_response_length(reward_model):
+    stage = _ppo(reward_model, lambda r, v: 16 - v.sum(1), kl_coef=0.0, ptx_coef=0.0, batch_size=16,
+                 response_len=16, ppo_epochs=4, minibatches=1)
+    results = train(stage, 16, lr=1e-2)
+    ev = _kinds("ppo", results)["response_length"]
+    assert ev["direction"] == "collapse" and ev["length_median"] < 0.5 * ev["length_start"]
+
+
+def test_ppo_value_learning_rate_far_too_high_blows_the_value_loss_up(reward_model):
+    stage = _ppo(reward_model, value_lr=1.0)
+    results = train(stage, 8, lr=5e-4)
+    kinds = _kinds("ppo", results)
+    assert "value_loss_explosion" in kinds
+    assert kinds["value_loss_explosion"]["value_loss_median"] > 10 * results[0].metrics["value_loss"]
+
+
+def test_ppo_resumes_mid_rollout_bit_for_bit(reward_model):
+    """Model, optimizer and extra_state() (rollout buffer and position, value head and its
+    optimizer, KL coefficient) restored after step 3, inside a 4-step rollout: the next three
+    steps give the same weights as an uninterrupted run."""
+    def run(stage: Stage, steps: range, opt_state=None) -> torch.optim.Optimizer:
+        params = [p for p in stage.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        for i in steps:
+            r = stage.step(i, i, {})
+            opt.zero_grad()
+            r.loss.backward()
+            opt.step()
+            stage.after_step(r, i)
+        return opt
+
+    import copy
+    import io
+
+    a = _ppo(reward_model)
+    opt = run(a, range(3))
+    assert a.buffer is not None and a.buffer["pos"] == 3
+    blob = io.BytesIO()
+    torch.save({"model": a.model.state_dict(), "opt": opt.state_dict(), "extra": a.extra_state()}, blob)
+    run(a, range(3, 6), copy.deepcopy(opt.state_dict()))
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=True)
+    b = _ppo(reward_model)
+    b.model.load_state_dict(saved["model"])
+    b.load_extra_state(saved["extra"])
+    run(b, range(3, 6), saved["opt"])
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.value_head.weight, b.value_head.weight) and a.kl_coef == b.kl_coef
+
+
+def test_dpo_with_a_beta_far_too_small_pushes_the_chosen_log_probs_down_while_the_margin_grows(reward_model):
+    """beta 0.01 (a tenth of the default) and epochs over the same preference pairs: the loss
+    keeps widening the margin by pushing both responses down, the chosen one too."""
+    stage = make_stage("dpo", reward_model["inputs"], reward_model["path"], beta=0.01, batch_size=4)
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
+    results = []
+    for i in range(26):
+        r = stage.step(0, i, {})  # the same batch every step
+        opt.zero_grad()
+        r.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        results.append(r)
+    m = [r.metrics for r in results]
+    assert m[-1]["dpo_rejected_logprob"] < m[-1]["dpo_chosen_logprob"] < m[0]["dpo_chosen_logprob"]
+    assert m[-1]["dpo_reward_margin"] > m[0]["dpo_reward_margin"]
+    ev = _kinds("dpo", results)["dpo_collapse"]
+    assert ev["chosen_median"] < ev["threshold"] and ev["margin_median"] > ev["margin_start"]

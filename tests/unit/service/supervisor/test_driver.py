@@ -106,3 +106,76 @@ def test_a_stop_ends_the_stage_and_kills_the_group(tmp_path):
     d.join(10)
     assert not d.is_alive() and sup.started[0].closed
     assert sup.ledger.stages(run_id)[0].state == StageState.STOPPED
+
+
+def _start_failures(sup: _Supervisor, run_id: str) -> list[Any]:
+    from trainguard.service.db import crud
+
+    with sup.ledger.session() as s:
+        return [e for e in crud.list_events(s, run_id=run_id) if e.kind == "group_start_failed"]
+
+
+def _node_lost(step: int) -> dict[str, Any]:
+    """A poll of a 2-rank group whose rank 1 died with its node."""
+    return {"state": "failed", "failed_rank": 1, "error": "rank 1: worker process died",
+            "ranks": [{"rank": 0, "step": step, "state": "running", "alive": True, "node": "n-head", "node_alive": None},
+                      {"rank": 1, "step": None, "state": "failed", "alive": False, "error": "died",
+                       "node": "n-worker2", "node_alive": False}]}
+
+
+def test_a_lost_node_restarts_the_group_and_a_restart_that_dies_before_its_first_step_is_retried(tmp_path):
+    report = checkpoint_folder(tmp_path / "ck", 10)
+    sup = _Supervisor(tmp_path, [
+        ([{"state": "running", "checkpoints": [report]}, _node_lost(15)], steps(1, 15)),
+        # the first group started for the recovery dies before its first step (a spare that lived
+        # on the lost node): another is started from the same checkpoint
+        ([{"state": "running"}, {"state": "failed", "failed_rank": 0, "error": "rank 0: actor unavailable",
+                                 "ranks": [{"rank": 0, "step": None, "state": "failed", "alive": False}]}], []),
+        ([{"state": "running"}, {"state": "finished", "output_checkpoint": "/out/30"}], steps(11, 30)),
+    ])
+    run_id = new_run(sup.ledger, steps=30)
+    sup.run(run_id)
+    first, second, third = sup.started
+    assert second.started_with["resume_from"].path == third.started_with["resume_from"].path == report.ref.path
+    assert first.closed and second.closed
+    (inc,) = sup.ledger.stage_incidents(run_id, "pretrain")
+    assert (inc.kind, inc.action, inc.outcome, inc.rollback_to_step) == ("node_lost", "restart", "resolved", 10)
+    assert inc.evidence["nodes"] == ["n-worker2"] and inc.evidence["ranks"] == [1]
+    assert [(e.detail["attempt"], e.result) for e in _start_failures(sup, run_id)] == [(1, "retry")]
+    assert sup.ledger.run_state(run_id) is RunState.COMPLETED
+
+
+def test_a_recovery_whose_groups_never_start_needs_an_operator_and_ends_the_driver(tmp_path):
+    from trainguard.service.supervisor.driver import START_TRIES
+
+    report = checkpoint_folder(tmp_path / "ck", 10)
+    dead = ([{"state": "running"}, {"state": "failed", "failed_rank": 0, "error": "rank 0: died",
+                                    "ranks": [{"rank": 0, "step": None, "state": "failed", "alive": False}]}], [])
+    sup = _Supervisor(tmp_path, [([{"state": "running", "checkpoints": [report]}, _node_lost(15)], steps(1, 15)),
+                                 *[dead] * START_TRIES])
+    run_id = new_run(sup.ledger, steps=30)
+    sup.run(run_id)
+    assert len(sup.started) == 1 + START_TRIES and all(g.closed for g in sup.started)
+    (inc,) = sup.ledger.stage_incidents(run_id, "pretrain")
+    assert (inc.kind, inc.outcome) == ("node_lost", "needs_attention")
+    assert sup.ledger.run_state(run_id) is RunState.NEEDS_ATTENTION
+    assert [e.result for e in _start_failures(sup, run_id)] == ["retry"] * (START_TRIES - 1) + ["needs_attention"]
+
+
+def test_a_recovery_group_without_a_step_by_the_deadline_is_replaced(tmp_path, monkeypatch):
+    from trainguard.service.supervisor.driver import START_DEADLINE_ENV
+
+    monkeypatch.setenv(START_DEADLINE_ENV, "0.5")
+    report = checkpoint_folder(tmp_path / "ck", 10)
+    sup = _Supervisor(tmp_path, [
+        ([{"state": "running", "checkpoints": [report]}, _node_lost(15)], steps(1, 15)),
+        ([{"state": "running"}], []),  # up, but never a step (a rank stuck on a dead peer)
+        # finished at its first poll: the deadline never applies to it, however slow the machine
+        ([{"state": "finished", "output_checkpoint": "/out/30"}], steps(11, 30)),
+    ])
+    run_id = new_run(sup.ledger, steps=30)
+    sup.run(run_id)
+    assert len(sup.started) == 3 and sup.started[1].closed
+    (e,) = _start_failures(sup, run_id)
+    assert e.detail["reason"] == "no step within 0.5 s"
+    assert sup.ledger.run_state(run_id) is RunState.COMPLETED
