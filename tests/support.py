@@ -87,3 +87,18 @@ def export_and_generate(run_id: str, stage: str, out: Path, state_dir: Path, cap
     assert isinstance(tok.decode(gen[0, ids.shape[1]:]), str)
     return model
 
+
+class StageSignalsStub:
+    """The watch's view of one stage (service.domain.evaluate.StageSignals) with rank 0's
+    per-step `records` only: for running the detectors over a stage's exported records."""
+
+    def __init__(self, kind: str, records: list[dict]) -> None:
+        self.kind, self.records = kind, {0: records}
+        self.handled_until: dict[str, int] = {}
+        self.counter_series: dict = {}
+        self.heartbeat: dict[int, float] = {}
+        self.paused_ranks: set[int] = set()
+        self.last_step = records[-1]["step"] if records else 0
+        self.started_at = self.resumed_at = 0.0
+        self.ranks = [0]
+

@@ -28,6 +28,7 @@ from typing import Any
 
 from trainguard.service.domain.detectors import Finding, IncidentKind
 from trainguard.service.domain.policy import in_effect
+from trainguard.service.domain.proposal import RecoveryMode
 from trainguard.service.domain.state import RunState, StageState
 from trainguard.service.supervisor.catalog import CheckpointCatalog
 from trainguard.service.supervisor.executor import RecoveryExecutor
@@ -220,6 +221,8 @@ class RunDriver(threading.Thread):
             # rollback the loop ended too soon to apply restarts the stage)
             self.parts.watch.once(run_ids=[self.run_id])
             with self.parts.ledger.lock(self.run_id):
+                if self._proposal_waits(active):
+                    return None  # decided first: approved, it restarts the stage; else the stage is done
                 restart = self._rollback_missed(active, status)
                 active.done = restart is None
             if restart is not None:
@@ -267,6 +270,21 @@ class RunDriver(threading.Thread):
             log.warning("run %s: the worker group restarted for incident %s %s; starting another",
                         self.run_id, pend.incident, why)
             return {"checkpoint": pend.checkpoint, "incident": pend.incident}
+
+    def _proposal_waits(self, active: ActiveStage) -> bool:
+        """Under the run's lock: an approve-mode proposal for this stage waits for an operator.
+        The group may have finished before the pause that holds it arrived (a problem in the
+        stage's last steps): its output is what the proposal would undo, so the stage is not
+        done until the proposal is decided (approved: carried out like a rollback the loop
+        ended too soon to apply)."""
+        waiting = [p for p in self.parts.ledger.waiting_proposals(self.run_id, active.name)
+                   if p.mode == RecoveryMode.APPROVE.value]
+        if waiting and not active.held_by_proposal:
+            active.held_by_proposal = True
+            self.parts.ledger.event(self.run_id, "supervisor", "stage_held",
+                                    {"stage": active.name, "proposals": [p.id for p in waiting]},
+                                    "the stage completes once its proposals are decided")
+        return bool(waiting)
 
     def _rollback_missed(self, active: ActiveStage, status: dict[str, Any]) -> dict[str, Any] | None:
         """Under the run's lock, the group finished with a rollback in flight. Applied (the

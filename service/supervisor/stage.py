@@ -72,6 +72,7 @@ class ActiveStage:
     live_written: tuple[int, float] = (-1, 0.0)  # (step, when) last written to the stage row
     done: bool = False  # the stage completed: the watch has seen its last step and leaves it
     group_first_step: int | None = None  # the first step the current worker group reported
+    held_by_proposal: bool = False  # its group finished while an approve-mode proposal waited
 
     @property
     def ranks(self) -> list[int]:

@@ -144,17 +144,22 @@ def smoke_runs(ctx: Context) -> tuple[SupervisedRun, dict]:
 
 @contextlib.contextmanager
 def scraped(port: int, every_s: float = 0.5) -> Iterator[None]:
-    """A thread reading a worker exporter's /history and /metrics every `every_s` seconds, as
-    the embedded supervisor does, while the body runs (the load a guarded step really has)."""
+    """A thread reading a worker exporter's /history (the records since the last one it has,
+    as the embedded supervisor's source does) and /metrics every `every_s` seconds while the
+    body runs: the load a guarded step really has."""
+    import json
     import threading
     import urllib.request
 
     stop = threading.Event()
 
     def scrape() -> None:
+        seq = -1
         while not stop.wait(every_s):
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since=-1", timeout=2).read()
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={seq}", timeout=2) as r:
+                    records = json.loads(r.read())
+                seq = max([seq, *(int(rec["seq"]) for rec in records)])
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
             except OSError:
                 pass

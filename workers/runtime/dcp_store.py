@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from trainguard.workers.contract import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, CheckpointRef
 from trainguard.workers.runtime.checkpoint import (
     CheckpointCorrupt,
+    CheckpointWriter,
     CheckpointError,
     CheckpointIncomplete,
     Snapshot,
@@ -495,7 +496,7 @@ def load_model_state_dict(ref: CheckpointRef, key: str = "train") -> dict[str, t
 
 
 # -- the harness's writer --------------------------------------------------------------------------
-class ShardedCheckpointWriter:
+class ShardedCheckpointWriter(CheckpointWriter):
     """`checkpoint.CheckpointWriter`'s counterpart for DCP checkpoints (the stage option
     `checkpoint.format`): every rank calls `submit` at the same step with its own `state`
     (collective), each rank writes its shards, rank 0 writes the snapshot's other files
@@ -510,23 +511,19 @@ class ShardedCheckpointWriter:
         if not st.local:
             raise ValueError(f"checkpoint.storage {root!r}: DCP checkpoints (checkpoint.format dcp, the default "
                              "for parallel.strategy fsdp) are written to a local or shared filesystem only")
-        self.root = str(root)
+        super().__init__(root, asynchronous=asynchronous, keep_last=keep_last, on_written=on_written)
         self.rank = rank
         self.group = process_group
-        self.asynchronous = asynchronous
-        self.keep_last = keep_last
-        self.on_written = on_written
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.last: WriteResult | None = None
-        self.results: list[WriteResult] = []
 
-    def submit(self, snap: Snapshot, protect: frozenset[int], state: dict[str, Any]) -> float:
+    def submit(self, snap: Snapshot, protect: frozenset[int] = frozenset(),  # type: ignore[override]
+               state: dict[str, Any] | None = None) -> float:
         """Save `state` (e.g. {"train": TrainState(model, optimizer)}) with `snap`'s description;
         only rank 0's `snap` fields are used. Returns the seconds spent waiting for the previous save."""
         t0 = time.perf_counter()
         self.wait()
         stalled = time.perf_counter() - t0
+        if state is None:
+            raise ValueError("ShardedCheckpointWriter.submit needs the state to save (e.g. a TrainState)")
         path = checkpoint_path(self.root, snap.run, snap.stage, snap.step)
         fields = manifest_fields(snap) if self.rank == 0 else None
         files = side_payloads(snap) if self.rank == 0 else None
@@ -553,12 +550,3 @@ class ShardedCheckpointWriter:
         self.results.append(out)
         if self.rank == 0 and self.on_written is not None:
             self.on_written(out)
-
-    def wait(self) -> WriteResult | None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise CheckpointError(f"checkpoint write failed: {e!r}") from e
-        return self.last

@@ -60,7 +60,9 @@ def test_a_lost_node_restarts_the_group_on_the_remaining_nodes_from_the_newest_g
     assert inc["evidence"]["nodes"] == [removed] and 1 in inc["evidence"]["ranks"]
     assert inc["action"] == "restart" and inc["outcome"] == "resolved"
     assert inc["rollback_to_step"] == max(r["checkpoints_at_incident"])
-    assert r["newest_checkpoint_at_removal"] <= inc["rollback_to_step"] <= r["step_at_removal"]
+    # no older one: the newest the supervisor had when the node went (the supervisor's step for the
+    # stage comes from scrapes, which lag the reports: it is no upper bound; the resume step below is)
+    assert r["newest_checkpoint_at_removal"] <= inc["rollback_to_step"]
     assert inc["recovery_seconds"] is not None
     # the restarted group trains on the surviving node only, from that checkpoint, to the end
     assert set(r["restart_nodes"]) <= survivors and removed not in r["restart_nodes"]

@@ -19,7 +19,7 @@ from trainguard.workers.runtime.faults import corrupt_file
 from trainguard.workers.runtime.harness import Harness, make_context
 
 from tests.unit.service.supervisor.fakes import ledger_in, new_run
-from tests.unit.workers._tiny import TinyStage, tiny_spec
+from tests.unit.workers._tiny import TinyStage, stop_at, tiny_spec, weights
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +30,6 @@ def _harness(spec, state_dir, root: str, **kw) -> Harness:
     ctx = make_context(spec, "pretrain", run_id="run1", device=torch.device("cpu"))
     return Harness(TinyStage(ctx), spec=spec, stage_name="pretrain", run_id="run1", state_dir=state_dir,
                    checkpoint_root=root, **kw)
-
-
-def _stop_at(k: int):
-    def hook(h: Harness) -> None:
-        if h.step == k:
-            h.inbox.put(Control(ControlKind.STOP, seq=1))
-    return hook
-
-
-def _weights(h: Harness) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in h.stage.model.state_dict().items()}
 
 
 def _objects(prefix: str) -> list[str]:
@@ -77,10 +66,10 @@ def test_a_flipped_byte_on_s3_is_refused_naming_the_file_and_nothing_is_loaded(s
     with pytest.raises(CheckpointCorrupt, match=r"s3://.*step-00000005/model\.pt: checksum mismatch"):
         verify_checkpoint(h.own[ck[5]])
     verify_checkpoint(h.own[ck[10]])
-    before = _weights(h)
+    before = weights(h)
     with pytest.raises(CheckpointCorrupt, match=r"model\.pt"):
         h.rollback(ck[5], [], None)
-    after = _weights(h)
+    after = weights(h)
     assert h.step == 12 and all(torch.equal(before[k], after[k]) for k in before)
     # a checkpoint whose manifest is gone (retention's first delete) is incomplete, not corrupt
     st, p = ckpt_mod.storage_for(ck[10])
@@ -114,13 +103,13 @@ def test_rollback_in_process_and_exact_resume_through_s3(s3_server, tmp_path):
     full = _harness(spec, tmp_path / "a", s3_server.prefix())
     full.run()
     root2 = s3_server.prefix()
-    first = _harness(spec, tmp_path / "b", root2, on_step=_stop_at(7))
+    first = _harness(spec, tmp_path / "b", root2, on_step=stop_at(7))
     out = first.run()
     assert out["state"] == "stopped" and out["last_checkpoint"] == f"{root2}/run1/pretrain/step-00000007"
     second = _harness(spec, tmp_path / "c", root2, resume_from=first.own[out["last_checkpoint"]])
     assert second.step == 7
     second.run()
-    a, b = _weights(full), _weights(second)
+    a, b = weights(full), weights(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -21,8 +21,8 @@ OP = {"Authorization": "Bearer dev-operator-token"}
 
 
 def test_approve_mode_spike_is_proposed_held_and_rolled_back_exactly_once_approved(ray_session, tmp_state):
-    # step_delay: the hold must reach the workers before the stage ends (a spike in a stage's very
-    # last steps completes the stage before approval; docs/operations.md, "Approval modes")
+    # step_delay: the hold reaches the workers while they train, so the rollback is the in-process
+    # one (a stage that finishes first is held and restarted: tests/unit/service/supervisor/test_driver.py)
     spec = tiny_pipeline(steps=100, faults=[{"kind": "loss_spike", "at_step": 60, "duration": 6}],
                          extra={"step_delay": 0.03})
     port = free_port()

@@ -18,6 +18,8 @@ from trainguard.service.domain.evaluate import WatchConfig, evaluate_stage
 from trainguard.service.domain.policy import Action, RunSnapshot, decide, CheckpointInfo
 from trainguard.service.domain.series import Sample
 
+from tests.support import StageSignalsStub
+
 STEPS_PER_ROLLOUT = 4  # the PPO stage's defaults: 2 epochs x 2 minibatches
 
 
@@ -145,18 +147,6 @@ def _records(n: int, **cols) -> list[dict]:
     return [{"step": i + 1, "loss": 1.5, "kl_target": 0.5, **{k: v[i] for k, v in cols.items()}} for i in range(n)]
 
 
-class _Signals:
-    def __init__(self, kind: str, records: list[dict]) -> None:
-        self.kind, self.records = kind, {0: records}
-        self.handled_until: dict[str, int] = {}
-        self.counter_series: dict = {}
-        self.heartbeat: dict[int, float] = {}
-        self.paused_ranks: set[int] = set()
-        self.last_step = len(records)
-        self.started_at = self.resumed_at = 0.0
-        self.ranks = [0]
-
-
 def _broken_ppo(n: int = 120) -> dict[str, list[float]]:
     ratio, clip = healthy_ratio(random.Random(3), n)
     half = n // 2
@@ -172,12 +162,12 @@ def _broken_ppo(n: int = 120) -> dict[str, list[float]]:
 
 
 def test_the_watch_evaluates_every_ppo_detector_on_rank_0_and_reports_each_kind_once():
-    found = evaluate_stage(_Signals("ppo", _records(120, **_broken_ppo())), WatchConfig(), now=0.0)
+    found = evaluate_stage(StageSignalsStub("ppo", _records(120, **_broken_ppo())), WatchConfig(), now=0.0)
     kinds = [f.kind for f in found]
     assert {"policy_ratio", "negative_kl", "entropy_collapse", "response_length", "value_loss_explosion"} <= set(kinds)
     assert len(kinds) == len(set(kinds))
     healthy = {k: v[:60] for k, v in _broken_ppo().items()}
-    assert evaluate_stage(_Signals("ppo", _records(60, **healthy)), WatchConfig(), now=0.0) == []
+    assert evaluate_stage(StageSignalsStub("ppo", _records(60, **healthy)), WatchConfig(), now=0.0) == []
 
 
 def test_the_new_kinds_get_their_policy_actions():

@@ -62,3 +62,19 @@ def recorded(d: Path) -> CheckpointRef:
     """The reference a worker would have reported for the files now in folder `d`."""
     return CheckpointRef(str(d), {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                                            "bytes": p.stat().st_size} for p in d.iterdir()})
+
+
+def stop_at(k: int):
+    """An `on_step` hook that sends STOP when the harness reaches step `k`."""
+    from trainguard.workers.contract import Control, ControlKind
+
+    def hook(h) -> None:
+        if h.step == k:
+            h.inbox.put(Control(ControlKind.STOP, seq=1))
+    return hook
+
+
+def weights(h) -> dict[str, torch.Tensor]:
+    """A copy of the harness's model weights."""
+    return {k: v.clone() for k, v in h.stage.model.state_dict().items()}
+

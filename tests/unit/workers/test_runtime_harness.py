@@ -11,7 +11,7 @@ from trainguard.workers.contract import Control, ControlKind, MetricName
 from trainguard.workers.runtime.checkpoint import CheckpointCorrupt, list_checkpoints, stage_root, verify_checkpoint
 from trainguard.workers.runtime.harness import Harness, make_context, metrics_log_path
 
-from ._tiny import TinyStage, tiny_spec
+from ._tiny import TinyStage, stop_at, tiny_spec, weights
 
 torch.set_num_threads(1)
 
@@ -29,17 +29,6 @@ def _in(spec, fmt: str, **checkpoint):
     return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"format": fmt, **checkpoint})})
 
 
-def _stop_at(k: int):
-    def hook(h: Harness) -> None:
-        if h.step == k:
-            h.inbox.put(Control(ControlKind.STOP, seq=1))
-    return hook
-
-
-def _weights(h: Harness) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in h.stage.model.state_dict().items()}
-
-
 def sample(h: Harness, name: str, **labels) -> float | None:
     for fam in text_string_to_metric_families(h.exporter.text().decode()):
         for s in fam.samples:
@@ -55,14 +44,14 @@ def test_resume_from_stop_is_bitwise_equal_to_uninterrupted(tmp_path, skip, fmt)
     full = _harness(spec, tmp_path / "a", skip=skip)
     assert full.run()["state"] == "finished"
 
-    first = _harness(spec, tmp_path / "b", skip=skip, on_step=_stop_at(11))
+    first = _harness(spec, tmp_path / "b", skip=skip, on_step=stop_at(11))
     out = first.run()
     assert out["state"] == "stopped" and out["step"] == 11 and out["last_checkpoint"].endswith("step-00000011")
     assert ("model.pt" in first.own[out["last_checkpoint"]].files) == (fmt == "torch")
     second = _harness(spec, tmp_path / "b", skip=skip, resume_from=first.own[out["last_checkpoint"]])
     assert second.step == 11
     assert second.run()["state"] == "finished"
-    a, b = _weights(full), _weights(second)
+    a, b = weights(full), weights(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(full.optimizer.state_dict()["state"][0]["exp_avg"], second.optimizer.state_dict()["state"][0]["exp_avg"])
 
@@ -147,14 +136,14 @@ def test_rollback_to_a_corrupt_checkpoint_fails_naming_the_file(tmp_path, fmt):
     h = _harness(spec, tmp_path)
     h.run()
     ck = {m["step"]: m["path"] for m in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))}
-    weights = "model.pt" if fmt == "torch" else r"__0_0\.distcp"  # the fault flips the model's file
-    with pytest.raises(CheckpointCorrupt, match=weights):
+    flipped = "model.pt" if fmt == "torch" else r"__0_0\.distcp"  # the fault flips the model's file
+    with pytest.raises(CheckpointCorrupt, match=flipped):
         verify_checkpoint(h.own[ck[5]])
     verify_checkpoint(h.own[ck[10]])
-    before = _weights(h)
-    with pytest.raises(CheckpointCorrupt, match=weights):
+    before = weights(h)
+    with pytest.raises(CheckpointCorrupt, match=flipped):
         h.rollback(ck[5], [], None)
-    after = _weights(h)
+    after = weights(h)
     assert h.step == 12 and all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded
 
 
@@ -176,13 +165,13 @@ def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
     spec = tiny_spec(steps=12)
     full = _harness(spec, tmp_path / "a")
     full.run()
-    first = _harness(spec, tmp_path / "b", checkpoint_root=root, on_step=_stop_at(7))
+    first = _harness(spec, tmp_path / "b", checkpoint_root=root, on_step=stop_at(7))
     out = first.run()
     assert out["last_checkpoint"] == "memory:///tg-harness-resume/run1/pretrain/step-00000007"
     second = _harness(spec, tmp_path / "b", checkpoint_root=root, resume_from=first.own[out["last_checkpoint"]])
     second.run()
     assert second.result()["output_checkpoint"].startswith("memory://")
-    a, b = _weights(full), _weights(second)
+    a, b = weights(full), weights(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -19,6 +19,8 @@ from trainguard.workers.stages.ppo import kl_controller_update
 from trainguard.workers.stages.pretrain import find_input
 from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
+from tests.support import StageSignalsStub
+
 from ._tiny import recorded
 
 torch.set_num_threads(1)
@@ -251,25 +253,11 @@ def test_post_training_stages_share_one_global_batch_across_ranks(monkeypatch, p
 PPO_HEALTH_KINDS = {"policy_ratio", "negative_kl", "entropy_collapse", "response_length", "value_loss_explosion"}
 
 
-class _Signals:
-    """The watch's view of one stage (service.domain.evaluate.StageSignals), rank 0 only."""
-
-    def __init__(self, kind: str, records: list[dict]) -> None:
-        self.kind, self.records = kind, {0: records}
-        self.handled_until: dict[str, int] = {}
-        self.counter_series: dict = {}
-        self.heartbeat: dict[int, float] = {}
-        self.paused_ranks: set[int] = set()
-        self.last_step = records[-1]["step"] if records else 0
-        self.started_at = self.resumed_at = 0.0
-        self.ranks = [0]
-
-
 def findings(kind: str, results: list[StepResult]):
     from trainguard.service.domain.evaluate import WatchConfig, evaluate_stage
 
     records = [{"step": i + 1, "loss": r.loss.item(), **r.metrics} for i, r in enumerate(results)]
-    return evaluate_stage(_Signals(kind, records), WatchConfig(), now=0.0)
+    return evaluate_stage(StageSignalsStub(kind, records), WatchConfig(), now=0.0)
 
 
 class _ResponseScorer(torch.nn.Module):

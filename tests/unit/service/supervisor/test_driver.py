@@ -179,3 +179,47 @@ def test_a_recovery_group_without_a_step_by_the_deadline_is_replaced(tmp_path, m
     (e,) = _start_failures(sup, run_id)
     assert e.detail["reason"] == "no step within 0.5 s"
     assert sup.ledger.run_state(run_id) is RunState.COMPLETED
+
+
+def test_a_stage_that_finishes_while_an_approve_mode_proposal_waits_is_held_until_it_is_decided(tmp_path):
+    """The spike is in the stage's last steps: its group finishes before the pause that holds it
+    arrives. The stage is not done (its output is what the proposal would undo); approving
+    carries the rollback out as a restart from the proposed checkpoint."""
+    import threading
+
+    report = checkpoint_folder(tmp_path / "ck", 10)
+    nan_at_28 = [*steps(1, 27), *steps(28, 28, loss=float("nan")), *steps(29, 30)]
+    sup = _Supervisor(tmp_path, [
+        ([{"state": "running", "checkpoints": [report]}, {"state": "finished", "output_checkpoint": "/out/30",
+                                                           "rollbacks_applied": []}], nan_at_28),
+        ([{"state": "running"}, {"state": "finished", "output_checkpoint": "/out/30b"}], steps(11, 30)),
+    ])
+    spec = tiny_spec(steps=30)
+    run_id = sup.ledger.create_run(name=spec.name, spec_json=spec.model_dump_json(), actor="test",
+                                   recovery_mode="approve")
+    held_when_approved: list[bool] = []
+
+    def operator() -> None:  # approves the proposal once it waits, as Controller.approve_proposal does
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            waiting = sup.ledger.waiting_proposals(run_id, "pretrain")
+            active = sup.drivers[run_id].active if run_id in sup.drivers else None
+            if waiting and active is not None and active.held_by_proposal:
+                held_when_approved.append(sup.ledger.stages(run_id)[0].state != StageState.COMPLETED)
+                with sup.ledger.lock(run_id):
+                    sup.executor.carry_out_proposal(run_id, active, waiting[0], actor="op")
+                    sup.ledger.update_proposal(run_id, int(waiting[0].id), state="approved", decided_by="op",
+                                               decided_at=sup.ledger.now())
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=operator)
+    t.start()
+    sup.run(run_id)
+    t.join(5)
+    assert held_when_approved == [True]  # the stage was not completed while the proposal waited
+    first, second = sup.started
+    assert second.started_with["resume_from"].path == report.ref.path and second.started_with["skip"]
+    (stage,) = sup.ledger.stages(run_id)
+    assert stage.state == StageState.COMPLETED and stage.output_checkpoint == "/out/30b"
+    assert sup.ledger.run_state(run_id) is RunState.COMPLETED
