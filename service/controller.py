@@ -155,7 +155,8 @@ class Controller:
     # ---- scheduler jobs ----------------------------------------------------------------------
     def watch_once(self, now: float | None = None, *, run_ids: list[str] | None = None) -> None:
         self.watch.once(now, run_ids=run_ids)
-        self.apply_due_proposals()
+        if self.executor.approval_timeout is not None:  # auto-apply is on: look for proposals due
+            self.apply_due_proposals()
 
     def checkpoints_once(self, run_ids: list[str] | None = None) -> None:
         with self._drivers_lock:
@@ -396,12 +397,12 @@ class Controller:
         if later:
             return f"the run moved on: incident {later[0].id} was recovered since"
         if prop.checkpoint_ref:
-            row = self.ledger.find_checkpoint(run.id, prop.checkpoint_ref, prop.stage_name)
-            if row is None or row.deleted_at is not None or row.bad_reason or not row.files:
-                return f"its checkpoint (step {prop.checkpoint_step}) is gone (deleted or quarantined)"
-            if not self.catalog.verified_now(run.id, prop.checkpoint_ref, prop.stage_name):
-                return (f"its checkpoint (step {prop.checkpoint_step}) no longer holds the bytes its worker wrote "
-                        f"(deleted, replaced or corrupt)")
+            if prop.checkpoint_id is None:
+                return f"its checkpoint (step {prop.checkpoint_step}) is not in the store"
+            try:  # the checks an operator's rollback to a named checkpoint gets
+                self._usable_checkpoint_step(run.id, active, prop.checkpoint_id)
+            except (errors.Conflict, errors.NotFound) as e:
+                return f"its checkpoint (step {prop.checkpoint_step}) cannot be used: {e}"
         return None
 
     def _expire(self, run_id: str, prop: Proposal, why: str) -> None:

@@ -144,7 +144,7 @@ def reserve_gpus(world_size: int, what: str, wait_s: float | None = None, *, str
     bundle: dict[str, float] = {"GPU": 1, **({"CPU": cpus_per_rank} if cpus_per_rank > 0 else {})}
 
     def message(ev: dict[str, Any]) -> str:
-        return missing_gpus_message(what, world_size, ray.cluster_resources(), ray.available_resources(), wait_s)
+        return missing_gpus_message(what, world_size, ev["cluster"], ev["free"], wait_s)
 
     return reserve([dict(bundle) for _ in range(world_size)], strategy, what, wait_s, GpusUnavailable, message)
 
@@ -610,9 +610,6 @@ class WarmPool:
         # (actor, its warm() ref: resolves to its node id, the node it was pinned to or None)
         self._idle: list[tuple[Any, Any, str | None]] = []
         self._lock = threading.Lock()
-
-    def take(self, n: int) -> list[Any]:
-        return [a for a, _ in self.take_with_nodes(n)]
 
     def _checked(self) -> list[tuple[Any, Any, str | None]]:
         """Every idle spare that may be handed out (see `_usable`); the bad ones are killed."""

@@ -233,7 +233,9 @@ class RunDriver(threading.Thread):
             self.parts.ledger.set_state(self.run_id, RunState.STOPPED, actor="supervisor",
                                         reason=f"stage {active.name} stopped")
             return False
-        late = time.time() - active.started_at > start_deadline_s()
+        pend = active.pending  # a group started for a recovery has a deadline to its first step
+        late = (pend is not None and pend.restart and pend.group_started
+                and time.time() - active.started_at > start_deadline_s())
         if state == "failed" or late:
             start = self._start_failed(active, status, late=state != "failed")
             if start is False:

@@ -468,7 +468,7 @@ def checkpoint_format(ref: CheckpointRef) -> str:
     the manifest, verified against `ref` first."""
     manifest = json.loads(read_verified(ref, [])[MANIFEST_NAME])
     fmt = manifest.get("format", "torch")
-    if fmt not in ("torch", "dcp"):
+    if fmt not in FORMATS:
         raise CheckpointError(f"{ref.path}/{MANIFEST_NAME}: unknown checkpoint format {fmt!r}")
     return str(fmt)
 

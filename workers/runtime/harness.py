@@ -241,13 +241,11 @@ class Harness:
         ck = spec.checkpoint_for(self.sspec)
         self.ckpt_every = ck.every
         root = checkpoint_root or ck.storage or default_checkpoint_root(self.state_dir)
-        # DCP checkpoints (and loads) run on a gloo group of their own: an async save's collectives
-        # run in a background thread and must not interleave with the training's (dcp_store)
-        self.ckpt_group = self.dist.new_group("gloo")
+        self._ckpt_group: Any = None  # the DCP traffic's process group (`_checkpoint_group`)
         self.ckpt_format = spec.checkpoint_format(self.sspec)
         self.writer: CheckpointWriter | ShardedCheckpointWriter
         if self.ckpt_format == "dcp":
-            self.writer = ShardedCheckpointWriter(root, rank=self.rank, process_group=self.ckpt_group,
+            self.writer = ShardedCheckpointWriter(root, rank=self.rank, process_group=self._checkpoint_group(),
                                                   asynchronous=ck.asynchronous, keep_last=ck.keep_last,
                                                   on_written=self._on_written)
         else:
@@ -632,13 +630,23 @@ class Harness:
             healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
             anomalies_in_window=anomalies, model_config=self.spec.model.model_dump(), tags=tags)
         # waits only if the previous write still runs
-        if isinstance(self.writer, ShardedCheckpointWriter):
+        if dcp:
             self.writer.submit(snap, self.retention_protect(), self._train_state())
         else:
             self.writer.submit(snap, self.retention_protect())
         if sync or final:
             self.writer.wait()
         self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
+
+    def _checkpoint_group(self) -> Any:
+        """DCP saves and loads run on a gloo group of their own: an async save's collectives run
+        in a background thread and must not interleave with the training's (dcp_store). Made on
+        first use (collective: every rank gets here at the same point — the harness's set-up of a
+        DCP stage, or a load of a DCP checkpoint), so a torch-format stage never pays for it;
+        None at world size 1."""
+        if self._ckpt_group is None:
+            self._ckpt_group = self.dist.new_group("gloo")
+        return self._ckpt_group
 
     def _train_state(self) -> dict[str, Any]:
         """What a DCP checkpoint holds besides `Snapshot`'s other files: model and optimizer, sharded."""
@@ -687,7 +695,8 @@ class Harness:
     def load(self, ref: CheckpointRef) -> None:
         """Restore the full training state from a checkpoint (bytes verified against `ref` first)."""
         if checkpoint_format(ref) == "dcp":  # collective: each rank reads its shards (resharded by DCP)
-            _, blobs = load_sharded_files(ref, self._train_state(), SIDE_FILES, process_group=self.ckpt_group)
+            _, blobs = load_sharded_files(ref, self._train_state(), SIDE_FILES,
+                                          process_group=self._checkpoint_group())
             ck = {"extra": _load_pt(blobs["extra.pt"]), "rng": _load_pt(blobs["rng.pt"]),
                   "state": json.loads(blobs["state.json"])}
         else:

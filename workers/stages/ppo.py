@@ -72,10 +72,8 @@ from trainguard.workers.stages.dpo import policy_and_reference
 from trainguard.workers.stages.pretrain import evaluating, find_input, frozen, init_seed, local_batch_size, step_generator
 from trainguard.workers.tokenizer import EOS
 
-__all__ = ["PPOStage", "kl_controller_update", "response_mask", "gae", "masked_whiten", "CLIP_EPS", "PTX_COEF"]
+__all__ = ["PPOStage", "kl_controller_update", "response_mask", "gae", "masked_whiten"]
 
-CLIP_EPS = 0.2  # the default of PPOStage.clip_eps
-PTX_COEF = 0.5  # the default of PPOStage.ptx_coef
 MAX_KL_ERROR = 0.2  # Ziegler et al. clip the proportional error to ±0.2
 # the rollout buffer's tensors, in extra_state()
 _BUFFER_TENSORS = ("seq", "valid", "old_logp", "values", "adv", "returns", "order")

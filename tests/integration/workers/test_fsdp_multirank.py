@@ -102,7 +102,6 @@ def _run(d, rank: int, strategy: str, state_dir: Path, *, skip=(), stop_at: int 
 def _hf_reward_model(d, rank: int) -> dict | None:
     """An HF reward model (Llama decoder layers as FSDP2 units; its lm_head never gets a
     gradient) trains 2 steps, and its full state dicts round-trip through a load."""
-    import importlib.util
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -110,8 +109,6 @@ def _hf_reward_model(d, rank: int) -> dict | None:
     from trainguard.workers.runtime.distributed import full_state_dicts, load_full_state_dicts, transformer_blocks, wrap_model
     from trainguard.workers.spec import ModelSpec
 
-    if importlib.util.find_spec("transformers") is None:
-        return None
     import transformers
 
     from trainguard.workers.hf import HFCausalLM, HFRewardModel
@@ -350,8 +347,6 @@ def test_fsdp2_resume_from_stop_is_bitwise_equal_to_uninterrupted(two_ranks, nam
 @pytest.mark.timeout(120)
 def test_fsdp2_wraps_an_hf_reward_model_and_round_trips_its_full_state(two_ranks):
     r = _results(two_ranks)["hf"]
-    if r is None:
-        pytest.skip("transformers is not installed")
     assert r == {"units": 2, "keys_same": True, "round_trip_bitwise": True, "lm_head_has_state": False}
 
 

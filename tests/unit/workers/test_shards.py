@@ -151,7 +151,6 @@ def test_cli_tokenize(tmp_path, sources, capsys):
 
 
 def test_tokenize_with_a_hugging_face_tokenizer_folder(tmp_path, sources):
-    pytest.importorskip("transformers")
     from trainguard.workers import hf
 
     folder = tmp_path / "tok"

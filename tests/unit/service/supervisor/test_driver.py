@@ -69,16 +69,22 @@ def test_a_stage_whose_group_finishes_completes_the_run(tmp_path):
     assert [t.port for t in sup.source.forgotten] == [sup.started[0].port]
 
 
-def test_a_rollback_the_loop_ended_too_soon_to_apply_restarts_the_stage_from_its_checkpoint(tmp_path):
+def _nan_in_the_last_steps(tmp_path) -> tuple[Any, list]:
+    """Checkpoint 10's report, and the scripts of two groups: the first reports checkpoint 10,
+    trains into a NaN at step 28 and finishes before its next step boundary (it never applies
+    a rollback decided after the NaN); the second, restarted from checkpoint 10, finishes."""
     report = checkpoint_folder(tmp_path / "ck", 10)
     nan_at_28 = [*steps(1, 27), *steps(28, 28, loss=float("nan")), *steps(29, 30)]
-    sup = _Supervisor(tmp_path, [
-        # the first group reports checkpoint 10, trains into a NaN at step 28, and finishes before
-        # its next step boundary: it never applies the rollback the driver's last look decides
+    return report, [
         ([{"state": "running", "checkpoints": [report]}, {"state": "finished", "output_checkpoint": "/out/30",
                                                            "rollbacks_applied": []}], nan_at_28),
         ([{"state": "running"}, {"state": "finished", "output_checkpoint": "/out/30b"}], steps(11, 30)),
-    ])
+    ]
+
+
+def test_a_rollback_the_loop_ended_too_soon_to_apply_restarts_the_stage_from_its_checkpoint(tmp_path):
+    report, scripts = _nan_in_the_last_steps(tmp_path)
+    sup = _Supervisor(tmp_path, scripts)
     run_id = new_run(sup.ledger, steps=30)
     sup.run(run_id)
     first, second = sup.started
@@ -187,13 +193,8 @@ def test_a_stage_that_finishes_while_an_approve_mode_proposal_waits_is_held_unti
     carries the rollback out as a restart from the proposed checkpoint."""
     import threading
 
-    report = checkpoint_folder(tmp_path / "ck", 10)
-    nan_at_28 = [*steps(1, 27), *steps(28, 28, loss=float("nan")), *steps(29, 30)]
-    sup = _Supervisor(tmp_path, [
-        ([{"state": "running", "checkpoints": [report]}, {"state": "finished", "output_checkpoint": "/out/30",
-                                                           "rollbacks_applied": []}], nan_at_28),
-        ([{"state": "running"}, {"state": "finished", "output_checkpoint": "/out/30b"}], steps(11, 30)),
-    ])
+    report, scripts = _nan_in_the_last_steps(tmp_path)
+    sup = _Supervisor(tmp_path, scripts)
     spec = tiny_spec(steps=30)
     run_id = sup.ledger.create_run(name=spec.name, spec_json=spec.model_dump_json(), actor="test",
                                    recovery_mode="approve")
