@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,6 +50,7 @@ MIN_TOKEN_LENGTH = 32  # outside development: `openssl rand -hex 32` gives 64
 OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 Roots = Annotated[list[str], NoDecode]  # NoDecode: the validator below reads JSON or commas
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")  # a dotted module name
 
 
 def is_loopback(host: str) -> bool:
@@ -100,6 +102,15 @@ class Settings(BaseSettings):
     Empty: `<state_dir>/checkpoints` only. Credentials and other storage options come from
     the workers' environment (e.g. AWS_* variables), never from a pipeline."""
 
+    user_code_modules: Roots = Field(default_factory=list)
+    """Module prefixes a `kind: custom` or `kind: loop` stage's `entrypoint` may name (e.g.
+    `mylab.stages` allows `mylab.stages` and `mylab.stages.x`); a JSON list or comma-separated.
+    Empty (the default): no user code runs. The supervisor never imports it: entrypoints are
+    checked in a Ray task of their own at submit, and imported only by the rank actors."""
+    user_code_paths: Roots = Field(default_factory=list)
+    """Absolute folders put on the rank actors' import path (sys.path) before an entrypoint is
+    imported; where user modules live when they are not installed packages."""
+
     max_request_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     """Request bodies above this are refused with 413 (counted as they arrive)."""
 
@@ -143,7 +154,7 @@ class Settings(BaseSettings):
             file_secret_settings = SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir)
         return init_settings, env_settings, dotenv_settings, file_secret_settings
 
-    @field_validator("allowed_data_roots", "allowed_storage", mode="before")
+    @field_validator("allowed_data_roots", "allowed_storage", "user_code_modules", "user_code_paths", mode="before")
     @classmethod
     def _list_from_env(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -163,6 +174,10 @@ class Settings(BaseSettings):
             or [str(self.state_dir / "data")]
         self.allowed_storage = [_storage_root(r) for r in self.allowed_storage] \
             or [str(self.state_dir / "checkpoints")]
+        for m in self.user_code_modules:
+            if not _MODULE.match(m):
+                raise ValueError(f"TRAINGUARD_USER_CODE_MODULES: {m[:120]!r} is not a dotted module name")
+        self.user_code_paths = [_local_root(p, "TRAINGUARD_USER_CODE_PATHS") for p in self.user_code_paths]
         return self
 
     def _check_tokens(self) -> None:

@@ -14,6 +14,7 @@ that run's lock, so the same problem reported twice leads to one recovery.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from trainguard.service.domain.proposal import ProposalState, RecoveryMode
 from trainguard.service.domain.state import ACTIVE_RUN_STATES, TERMINAL_RUN_STATES, RunState
 from trainguard.service.db.models import Proposal
 from trainguard.service.supervisor.catalog import CheckpointCatalog
-from trainguard.service.supervisor.driver import DriverParts, RunDriver
+from trainguard.service.supervisor.driver import DriverParts, RunDriver, start_worker_group
 from trainguard.service.supervisor.executor import OPERATOR_ROLLBACK, RecoveryExecutor
 from trainguard.service.supervisor.goodput import GoodputClock
 from trainguard.service.supervisor.ingest import Watch
@@ -39,11 +40,15 @@ from trainguard.service.supervisor.ledger import Ledger
 from trainguard.service.supervisor.stage import ActiveStage
 from trainguard.service.telemetry import SupervisorMetrics
 from trainguard.workers.contract import ControlKind
-from trainguard.workers.spec import PipelineSpec, parse_pipeline
+from trainguard.workers.spec import CustomStage, LoopStage, PipelineSpec, parse_pipeline
+from trainguard.workers.usercode import UserCode, check_entrypoints_remote, entrypoint_refusal
 
 __all__ = ["Controller", "ActiveStage", "RunDriver"]
 
 log = logging.getLogger(__name__)
+
+USER_CODE_CHECK_TIMEOUT_S = 60.0
+"""How long the entrypoint check at submit (a Ray task importing the user's modules) may take."""
 
 
 
@@ -74,8 +79,12 @@ class Controller:
                                          on_proposal=self._proposal_event)
         self.watch = Watch(self.ledger, self.executor, self.source, self.watch_config, self._running_stages,
                            detect=settings.watch_enabled)
+        # the deployment's allow-list for custom and loop stages (Settings.user_code_modules/paths)
+        self.user_code = UserCode(modules=tuple(getattr(settings, "user_code_modules", ()) or ()),
+                                  paths=tuple(getattr(settings, "user_code_paths", ()) or ()))
         self.parts = DriverParts(ledger=self.ledger, catalog=self.catalog, executor=self.executor, watch=self.watch,
                                   goodput=self.goodput, state_dir=self.state_dir,
+                                  start_group=functools.partial(start_worker_group, user_code=self.user_code.to_dict()),
                                   publish_goodput=self._publish_goodput,
                                   on_exit=self._driver_done)
         self._started = False
@@ -187,11 +196,44 @@ class Controller:
     def submit(self, spec: PipelineSpec, *, actor: str, recovery_mode: str | None = None) -> str:
         """`recovery_mode`: auto, approve or observe (None: the deployment's TRAINGUARD_RECOVERY_MODE)."""
         mode = RecoveryMode(recovery_mode or getattr(self.settings, "recovery_mode", "auto")).value
+        self.check_user_code(spec)
         run_id = self.ledger.create_run(name=spec.name, spec_json=spec.model_dump_json(), actor=actor,
                                         recovery_mode=mode)
         self.metrics.set_state(run_id, RunState.PENDING.value)
         self._spawn(run_id, spec)
         return run_id
+
+    def check_user_code(self, spec: PipelineSpec) -> None:
+        """Refuse (InvalidRequest naming `stages.N.entrypoint`) a custom or loop stage whose
+        entrypoint is outside the deployment's allow-list, or cannot be imported, or is not a
+        stage class / loop function. The import happens in a Ray task of its own process
+        (workers/usercode.py): this process never imports user code."""
+        entries: list[tuple[str, str, str]] = []
+        for i, st in enumerate(spec.stages):
+            if isinstance(st, (CustomStage, LoopStage)):
+                where = f"stages.{i}.entrypoint"
+                refusal = entrypoint_refusal(st.entrypoint, self.user_code)
+                if refusal is not None:
+                    raise errors.InvalidRequest(f"{where}: {refusal}")
+                entries.append((where, st.kind, st.entrypoint))
+        if not entries:
+            return
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        if not ray.is_initialized():
+            raise errors.Unavailable("the supervisor's Ray is not started; user code cannot be checked")
+        ref = check_entrypoints_remote().remote(entries, self.user_code.to_dict())
+        try:
+            found = ray.get(ref, timeout=USER_CODE_CHECK_TIMEOUT_S)
+        except GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise errors.Unavailable(f"checking the entrypoints took over {USER_CODE_CHECK_TIMEOUT_S:.0f} s "
+                                     f"(a module that does work on import?); try again") from None
+        except RayError as e:
+            raise errors.Unavailable(f"the entrypoint check could not run: {type(e).__name__}") from None
+        for where, error in sorted(found.items()):
+            raise errors.InvalidRequest(f"{where}: {error}")
 
     def _require(self, run_id: str, what: str, states: tuple[RunState, ...]) -> tuple[Any, RunDriver | None]:
         run = self.ledger.run(run_id)

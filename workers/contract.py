@@ -106,6 +106,8 @@ class StageKind(str, enum.Enum):
     REWARD_MODEL = "reward_model"
     PPO = "ppo"
     DPO = "dpo"
+    CUSTOM = "custom"  # a user's Stage subclass (`entrypoint: module:Class`, workers/usercode.py)
+    LOOP = "loop"  # a user's own loop driven through the loop API (`entrypoint: module:function`)
 
 
 class FaultKind(str, enum.Enum):

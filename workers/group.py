@@ -36,8 +36,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind
+from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind, StageKind
 from trainguard.workers.spec import HF_OFFLINE_ENV, PipelineSpec
+from trainguard.workers.usercode import UserCode, load_entrypoint
 
 __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV", "plan_gpus",
            "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV", "worker_env", "FORWARDED_ENV_PREFIXES",
@@ -214,8 +215,10 @@ class TrainWorker:
     def configure(self, *, run_id: str, spec: dict[str, Any], stage_name: str, rank: int, world_size: int,
                   state_dir: str, resume_from: dict[str, Any] | None, skip: list[list[int]],
                   lr_multiplier: float | None, inputs: dict[str, dict[str, Any]], fired_dir: str, bind_host: str | None,
-                  checkpoint_root: str | None, use_gpu: bool = False) -> dict[str, Any]:
-        """`use_gpu`: the group's decision for every rank (see `plan_gpus`)."""
+                  checkpoint_root: str | None, use_gpu: bool = False,
+                  user_code: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`use_gpu`: the group's decision for every rank (see `plan_gpus`). `user_code`: the
+        deployment's allow-list for custom and loop stages (workers/usercode.py UserCode)."""
         import torch
 
         from trainguard.workers.runtime.distributed import rank_device
@@ -224,7 +227,8 @@ class TrainWorker:
 
         self.args = dict(run_id=run_id, spec=spec, stage_name=stage_name, rank=rank, world_size=world_size,
                          state_dir=state_dir, resume_from=resume_from, skip=skip, lr_multiplier=lr_multiplier,
-                         inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root, use_gpu=use_gpu)
+                         inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root, use_gpu=use_gpu,
+                         user_code=user_code)
         self.rank = rank
         gpu_ids = ray.get_gpu_ids()
         self.device = rank_device(use_gpu, gpu_ids, cuda_available=bool(gpu_ids) and torch.cuda.is_available(),
@@ -271,15 +275,29 @@ class TrainWorker:
             resume = CheckpointRef.from_dict(a["resume_from"]) if a["resume_from"] else None
             ctx = make_context(spec, a["stage_name"], run_id=a["run_id"], rank=a["rank"],
                                world_size=a["world_size"], inputs=inputs, device=device, state_dir=a["state_dir"])
-            stage = STAGES[spec.stage(a["stage_name"]).kind](ctx)
-            harness = Harness(stage, spec=spec, stage_name=a["stage_name"], run_id=a["run_id"],
-                              state_dir=Path(a["state_dir"]), dist=dist, exporter=self.exporter, inbox=self.inbox,
-                              resume_from=resume, skip=a["skip"], lr_multiplier=a["lr_multiplier"],
-                              fired_dir=Path(a["fired_dir"]), gpu=self.gpu, checkpoint_root=a["checkpoint_root"])
-            with self._lock:
-                self.harness = harness
-                self.state = "running"
-            result = harness.run()
+            sspec = spec.stage(a["stage_name"])
+
+            def make_harness(stage: Any, **extra: Any) -> Any:
+                harness = Harness(stage, spec=spec, stage_name=a["stage_name"], run_id=a["run_id"],
+                                  state_dir=Path(a["state_dir"]), dist=dist, exporter=self.exporter,
+                                  inbox=self.inbox, resume_from=resume, skip=a["skip"],
+                                  lr_multiplier=a["lr_multiplier"], fired_dir=Path(a["fired_dir"]), gpu=self.gpu,
+                                  checkpoint_root=a["checkpoint_root"], **extra)
+                with self._lock:
+                    self.harness = harness
+                    self.state = "running"
+                return harness
+
+            if sspec.kind == StageKind.LOOP.value:  # the user's loop runs inside the harness's session
+                from trainguard.workers.runtime.loop import Guarded
+
+                loop_fn = load_entrypoint(sspec.entrypoint, sspec.kind, UserCode.from_dict(a.get("user_code")))
+                result = Guarded(ctx, make_harness).run(loop_fn)
+            else:
+                cls = (load_entrypoint(sspec.entrypoint, sspec.kind, UserCode.from_dict(a.get("user_code")))
+                       if sspec.kind == StageKind.CUSTOM.value else STAGES[sspec.kind])
+                harness = make_harness(cls(ctx))
+                result = harness.run()
             self.state = result["state"]
             return result
         except BaseException:
@@ -348,8 +366,9 @@ class WorkerGroup:
                  resume_from: CheckpointRef | None = None, skip: Iterable[Iterable[int]] = (),
                  lr_multiplier: float | None = None, inputs: dict[str, CheckpointRef] | None = None,
                  fired_dir: Path | str | None = None, bind_host: str | None = None,
-                 checkpoint_root: str | None = None) -> None:
-        """`state_dir` defaults to $TRAINGUARD_STATE_DIR. `lr_multiplier` None keeps the
+                 checkpoint_root: str | None = None, user_code: dict[str, Any] | None = None) -> None:
+        """`state_dir` defaults to $TRAINGUARD_STATE_DIR. `user_code`: the deployment's allow-list for
+        custom and loop stages (workers/usercode.py UserCode.to_dict; None allows none). `lr_multiplier` None keeps the
         checkpoint's (or 1.0); a value replaces it. `skip` is added to the checkpoint's skip list.
         `resume_from` and `inputs` carry the hashes recorded when their checkpoints were
         reported: the workers load nothing else."""
@@ -368,7 +387,7 @@ class WorkerGroup:
             state_dir=str(self.state_dir), resume_from=resume_from.to_dict() if resume_from else None,
             skip=[[int(a), int(b)] for a, b in skip], lr_multiplier=lr_multiplier,
             inputs={k: v.to_dict() for k, v in (inputs or {}).items()}, fired_dir=str(self.fired_dir),
-            bind_host=bind_host, checkpoint_root=checkpoint_root)
+            bind_host=bind_host, checkpoint_root=checkpoint_root, user_code=user_code)
         self._actors: list[Any] = []
         self._run_refs: list[Any] = []
         self._endpoint_refs: list[Any] = []

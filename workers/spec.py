@@ -30,6 +30,9 @@ __all__ = [
     "FaultSpec",
     "ParallelSpec",
     "PlacementSpec",
+    "CustomStage",
+    "LoopStage",
+    "USER_CODE_KINDS",
     "StageSpec",
     "PipelineSpec",
     "SpecError",
@@ -182,13 +185,20 @@ class PlacementSpec(_Strict):
         return self.cpus_per_rank if self.cpus_per_rank is not None else (0.0 if use_gpu else 1.0)
 
 
-StageKindName = Literal["pretrain", "anneal", "sft", "reward_model", "ppo", "dpo"]
+StageKindName = Literal["pretrain", "anneal", "sft", "reward_model", "ppo", "dpo", "custom", "loop"]
+USER_CODE_KINDS = ("custom", "loop")  # stage kinds that run a user's entrypoint
+ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+OptionValue = Union[bool, int, float, str, None]
 
 
 class _StageBase(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
     steps: int = Field(gt=0, le=10_000_000)
     world_size: int = Field(1, ge=1, le=4096)
+    min_world_size: int | None = Field(
+        None, ge=1, le=4096,
+        description="elastic restart: when the cluster cannot place world_size ranks after a fault, restart at the "
+                    "largest size that fits, not below this (the global batch is kept); default: world_size only")
     batch_size: int = Field(8, ge=1, le=1 << 20)
     micro_batch_size: int | None = Field(
         None, ge=1, le=1 << 20,
@@ -229,6 +239,8 @@ class _StageBase(_Strict):
                 raise ValueError(f"faults.{i}.at_step ({f.at_step}) is past the stage's steps ({self.steps})")
             if f.rank >= self.world_size:
                 raise ValueError(f"faults.{i}.rank ({f.rank}) is not below world_size ({self.world_size})")
+        if self.min_world_size is not None and self.min_world_size > self.world_size:
+            raise ValueError(f"min_world_size ({self.min_world_size}) is above world_size ({self.world_size})")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) is above batch_size ({self.batch_size})")
         if self.micro_batch_size is not None and getattr(self, "kind", None) not in ("pretrain", "anneal"):
@@ -242,8 +254,9 @@ class _StageBase(_Strict):
     def _drop_unset_micro(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # a stage without gradient accumulation dumps exactly as before micro_batch_size existed
         data = handler(self)
-        if isinstance(data, dict) and "micro_batch_size" in data and data["micro_batch_size"] is None:
-            del data["micro_batch_size"]
+        for opt in ("micro_batch_size", "min_world_size"):
+            if isinstance(data, dict) and opt in data and data[opt] is None:
+                del data[opt]
         # ... and without a placement option, exactly as before placement existed
         if isinstance(data, dict) and data.get("placement") == PlacementSpec().model_dump():
             del data["placement"]
@@ -305,8 +318,49 @@ class DPOStage(_StageBase):
     beta: float = Field(0.1, gt=0.0)
 
 
+class _UserCodeStage(_StageBase):
+    entrypoint: str = Field(max_length=300, pattern=ENTRYPOINT_PATTERN,
+                            description="module:attribute the workers import; the module must be under one of the "
+                                        "deployment's TRAINGUARD_USER_CODE_MODULES")
+    options: dict[str, OptionValue] = Field(default_factory=dict, max_length=256,
+                                            description="the user code's own settings (ctx.options / g.options)")
+
+    @field_validator("options")
+    @classmethod
+    def _option_names(cls, v: dict[str, OptionValue]) -> dict[str, OptionValue]:
+        for k, val in v.items():
+            if not k or len(k) > 100:
+                raise ValueError(f"option name {k[:100]!r} must be 1-100 characters")
+            if isinstance(val, str) and len(val) > 4096:
+                raise ValueError(f"option {k!r} is longer than 4096 characters")
+        return v
+
+
+class CustomStage(_UserCodeStage):
+    """A user's stage: `entrypoint: package.module:ClassName`, a subclass of
+    trainguard.workers.stages.base.Stage (the versioned stage interface, docs/user-code.md).
+    The harness runs the loop; the stage gives the objective."""
+
+    kind: Literal["custom"]
+
+
+class LoopStage(_UserCodeStage):
+    """A user's own training loop: `entrypoint: package.module:function`, called with the loop
+    API's context (trainguard.workers.runtime.loop.Guarded). Gradients are averaged by the
+    guard (parallel: none only)."""
+
+    kind: Literal["loop"]
+
+    @model_validator(mode="after")
+    def _flat_only(self) -> "LoopStage":
+        if self.parallel.strategy != "none":
+            raise ValueError(f"parallel.strategy {self.parallel.strategy!r}: a loop stage's gradients are averaged by "
+                             f"the loop API (g.step); only 'none' is supported")
+        return self
+
+
 StageSpec = Annotated[
-    Union[PretrainStage, AnnealStage, SFTStage, RewardModelStage, PPOStage, DPOStage],
+    Union[PretrainStage, AnnealStage, SFTStage, RewardModelStage, PPOStage, DPOStage, CustomStage, LoopStage],
     Field(discriminator="kind"),
 ]
 
@@ -338,7 +392,7 @@ class PipelineSpec(_Strict):
             # a pretrained Hugging Face folder is where SFT or a reward model may start; PPO and
             # DPO need an earlier stage's policy (and reward model / reference)
             from_folder = getattr(self.model.hf, "path", None) is not None and s.kind in ("sft", "reward_model")
-            if s.kind != "pretrain" and i == 0 and s.init_from is None and not from_folder:
+            if s.kind not in ("pretrain", *USER_CODE_KINDS) and i == 0 and s.init_from is None and not from_folder:
                 raise ValueError(f"stages.0 ({s.kind}) needs an earlier stage to start from; the first stage must be "
                                  f"pretrain (or sft / reward_model from a pretrained model.hf.path)")
             ck = self.checkpoint_for(s)

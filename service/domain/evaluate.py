@@ -30,7 +30,10 @@ GPU_COUNTERS = ("gpu_xid", "gpu_ecc")
 Record = Mapping[str, Any]
 
 
-LM_LOSS_KINDS = frozenset({"pretrain", "anneal", "sft"})  # stages the instability detector watches
+# Stages whose loss is a training loss meant to go down (a cross-entropy, or a user objective):
+# the instability and validation-divergence detectors watch them. PPO's and DPO's objectives
+# swing by design.
+LOSS_CURVE_KINDS = frozenset({"pretrain", "anneal", "sft", "custom", "loop"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +146,7 @@ def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
                                                    after=after.get("grad_explosion")) for r in ranks]))
     add(_earliest([detectors.detect_divergence(_samples(recs[r], "loss"), cfg.divergence,
                                                after=after.get("divergence")) for r in ranks[:1]]))
-    if signals.kind in LM_LOSS_KINDS:  # a cross-entropy: PPO's and DPO's objectives swing by design
+    if signals.kind in LOSS_CURVE_KINDS:
         add(_earliest([detectors.detect_instability(_samples(recs[r], "loss"), _samples(recs[r], "lr"),
                                                     cfg.instability, after=after.get("instability"))
                        for r in ranks[:1]]))
@@ -168,7 +171,7 @@ def _stage_kind_findings(kind: str, r0: list[Record], cfg: WatchConfig, after: M
     """The detectors that only make sense for some stage kinds (rank 0's series); at most one
     finding per kind."""
     found: list[Finding | None] = []
-    if kind in ("sft", "pretrain", "anneal"):
+    if kind in LOSS_CURVE_KINDS:
         found.append(detectors.detect_val_divergence(_samples(r0, "val_loss"), _samples(r0, "loss"), cfg.val_divergence,
                                                      after=after.get("val_divergence")))
     elif kind == "ppo":

@@ -156,6 +156,15 @@ class Dist:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def broadcast_from_rank0(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank (collective). Between a group's own ranks only: the
+        objects travel pickled."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,15 +28,16 @@ from trainguard.workers.runtime.control import ControlInbox
 from trainguard.workers.runtime.dcp_store import ShardedCheckpointWriter, TrainState, load_sharded_files
 from trainguard.workers.runtime.distributed import Dist, full_state_dicts, is_sharded, load_full_state_dicts, wrap_model
 from trainguard.workers.runtime.exporter import CHECKPOINT_STALL, Exporter
-from trainguard.workers.runtime.faults import FaultInjector
+from trainguard.workers.runtime.faults import FaultEffects, FaultInjector
 from trainguard.workers.runtime.gpu import GpuHealth
 from trainguard.workers.runtime.guard import Guard
 from trainguard.workers.stages.base import Stage, StageContext, StepResult
-from trainguard.workers.data import micro_batches, sample_indices
+from trainguard.workers.data import local_share, micro_batches, sample_indices
 from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
 __all__ = [
     "Harness",
+    "StepStart",
     "DataCursor",
     "schedule_lr",
     "anneal_lr",
@@ -157,7 +158,10 @@ def make_context(spec: Any, stage_name: str, *, run_id: str, rank: int = 0, worl
     autocast = autocast_dtype_for(device, _native_bf16)
     inputs = dict(inputs or {})
     init = None
-    if st.kind != StageKind.PRETRAIN.value:
+    if st.kind in (StageKind.CUSTOM.value, StageKind.LOOP.value):
+        # user code defines its own model: it starts from an earlier stage only when told to
+        init = inputs.get(st.init_from) if st.init_from is not None else None
+    elif st.kind != StageKind.PRETRAIN.value:
         names = [s.name for s in spec.stages]
         i = names.index(stage_name)
         src = st.init_from or (names[i - 1] if i > 0 else None)
@@ -210,6 +214,17 @@ def _set_rng_state(st: dict[str, Any], device: torch.device | None = None) -> No
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda, device)
 
 
+@dataclass(frozen=True)
+class StepStart:
+    """A step under way (Harness.begin_step): when it began, which batch, what the faults do, the LR."""
+
+    t0: float
+    step: int
+    batch_index: int
+    effects: FaultEffects
+    lr: float
+
+
 class Harness:
     """One rank's training loop for one stage.
 
@@ -222,7 +237,10 @@ class Harness:
                  resume_from: CheckpointRef | None = None, skip: Iterable[Iterable[int]] = (),
                  lr_multiplier: float | None = None, fired_dir: Path | None = None, gpu: GpuHealth | None = None,
                  checkpoint_root: str | None = None, health_window: int = 10,
-                 on_step: Callable[["Harness"], None] | None = None) -> None:
+                 on_step: Callable[["Harness"], None] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        """`optimizer`: the loop API's (the user's own, over `stage.model`'s parameters); default
+        AdamW with decoupled weight decay on the matrices."""
         self.stage = stage
         self.spec = spec
         self.sspec = spec.stage(stage_name)
@@ -261,12 +279,16 @@ class Harness:
         # FSDP2: checkpoints gather full state dicts, loads scatter them
         self.sharded = self.grads_averaged_in_backward and is_sharded(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.sspec.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.sspec.lr, betas=(0.9, 0.95))
+        if optimizer is None:
+            decay = [p for p in self.params if p.dim() >= 2]
+            no_decay = [p for p in self.params if p.dim() < 2]
+            optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": self.sspec.weight_decay},
+                 {"params": no_decay, "weight_decay": 0.0}],
+                lr=self.sspec.lr, betas=(0.9, 0.95))
+        self.optimizer = optimizer
+        # the schedule sets every group's LR; a user's group keeps its ratio to the stage's `lr`
+        self._lr_scales = [float(g["lr"]) / self.sspec.lr for g in self.optimizer.param_groups]
         self.n_params = sum(p.numel() for p in self.params)
 
         # training state (all of it goes into the checkpoint)
@@ -289,6 +311,7 @@ class Harness:
         self.last_loss = float("nan")
         self.last_grad_norm = float("nan")
         self.last_spike = 0.0
+        self.last_applied = True  # whether the last step's update reached the weights (the guard's verdict)
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.anomaly_steps: list[int] = []
@@ -327,33 +350,47 @@ class Harness:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        with self.session():
+            while self.next_step():
+                self.end_step(self._train_step())
+        return self.result()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """The frame of a stage's training: the metrics log open, and on a normal exit the last
+        evaluation and the final checkpoint (unless stopped). The loop API (workers/runtime/loop.py)
+        runs its user's loop inside one, as `run` runs the built-in one."""
         log_path = metrics_log_path(self.state_dir, self.run_id, self.stage_name, self.rank)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a", buffering=1)
         self.state = "running"
         try:
-            while self.step < self.sspec.steps:
-                if not self._boundary():
-                    break
-                rec = self._train_step()
-                if self._eval_due():
-                    rec.update(self._evaluate())
-                self._finish_step(rec)
-                if self.on_step is not None:
-                    self.on_step(self)
-                if self.step % self.ckpt_every == 0 and self.step < self.sspec.steps:
-                    self._checkpoint()
+            yield
             if not self.stopped:
                 self._evaluate()
                 self._checkpoint(final=True)
                 self.writer.wait()
                 self.state = "finished"
-            return self.result()
         except BaseException:
             self.state = "failed"
             raise
         finally:
             self._log.close()
+
+    def next_step(self) -> bool:
+        """Whether another step is to be trained: steps remain, and the control messages all ranks
+        agree on (applied here, at the step boundary: pause blocks, rollback reloads) did not stop it."""
+        return self.step < self.sspec.steps and self._boundary()
+
+    def end_step(self, rec: dict[str, Any]) -> None:
+        """After a step: evaluate when due, publish its record, checkpoint when due."""
+        if self._eval_due():
+            rec.update(self._evaluate())
+        self._finish_step(rec)
+        if self.on_step is not None:
+            self.on_step(self)
+        if self.step % self.ckpt_every == 0 and self.step < self.sspec.steps:
+            self._checkpoint()
 
     def result(self) -> dict[str, Any]:
         return {"state": self.state, "step": self.step, "output_checkpoint": self.output_checkpoint(),
@@ -454,17 +491,23 @@ class Harness:
         if self.rank == 0:
             discard_after(stage_root(self.writer.root, self.run_id, self.stage_name), self.step)
 
-    def _train_step(self) -> dict[str, Any]:
+    def begin_step(self) -> "StepStart":
+        """Take the next batch index (past the skip list), let the faults act on it, set the LR and
+        clear the gradients: what comes before a step's forward passes."""
         t0 = time.perf_counter()
-        step = self.step
         batch_index = self.cursor.take()
-        effects = self.faults.before_step(batch_index, step=step)
-        lr = self.lr_at(step) * effects.lr_factor
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        effects = self.faults.before_step(batch_index, step=self.step)
+        lr = self.lr_at(self.step) * effects.lr_factor
+        for g, scale in zip(self.optimizer.param_groups, self._lr_scales):
+            g["lr"] = lr if scale == 1.0 else lr * scale
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStart(t0=t0, step=self.step, batch_index=batch_index, effects=effects, lr=lr)
+
+    def _train_step(self) -> dict[str, Any]:
+        start = self.begin_step()
+        step, batch_index, effects = start.step, start.batch_index, start.effects
         mixture = self.mixture or dict(self.sspec.mixture)
         ctx = self.stage.ctx
-        self.optimizer.zero_grad(set_to_none=True)
         autocast = (torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
                     if ctx.autocast_dtype is not None else contextlib.nullcontext())
         micro = self._micro_steps(batch_index)
@@ -490,13 +533,19 @@ class Harness:
                 loss.backward()
             assert last is not None
             result = StepResult(loss=torch.tensor(loss_value), tokens=tokens, metrics=last.metrics)
+        return self.complete_step(start, loss_value, result)
+
+    def complete_step(self, start: "StepStart", loss_value: float, result: StepResult) -> dict[str, Any]:
+        """After this rank's backward: average the gradients, clip, let the guard decide, step the
+        optimizer (or not), publish. Returns the step's history record (for `end_step`)."""
+        ctx = self.stage.ctx
         # this rank's own work, before it waits for the others in the all-reduce: a straggler
         # shows here, while the wall-clock step time is the same on every rank. On CUDA the
         # backward is still queued when backward() returns: wait for it before reading the clock.
         # With parallel ddp/fsdp the collectives run inside forward/backward, so this includes
         # the wait for the slowest rank: those strategies give the straggler detector no signal.
         sync_device(ctx.device)
-        compute = time.perf_counter() - t0
+        compute = time.perf_counter() - start.t0
         local_nonfinite = 0.0 if math.isfinite(loss_value) else 1.0
         if self.grads_averaged_in_backward:  # DDP / FSDP2 did the averaging; the vote is its own all-reduce
             nonfinite_votes = self.dist.sum_float(local_nonfinite)
@@ -505,23 +554,30 @@ class Harness:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.sspec.grad_clip))
         # the guard decides before the optimizer: a non-finite step never reaches the weights
         verdict = self.guard.check(loss_value, grad_norm, any_rank_nonfinite=nonfinite_votes > 0)
+        self.last_applied = verdict.apply_update
         if verdict.apply_update:
             self.optimizer.step()
-            self.stage.after_step(result, step)
+            self.stage.after_step(result, start.step)
         else:
             self.optimizer.zero_grad(set_to_none=True)
         if self.sspec.step_delay:
             time.sleep(self.sspec.step_delay)  # demo pacing
-        self.step = step + 1
+        self.step = start.step + 1
         self.tokens_seen += result.tokens * self.dist.world_size
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - start.t0
         self.last_loss, self.last_grad_norm, self.last_spike = loss_value, grad_norm, verdict.spike_score
         if verdict.anomaly is not None:
             self.anomaly_steps.append(self.step)
             self.exporter.count_anomaly(verdict.anomaly)
-        rec = self._publish(batch_index, lr, seconds, result.tokens, result.metrics, verdict.anomaly)
+        rec = self._publish(start.batch_index, start.lr, seconds, result.tokens, result.metrics, verdict.anomaly)
         rec["compute_seconds"] = compute
         return rec
+
+    def sample_range(self, batch_index: int) -> list[int]:
+        """[first, end) of the global sample indices this rank trains on in batch `batch_index`."""
+        lo, hi = local_share(self.rank, self.dist.world_size, self.sspec.batch_size)
+        base = batch_index * self.sspec.batch_size
+        return [base + lo, base + hi]
 
     def _micro_steps(self, batch_index: int) -> tuple[list[int], list[list[int]]] | None:
         """(this rank's share of global batch `batch_index`, its micro-batches) when the stage
@@ -560,7 +616,9 @@ class Harness:
     def _finish_step(self, rec: dict[str, Any]) -> None:
         self.exporter.record(rec)
         if self._log is not None:
-            self._log.write(json.dumps(rec) + "\n")
+            # the log also names the global samples this rank trained on (a pure function of the
+            # batch index; written out so a reader needs no trainguard to check what was trained)
+            self._log.write(json.dumps({**rec, "samples": self.sample_range(rec["batch_index"])}) + "\n")
         # the heartbeat goes last: a step counts as finished once its record is out
         self.exporter.set(MetricName.LAST_STEP_TS, time.time())
 

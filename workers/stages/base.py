@@ -1,4 +1,7 @@
-"""What every stage gives the runtime harness (workers/runtime/harness.py).
+"""The stage interface, version 1 (`Stage.api_version`): what every stage gives the runtime
+harness (workers/runtime/harness.py). Public: a user's `kind: custom` stage subclasses `Stage`
+exactly as the six built-in stages do (docs/user-code.md). A change that breaks a subclass
+written against it raises the version (workers/usercode.py STAGE_API_VERSION).
 
 The harness owns the step loop: data cursor and skip list, backward, gradient
 all-reduce, clipping, the guard, optimizer and LR schedule, checkpoints, metrics
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from trainguard.workers.contract import CheckpointRef
+from trainguard.workers.data import sample_indices
 from trainguard.workers.tokenizer import BYTE_TOKENIZER
 
 
@@ -44,9 +48,23 @@ class StageContext:
     data_files: dict[str, str] = field(default_factory=dict)  # extra sources from the pipeline spec
     tokenizer: Any = BYTE_TOKENIZER  # workers.tokenizer.Tokenizer: bytes, or an HF model's (workers/hf.py)
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """A user stage's own settings (`options:` in its spec); empty for the built-in stages."""
+        return dict(getattr(self.stage, "options", {}) or {})
+
+    def sample_indices(self, batch_index: int, samples: list[int] | None = None) -> list[int]:
+        """The global sample indices this rank trains on in global batch `batch_index` (`samples`:
+        a gradient-accumulation micro-step's subset, passed through). A batch built from these is
+        a pure function of the index: what the skip list and an exact resume rely on."""
+        if samples is not None:
+            return list(samples)
+        return sample_indices(batch_index, self.rank, self.world_size, self.stage.batch_size)
+
 
 class Stage(abc.ABC):
-    kind: ClassVar[str]
+    kind: ClassVar[str] = "custom"
+    api_version: ClassVar[int] = 1  # the interface version the subclass is written for
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
