@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import flag_modified
@@ -131,6 +132,18 @@ def list_runs(session: Session, *, limit: int = 100, offset: int = 0, state: str
         q = q.where(Run.state == _value(state))
     q = q.order_by(col(Run.created_at).desc(), col(Run.id).desc()).offset(offset).limit(limit)
     return list(session.exec(q).all())
+
+
+def list_run_rows(session: Session, *, limit: int = 100, offset: int = 0,
+                  state: str | None = None) -> list[dict[str, Any]]:
+    """`list_runs` as plain column dicts, the spec left as its stored JSON text (the list
+    endpoint splices it into its answer without parsing it)."""
+    t = Run.__table__  # type: ignore[attr-defined]
+    q = sa.select(*t.c)
+    if state is not None:
+        q = q.where(t.c.state == _value(state))
+    q = q.order_by(t.c.created_at.desc(), t.c.id.desc()).offset(offset).limit(limit)
+    return [dict(row) for row in session.connection().execute(q).mappings()]
 
 
 def count_runs(session: Session, *, state: str | None = None) -> int:

@@ -100,6 +100,11 @@ class RunBase(SQLModel):
 
 class Run(RunBase, table=True):
     __tablename__ = "run"
+    # GET /runs: a page newest first, optionally of one state (migration 0004)
+    __table_args__ = (
+        sa.Index("ix_run_created_at_id", "created_at", "id"),
+        sa.Index("ix_run_state_created_at_id", "state", "created_at", "id"),
+    )
 
     id: str = Field(primary_key=True)
     spec: str = Field(sa_type=sa.Text)  # the validated PipelineSpec as JSON text
