@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 import ray
+import uvicorn
 from ray.exceptions import RayActorError
 
 from trainguard.service.config import Settings
@@ -43,6 +48,37 @@ def running_controller(state_dir: Path, **overrides: Any) -> Iterator[Controller
     opts.update(overrides)
     with embedded_supervisor(Settings(**opts)) as ctl:
         yield ctl
+
+
+@contextlib.contextmanager
+def api_server(ctl: Controller, port: int) -> Iterator[uvicorn.Server]:
+    """The REST API over `ctl`, served by uvicorn in a thread on 127.0.0.1:`port`."""
+    from trainguard.service.api import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(ctl.settings, ctl), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    wait_for(lambda: server.started, 10, what="uvicorn start")
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        th.join(10)
+
+
+def serve_process(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`trainguard serve` in a process (and session) of its own, configured by `env`, output to `log`."""
+    return subprocess.Popen([sys.executable, "-m", "trainguard.service.cli", "serve"], env={**os.environ, **env},
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def ready(client: httpx.Client) -> bool:
+    """Whether the server behind `client` answers /readyz with 200 (False while it starts)."""
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def run_state(ctl: Controller, run_id: str) -> str:

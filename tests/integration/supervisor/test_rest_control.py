@@ -2,17 +2,15 @@
 workers; each asserted on the workers' own exported metrics."""
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainguard.service.api import create_app
 from tests.conftest import free_port, wait_for
-from tests.integration.supervisor.harness import assert_nothing_survives, running_controller, tiny_pipeline, wait_state
+from tests.integration.supervisor.harness import (api_server, assert_nothing_survives, running_controller, tiny_pipeline,
+                                                  wait_state)
 
 pytestmark = pytest.mark.integration
 OP = {"Authorization": "Bearer dev-operator-token"}
@@ -39,16 +37,9 @@ def steady(read, seconds: float) -> float:
 @pytest.fixture
 def api(ray_session, tmp_state):
     port = free_port()
-    with running_controller(tmp_state, port=port) as ctl:
-        app = create_app(ctl.settings, ctl)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        wait_for(lambda: server.started, 10, what="uvicorn start")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", headers=OP, timeout=30) as client:
-            yield ctl, client
-        server.should_exit = True
-        th.join(10)
+    with running_controller(tmp_state, port=port) as ctl, api_server(ctl, port), \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", headers=OP, timeout=30) as client:
+        yield ctl, client
 
 
 def test_pause_resume_anneal_rollback_stop_act_on_the_workers(api, groups):

@@ -5,32 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import free_port, wait_for
-from tests.integration.supervisor.harness import tiny_pipeline
+from tests.integration.supervisor.harness import ready, serve_process, tiny_pipeline
 
 pytestmark = pytest.mark.integration
 OP = {"Authorization": "Bearer dev-operator-token"}
 
 
 def _serve(state_dir: Path, port: int, ray_address: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "TRAINGUARD_STATE_DIR": str(state_dir), "TRAINGUARD_PORT": str(port),
-           "TRAINGUARD_ENVIRONMENT": "development", "TRAINGUARD_WATCH_INTERVAL": "0.25",
-           "TRAINGUARD_HANG_TIMEOUT": "5", "RAY_ADDRESS": ray_address}
-    return subprocess.Popen([sys.executable, "-m", "trainguard.service.cli", "serve"], env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.HTTPError:
-        return False
+    return serve_process({"TRAINGUARD_STATE_DIR": str(state_dir), "TRAINGUARD_PORT": str(port),
+                          "TRAINGUARD_ENVIRONMENT": "development", "TRAINGUARD_WATCH_INTERVAL": "0.25",
+                          "TRAINGUARD_HANG_TIMEOUT": "5", "RAY_ADDRESS": ray_address}, log)
 
 
 def test_sigkilled_supervisor_picks_runs_up_without_losing_or_repeating_incidents(ray_session, tmp_path):
@@ -43,7 +33,7 @@ def test_sigkilled_supervisor_picks_runs_up_without_losing_or_repeating_incident
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=OP, timeout=30)
     proc = _serve(state, port, address, log)
     try:
-        wait_for(lambda: _ready(client), 90, what=f"supervisor ready (log: {log})")
+        wait_for(lambda: ready(client), 90, what=f"supervisor ready (log: {log})")
         r = client.post("/api/v1/runs", json={"spec": spec.model_dump(mode="json")})
         assert r.status_code == 201, r.text
         run_id = r.json()["id"]
@@ -54,7 +44,7 @@ def test_sigkilled_supervisor_picks_runs_up_without_losing_or_repeating_incident
         proc.wait(10)
 
         proc = _serve(state, port, address, log)
-        wait_for(lambda: _ready(client), 90, what=f"supervisor ready again (log: {log})")
+        wait_for(lambda: ready(client), 90, what=f"supervisor ready again (log: {log})")
         wait_for(lambda: client.get(f"/api/v1/runs/{run_id}").json()["state"] == "completed", 180,
                  what="the adopted run completes")
         final = incs()

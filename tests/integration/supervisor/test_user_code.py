@@ -11,20 +11,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, wait_for
-from tests.integration.supervisor.harness import running_controller
-from trainguard.service.api import create_app
+from tests.integration.supervisor.harness import api_server, ready, running_controller, serve_process
 from trainguard.workers.runtime.harness import schedule_lr
 
 pytestmark = pytest.mark.integration
@@ -110,11 +107,6 @@ def _exercise(client: httpx.Client, run_id: str, state_dir: Path, stage: str, st
     assert first["loss"] < 3 * min(r["loss"] for r in recs[:back] if r["batch_index"] < 60)
 
 
-def _serve(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainguard.service.cli", "serve"], env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def test_a_custom_stage_from_its_own_file_is_guarded_under_serve_and_submit(ray_session, tmp_path):
     probe = tmp_path / "probe"
     probe.mkdir()
@@ -123,17 +115,17 @@ def test_a_custom_stage_from_its_own_file_is_guarded_under_serve_and_submit(ray_
         "    f.write(f'{os.getpid()}\\n')\nNotAStage = 3\n")
     state, port, log = tmp_path / "state", free_port(), tmp_path / "supervisor.log"
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TRAINGUARD_STATE_DIR": str(state), "TRAINGUARD_PORT": str(port),
+    env = {"TRAINGUARD_STATE_DIR": str(state), "TRAINGUARD_PORT": str(port),
            "TRAINGUARD_ENVIRONMENT": "development", "TRAINGUARD_WATCH_INTERVAL": "0.25",
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "TRAINGUARD_USER_CODE_MODULES": "regression_stage,probe_stage,absent_mod",
            "TRAINGUARD_USER_CODE_PATHS": f"{EXAMPLES / 'custom_stage'},{probe}"}
     spec = _pipeline("custom_stage", steps=400, step_delay=0.02)
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
-    proc = _serve(env, log)
+    proc = serve_process(env, log)
     client = httpx.Client(base_url=url, headers=OP, timeout=60)
     try:
-        wait_for(lambda: _ready(client), 90, what=f"supervisor ready (log: {log})")
+        wait_for(lambda: ready(client), 90, what=f"supervisor ready (log: {log})")
         for entry, kind, says in [("os.path:join", "custom", "not under an allowed prefix"),
                                   ("absent_mod.x:Stage", "custom", "was not found"),
                                   ("probe_stage:NotAStage", "custom", "not a stage class"),
@@ -159,25 +151,11 @@ def test_a_custom_stage_from_its_own_file_is_guarded_under_serve_and_submit(ray_
         client.close()
 
 
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_the_loop_api_example_is_guarded_under_the_supervisor(ray_session, tmp_state):
     port = free_port()
     with running_controller(tmp_state, port=port, user_code_modules=["charlm"],
-                            user_code_paths=[str(EXAMPLES / "own_loop")]) as ctl:
-        app = create_app(ctl.settings, ctl)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        wait_for(lambda: server.started, 10, what="uvicorn start")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=OP, timeout=60) as client:
-            r = client.post("/api/v1/runs", json={"spec": _pipeline("own_loop", steps=400, step_delay=0.01, block=32)})
-            assert r.status_code == 201, r.text
-            _exercise(client, r.json()["id"], ctl.state_dir, "charlm", 400)
-        server.should_exit = True
-        th.join(10)
+                            user_code_paths=[str(EXAMPLES / "own_loop")]) as ctl, api_server(ctl, port), \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=OP, timeout=60) as client:
+        r = client.post("/api/v1/runs", json={"spec": _pipeline("own_loop", steps=400, step_delay=0.01, block=32)})
+        assert r.status_code == 201, r.text
+        _exercise(client, r.json()["id"], ctl.state_dir, "charlm", 400)
