@@ -85,6 +85,7 @@ class Controller:
         self.parts = DriverParts(ledger=self.ledger, catalog=self.catalog, executor=self.executor, watch=self.watch,
                                   goodput=self.goodput, state_dir=self.state_dir,
                                   start_group=functools.partial(start_worker_group, user_code=self.user_code.to_dict()),
+                                  annotate=self._annotate,
                                   publish_goodput=self._publish_goodput,
                                   on_exit=self._driver_done)
         self._started = False
@@ -472,6 +473,11 @@ class Controller:
     def _proposal_result(self, prop: Proposal) -> dict[str, Any]:
         return {"proposal": prop.id, "state": prop.state, "incident": prop.incident_id, "action": prop.action,
                 "rollback_to_step": prop.checkpoint_step, "run_state": self.ledger.run_state(prop.run_id).value}
+
+    def _annotate(self, text: str, tags: list[str]) -> None:
+        """A Grafana annotation from a run driver (e.g. a change of world size), when a Grafana is configured."""
+        if self.annotator is not None:
+            self.annotator.post(text=text, tags=tags)
 
     def _proposal_event(self, prop: Proposal, what: str) -> None:
         """Every proposal event becomes a Grafana annotation (when a Grafana is configured)."""

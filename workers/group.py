@@ -13,6 +13,11 @@ nothing — waiting up to $TRAINGUARD_PLACEMENT_WAIT_S (default 120 s); a group 
 placed in time raises `InsufficientResources` naming what was asked and what is free (the
 supervisor records an `insufficient_resources` incident), never a half-started group.
 
+Elastic stages (`min_world_size`): a group that cannot have its full size within
+$TRAINGUARD_ELASTIC_WAIT_S starts at the largest size the nodes' free resources hold, not below
+the minimum (`reserve_elastic`); `WorkerGroup.world_size` is then the smaller size its ranks
+train with (`elastic` says how it was chosen), the global batch unchanged.
+
 GPUs: a group runs either all its ranks on GPUs or all on CPUs (`plan_gpus`), never a mix:
 a GPU group's bundles hold one GPU per rank (`reserve_gpus`: waits up to
 $TRAINGUARD_GPU_WAIT_S when set, else the placement wait), and each rank uses the GPU Ray
@@ -43,7 +48,8 @@ from trainguard.workers.usercode import UserCode, load_entrypoint
 __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV", "plan_gpus",
            "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV", "worker_env", "FORWARDED_ENV_PREFIXES",
            "InsufficientResources", "PLACEMENT_WAIT_ENV", "reserve", "placement_wait_s", "bundle_nodes", "node_id",
-           "dead_nodes"]
+           "dead_nodes", "ELASTIC_WAIT_ENV", "elastic_wait_s", "bundles_that_fit", "elastic_sizes",
+           "accumulation_micro_batch", "free_per_node", "reserve_elastic"]
 
 STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
 GPU_WAIT_ENV = "TRAINGUARD_GPU_WAIT_S"
@@ -121,6 +127,115 @@ def bundle_nodes(pg: Any, n: int) -> list[str | None]:
     except Exception:  # noqa: BLE001 - the GCS unreachable: no node known
         table = {}
     return [str(table[i]) if table.get(i) else None for i in range(n)]
+
+
+# ---- elastic restart (a stage's `min_world_size`) ------------------------------------------------
+ELASTIC_WAIT_ENV = "TRAINGUARD_ELASTIC_WAIT_S"
+DEFAULT_ELASTIC_WAIT_S = 10.0
+_EPS = 1e-6  # Ray keeps resources in units of 1/10000
+
+
+def elastic_wait_s() -> float:
+    """How long an elastic stage's group waits for its full size before it takes a smaller one:
+    $TRAINGUARD_ELASTIC_WAIT_S (default 10 s; never longer than the placement wait). Also how
+    long each smaller size that should fit is given."""
+    raw = os.environ.get(ELASTIC_WAIT_ENV)
+    return float(raw) if raw else DEFAULT_ELASTIC_WAIT_S
+
+
+def bundles_that_fit(bundle: dict[str, float], strategy: str, free_per_node: Iterable[dict[str, float]],
+                     limit: int) -> int:
+    """How many copies of `bundle` (at most `limit`) one placement group could hold now on nodes
+    with `free_per_node` free resources, under Ray's `strategy`: PACK and SPREAD use any node for
+    any number of bundles, STRICT_PACK one node, STRICT_SPREAD one bundle per node."""
+    per_node: list[int] = []
+    for free in free_per_node:
+        counts = [int(float(free.get(k, 0.0)) / float(v) + _EPS) for k, v in bundle.items() if float(v) > 0]
+        per_node.append(min(counts) if counts else limit)
+    if not per_node:
+        return 0
+    if strategy == "STRICT_PACK":
+        n = max(per_node)
+    elif strategy == "STRICT_SPREAD":
+        n = sum(1 for c in per_node if c >= 1)
+    else:  # PACK, SPREAD
+        n = sum(per_node)
+    return max(0, min(limit, n))
+
+
+def elastic_sizes(world_size: int, min_world_size: int, fit: int | None) -> list[int]:
+    """The smaller sizes to try, largest first, once the full `world_size` could not be placed:
+    from the largest that `fit`s now (`bundles_that_fit`; None: unknown, every size) down to
+    `min_world_size`. The last one is always `min_world_size`: when nothing larger can be had,
+    the group waits for that (the placement wait), as a fixed-size group waits for its size."""
+    top = world_size - 1 if fit is None else min(fit, world_size - 1)
+    return list(range(top, min_world_size - 1, -1)) if top >= min_world_size else [min_world_size]
+
+
+def accumulation_micro_batch(kind: str, batch_size: int, micro_batch_size: int | None, world_size: int,
+                             placed: int) -> int | None:
+    """The `micro_batch_size` a group shrunk from `world_size` to `placed` ranks trains with: each
+    rank's share of the (unchanged) global batch grows, and gradient accumulation keeps each
+    micro-step at the full-size share (memory per rank as planned). None: nothing to change — a
+    group at full size, a stage that sets its own micro_batch_size, or a kind without accumulation
+    (only pretrain and anneal have it: other kinds take the larger share in one step)."""
+    if placed >= world_size or micro_batch_size is not None or kind not in ("pretrain", "anneal"):
+        return None
+    full_share = max(1, -(-batch_size // world_size))
+    return full_share if full_share < -(-batch_size // placed) else None
+
+
+def free_per_node() -> dict[str, dict[str, float]] | None:
+    """Each alive node's free resources (the GCS's view, Ray's developer API); None where Ray does
+    not say (a Ray Client connection, an older or newer Ray): every smaller size is then tried."""
+    try:
+        from ray._private import state as ray_state
+
+        free = ray_state.available_resources_per_node()
+        alive = {str(n["NodeID"]) for n in ray.nodes() if n.get("Alive", True)}
+        return {str(node): _plain_resources(dict(res)) for node, res in free.items() if str(node) in alive}
+    except Exception:  # noqa: BLE001 - not known: the caller tries the sizes one by one
+        return None
+
+
+def reserve_elastic(bundle: dict[str, float], strategy: str, what: str, world_size: int, min_world_size: int,
+                    *, wait_s: float | None = None, probe_s: float | None = None,
+                    error: type[InsufficientResources] = InsufficientResources,
+                    message: Any = None) -> tuple[Any, int, dict[str, Any] | None]:
+    """(placement group, ranks it holds, how it was chosen) for an elastic group: the full
+    `world_size` when it is placed within `probe_s` ($TRAINGUARD_ELASTIC_WAIT_S, capped by the
+    placement wait); else the largest size the nodes' free resources hold now, never below
+    `min_world_size` (each tried for `probe_s`; the smallest waits the placement wait). The note
+    (None at full size) says what was asked and what was free. `error` when not even
+    `min_world_size` ranks could be placed."""
+    wait_s = placement_wait_s() if wait_s is None else wait_s
+    probe_s = min(wait_s, elastic_wait_s()) if probe_s is None else probe_s
+    try:
+        pg = reserve([dict(bundle) for _ in range(world_size)], strategy, what, probe_s, error, message)
+        return pg, world_size, None
+    except InsufficientResources as e:
+        full = e.evidence
+    free = free_per_node()
+    fit = bundles_that_fit(bundle, strategy, free.values(), world_size) if free is not None else None
+    sizes = elastic_sizes(world_size, min_world_size, fit)
+    last: InsufficientResources | None = None
+    for i, n in enumerate(sizes):
+        try:
+            pg = reserve([dict(bundle) for _ in range(n)], strategy, what,
+                         wait_s if i == len(sizes) - 1 else probe_s, error, message)
+        except InsufficientResources as e:
+            last = e
+            continue
+        note = {"world_size": world_size, "placed": n, "min_world_size": min_world_size,
+                "per_bundle": dict(bundle), "strategy": strategy, "full_size_waited_s": probe_s,
+                "largest_fit": fit, "free_per_node": free, "cluster": full.get("cluster"),
+                "tried": sizes[: i + 1]}
+        return pg, n, note
+    assert last is not None
+    ev = {**last.evidence, "min_world_size": min_world_size, "world_size": world_size, "largest_fit": fit,
+          "free_per_node": free, "tried": sizes}
+    raise error(f"{last} (elastic: world_size {world_size} did not fit in {probe_s:g} s, nor any size down to "
+                f"min_world_size {min_world_size})", ev) from None
 
 
 def plan_gpus(world_size: int, cluster: dict[str, float]) -> bool:
@@ -366,12 +481,15 @@ class WorkerGroup:
                  resume_from: CheckpointRef | None = None, skip: Iterable[Iterable[int]] = (),
                  lr_multiplier: float | None = None, inputs: dict[str, CheckpointRef] | None = None,
                  fired_dir: Path | str | None = None, bind_host: str | None = None,
-                 checkpoint_root: str | None = None, user_code: dict[str, Any] | None = None) -> None:
+                 checkpoint_root: str | None = None, user_code: dict[str, Any] | None = None,
+                 shrink: bool = True) -> None:
         """`state_dir` defaults to $TRAINGUARD_STATE_DIR. `user_code`: the deployment's allow-list for
         custom and loop stages (workers/usercode.py UserCode.to_dict; None allows none). `lr_multiplier` None keeps the
         checkpoint's (or 1.0); a value replaces it. `skip` is added to the checkpoint's skip list.
         `resume_from` and `inputs` carry the hashes recorded when their checkpoints were
-        reported: the workers load nothing else."""
+        reported: the workers load nothing else. `shrink`: a stage with `min_world_size` may start
+        smaller than its world_size when that cannot be placed (False: the full size or
+        InsufficientResources — what the driver asks for a stage's very first group)."""
         state_dir = state_dir or os.environ.get(STATE_DIR_ENV)
         if not state_dir:
             raise ValueError(f"state_dir is required (argument or ${STATE_DIR_ENV})")
@@ -400,21 +518,30 @@ class WorkerGroup:
         self._pg: Any = None  # the group's placement group (a bundle per rank)
         self._spare_nodes: dict[int, str] = {}  # rank -> its node, known before its endpoint (spare, bundle)
         self.warm_spares = 0  # ranks of a gang-scheduled CPU group that came from the warm pool
+        self.declared_world_size = self.world_size  # the stage's world_size; `world_size` is what start() placed
+        self.shrink = shrink
+        self.elastic: dict[str, Any] | None = None  # start() shrank the group: how the size was chosen
 
     def start(self) -> None:
         """Reserve the group's placement group (a bundle per rank, all at once: waits up to
-        $TRAINGUARD_PLACEMENT_WAIT_S, then raises InsufficientResources), take warm actors on the
-        bundles' nodes (or create them in the bundles) and start their loops; returns without
-        waiting for the loops."""
+        $TRAINGUARD_PLACEMENT_WAIT_S, then raises InsufficientResources; an elastic stage's may
+        hold fewer ranks: `_reserve_elastic`), take warm actors on the bundles' nodes (or create
+        them in the bundles) and start their loops; returns without waiting for the loops."""
         assert not self._actors, "start() called twice"
-        use_gpu = plan_gpus(self.world_size, ray.cluster_resources())
+        elastic = (self.shrink and self.stage_spec.min_world_size is not None
+                   and self.stage_spec.min_world_size < self.world_size)
+        # an elastic stage runs on GPUs when the cluster has GPUs for its smallest size
+        use_gpu = plan_gpus(self.stage_spec.min_world_size if elastic else self.world_size, ray.cluster_resources())
         placement = self.stage_spec.placement
         cpus = placement.cpus(use_gpu)
         what = f"run {self.run_id} stage {self.stage_name}"
+        if elastic and (use_gpu or cpus > 0):
+            self._pg = self._reserve_elastic(use_gpu, cpus, what)
         if use_gpu:
             # one GPU per rank, reserved together; spares would hold GPUs idle, so GPU ranks never
             # come from the pool
-            self._pg = reserve_gpus(self.world_size, what, strategy=placement.strategy, cpus_per_rank=cpus)
+            if self._pg is None:
+                self._pg = reserve_gpus(self.world_size, what, strategy=placement.strategy, cpus_per_rank=cpus)
             self._actors = [TrainWorker.options(num_gpus=1, num_cpus=cpus,
                                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                                                     placement_group=self._pg, placement_group_bundle_index=r)).remote()
@@ -425,7 +552,8 @@ class WorkerGroup:
             self._actors = [a for a, _ in taken]
             self._spare_nodes = {r: n for r, (_, n) in enumerate(taken) if n}
         else:
-            self._pg = reserve([{"CPU": cpus} for _ in range(self.world_size)], placement.strategy, what)
+            if self._pg is None:
+                self._pg = reserve([{"CPU": cpus} for _ in range(self.world_size)], placement.strategy, what)
             try:
                 self._take_for_bundles(cpus)
             except BaseException:
@@ -435,6 +563,38 @@ class WorkerGroup:
                                for r, a in enumerate(self._actors)]
         addr = self._actors[0].rendezvous.remote(self.world_size)  # each run() starts once it resolves
         self._run_refs = [a.run.remote(addr, ep) for a, ep in zip(self._actors, self._endpoint_refs)]
+
+    def _reserve_elastic(self, use_gpu: bool, cpus: float, what: str) -> Any:
+        """An elastic stage's placement group (`reserve_elastic`): at full size, or shrunk to the
+        largest size that fits (not below min_world_size). A smaller group is what the workers
+        get: its rank count, the `world_size` every rank trains with, and — for pretrain and
+        anneal without a micro_batch_size of their own — gradient accumulation that keeps each
+        micro-step at the full-size share. The global batch (samples, loss) is unchanged."""
+        placement, stage = self.stage_spec.placement, self.stage_spec
+        assert stage.min_world_size is not None
+        if use_gpu:
+            bundle: dict[str, float] = {"GPU": 1, **({"CPU": cpus} if cpus > 0 else {})}
+            wait = placement_wait_s(use_gpu=True)
+
+            def message(ev: dict[str, Any]) -> str:
+                return missing_gpus_message(what, int(ev["asked"]["bundles"]), ev["cluster"], ev["free"], wait)
+
+            pg, placed, note = reserve_elastic(bundle, placement.strategy, what, self.world_size, stage.min_world_size,
+                                               wait_s=wait, error=GpusUnavailable, message=message)
+        else:
+            pg, placed, note = reserve_elastic({"CPU": cpus}, placement.strategy, what, self.world_size,
+                                               stage.min_world_size)
+        if placed != self.world_size:
+            micro = accumulation_micro_batch(stage.kind, stage.batch_size, stage.micro_batch_size, self.world_size,
+                                             placed)
+            spec = self._kwargs["spec"]
+            if micro is not None:
+                spec = {**spec, "stages": [{**st, "micro_batch_size": micro} if st.get("name") == self.stage_name
+                                           else st for st in spec["stages"]]}
+            self.world_size = placed
+            self._kwargs.update(world_size=placed, spec=spec)
+            self.elastic = {**(note or {}), "micro_batch_size": micro}
+        return pg
 
     def _take_for_bundles(self, cpus: float) -> None:
         """Rank r: a warm spare already on bundle r's node (a 0-CPU actor: the bundle holds its

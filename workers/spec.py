@@ -197,8 +197,10 @@ class _StageBase(_Strict):
     world_size: int = Field(1, ge=1, le=4096)
     min_world_size: int | None = Field(
         None, ge=1, le=4096,
-        description="elastic restart: when the cluster cannot place world_size ranks after a fault, restart at the "
-                    "largest size that fits, not below this (the global batch is kept); default: world_size only")
+        description="elastic restart: when the cluster cannot place world_size ranks for any group of the stage but "
+                    "its first (a restart after a crash, a hang or a lost node, a resume), start at the largest size "
+                    "that fits, not below this; the global batch is kept (pretrain and anneal accumulate gradients "
+                    "over micro-batches of the full-size share); default: world_size only")
     batch_size: int = Field(8, ge=1, le=1 << 20)
     micro_batch_size: int | None = Field(
         None, ge=1, le=1 << 20,

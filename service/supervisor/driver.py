@@ -11,6 +11,12 @@ A group that cannot be placed (its placement group not ready in time: WorkerGrou
 raises InsufficientResources) is an `insufficient_resources` incident — the policy says
 needs_attention — and the run ends here until an operator resumes it; never a hang.
 
+An elastic stage (`min_world_size`) may get a group smaller than its world_size (WorkerGroup
+shrinks it when the full size cannot be placed; never the stage's very first group), or a
+later group larger than the one before:
+every change of the stage's world size is a `world_size_changed` event and a Grafana
+annotation (`DriverParts.annotate`).
+
 Other threads talk to it through `request_restart`, `request_stop` and `halt`; the group is
 swapped only on this thread.
 """
@@ -88,6 +94,8 @@ class DriverParts:
     start_group: Callable[..., Any] = start_worker_group
     publish_goodput: Callable[[str], None] = lambda run_id: None
     on_exit: Callable[[str], None] = lambda run_id: None
+    annotate: Callable[[str, list[str]], None] = lambda text, tags: None
+    """A Grafana annotation (text, tags) for an event an operator should see on the dashboards."""
 
 
 class RunDriver(threading.Thread):
@@ -151,27 +159,31 @@ class RunDriver(threading.Thread):
                 return
             st = todo[0]
             if not self._run_stage(ActiveStage(run_id=self.run_id, name=st.name, kind=st.kind, index=st.index,
-                                               steps=st.steps), outputs):
+                                               steps=st.steps), outputs, first=st.started_at is None):
                 return
 
-    def _new_group(self, stage: str, outputs: dict[str, str], resume_from: CheckpointRef | None) -> Any:
+    def _new_group(self, stage: str, outputs: dict[str, str], resume_from: CheckpointRef | None, *,
+                   shrink: bool = True) -> Any:
         """The earlier stages' outputs go to the workers with the hashes recorded when they were
-        reported; an output the store has no hashes for is not handed over."""
+        reported; an output the store has no hashes for is not handed over. `shrink`: an elastic
+        stage's group may start smaller than its world_size (every group but a stage's very first)."""
         skip, lr = in_effect(self.parts.ledger.attempts(self.run_id, stage))
         inputs = {name: ref for name, path in outputs.items()
                   if (ref := self.parts.catalog.ref_for(self.run_id, path)) is not None}
         return self.parts.start_group(
             run_id=self.run_id, spec=self.spec, stage_name=stage, state_dir=self.parts.state_dir,
             resume_from=resume_from, skip=skip, lr_multiplier=lr, inputs=inputs,
-            fired_dir=self.parts.state_dir / "runs" / self.run_id / "faults")
+            fired_dir=self.parts.state_dir / "runs" / self.run_id / "faults", shrink=shrink)
 
-    def _run_stage(self, active: ActiveStage, outputs: dict[str, str]) -> bool:
-        """True when the stage completed; False when the run ends here (stop, halt, failure)."""
+    def _run_stage(self, active: ActiveStage, outputs: dict[str, str], *, first: bool = False) -> bool:
+        """True when the stage completed; False when the run ends here (stop, halt, failure).
+        `first`: the stage never had a group: an elastic stage's first group takes its full size
+        (or waits for it); a later one — an operator's resume, the supervisor's restart — may shrink."""
         parts, ledger = self.parts, self.parts.ledger
         resume = parts.catalog.resume_point(self.run_id, active.name)
         ledger.start_stage(self.run_id, active.name)
         try:
-            group = self._new_group(active.name, outputs, resume)
+            group = self._new_group(active.name, outputs, resume, shrink=not first)
         except Exception as e:
             if not _insufficient_resources(e):
                 raise
@@ -187,8 +199,11 @@ class RunDriver(threading.Thread):
         if self.start_paused or state == RunState.PAUSED:
             self.start_paused = False
             group.control(ControlKind.PAUSE, {})
+        self._note_world_size(active, group, cause="resume" if resume is not None else "start", incident=None,
+                              checkpoint=resume.path if resume else None)
         ledger.event(self.run_id, "supervisor", "stage_started",
-                     {"stage": active.name, "resume_from": resume.path if resume else None}, "ok")
+                     {"stage": active.name, "resume_from": resume.path if resume else None,
+                      "world_size": active.world_size}, "ok")
         while not self._halt.is_set():
             try:
                 cmd, arg = self.commands.get(timeout=_POLL_S)
@@ -347,9 +362,47 @@ class RunDriver(threading.Thread):
                 return True
             pend = active.pending
             active.new_group(group, targets, resumed_at_step=pend.target_step if pend is not None else None)
-        parts.ledger.event(self.run_id, "supervisor", "group_restarted", {"stage": active.name, "checkpoint": checkpoint},
-                           "ok")
+            cause, incident = (pend.kind, pend.incident) if pend is not None else ("restart", arg.get("incident"))
+        self._note_world_size(active, group, cause=cause, incident=incident, checkpoint=checkpoint)
+        parts.ledger.event(self.run_id, "supervisor", "group_restarted",
+                           {"stage": active.name, "checkpoint": checkpoint, "world_size": active.world_size}, "ok")
         return True
+
+    def _note_world_size(self, active: ActiveStage, group: Any, *, cause: str, incident: int | None,
+                         checkpoint: str | None) -> None:
+        """Record the size the stage's new group got (`WorkerGroup.world_size`: what its ranks
+        train with). A size other than the stage's last one — the previous group's, or, for this
+        driver's first group, the last `world_size_changed` event's (else the declared size) — is
+        a `world_size_changed` event and a Grafana annotation."""
+        stage = self.spec.stage(active.name)
+        size = getattr(group, "world_size", None)
+        if not isinstance(size, int):
+            size = stage.world_size  # a group that does not say (a test's fake) runs the declared size
+        before = active.world_size
+        if before is None:
+            last = self.parts.ledger.last_event(self.run_id, "world_size_changed", stage=active.name)
+            before = int(last["to"]) if last is not None else stage.world_size
+        active.world_size, active.declared_world_size = size, stage.world_size
+        if size == before:
+            return
+        how = "shrunk" if size < before else "grown"
+        elastic = getattr(group, "elastic", None)
+        detail: dict[str, Any] = {
+            "stage": active.name, "from": before, "to": size, "declared": stage.world_size,
+            "min_world_size": stage.min_world_size, "cause": cause, "incident": incident, "checkpoint": checkpoint,
+            "micro_batch_size": elastic.get("micro_batch_size") if isinstance(elastic, dict) else None,
+            "placement": elastic if isinstance(elastic, dict) else None}
+        self.parts.ledger.event(self.run_id, "supervisor", "world_size_changed", detail, how)
+        log.warning("run %s: stage %s %s from %s to %s ranks (%s)", self.run_id, active.name, how, before, size, cause)
+        why = cause + (f", incident {incident}" if incident is not None else "")
+        where = f" from {checkpoint}" if checkpoint else ""
+        text = (f"{active.name}: world size {before} -> {size} ranks ({how}; declared {stage.world_size}, "
+                f"min {stage.min_world_size}; {why}){where}")
+        tags = ["trainguard", "world_size", f"run:{self.run_id}", f"stage:{active.name}", f"state:{how}"]
+        try:
+            self.parts.annotate(text, tags)
+        except Exception:  # noqa: BLE001 - an annotation never stands in the way of a restart
+            log.warning("world-size annotation for %s failed", self.run_id, exc_info=True)
 
     def _unplaceable(self, active: ActiveStage, err: BaseException) -> None:
         """The stage's worker group could not be placed in time: an `insufficient_resources`

@@ -293,7 +293,14 @@ class RecoveryExecutor:
                                          target_step=decision.checkpoint_step, checkpoint=ckpt,
                                          from_step=active.last_step, restart=not rollback)
         self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
-        if rollback and self._send_rollback(run_id, active, incident_id, decision, lr):
+        # an operator's rollback of a group shrunk below the stage's world_size (an elastic
+        # restart) is carried out by a new group, which takes the full size again where the
+        # cluster can place it: how an operator grows a stage back at a checkpoint boundary
+        grow = kind == OPERATOR_ROLLBACK and active.shrunk
+        if grow:
+            log.warning("run %s: operator rollback of %s at %s of %s ranks: restarting the group to grow it back",
+                        run_id, active.name, active.world_size, active.declared_world_size)
+        if rollback and not grow and self._send_rollback(run_id, active, incident_id, decision, lr):
             return
         active.pending.restart = True
         self.restarter.request_restart(run_id, checkpoint=ckpt, incident=incident_id)

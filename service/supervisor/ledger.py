@@ -93,6 +93,16 @@ class Ledger:
         with self.session() as s:
             crud.add_event(s, run_id=run_id, actor=actor, kind=kind, detail=jsonable(detail), result=result)
 
+    def last_event(self, run_id: str, kind: str, **match: Any) -> dict[str, Any] | None:
+        """The detail of the run's newest `kind` event whose detail has every `match` item."""
+        with self.session() as s:
+            events = crud.list_events(s, run_id=run_id)
+        for e in reversed(events):
+            detail = dict(e.detail or {})
+            if e.kind == kind and all(detail.get(k) == v for k, v in match.items()):
+                return detail
+        return None
+
     # ---- stages ------------------------------------------------------------------------------
     def stages(self, run_id: str) -> list[Any]:
         with self.session() as s:

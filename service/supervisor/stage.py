@@ -73,6 +73,14 @@ class ActiveStage:
     done: bool = False  # the stage completed: the watch has seen its last step and leaves it
     group_first_step: int | None = None  # the first step the current worker group reported
     held_by_proposal: bool = False  # its group finished while an approve-mode proposal waited
+    world_size: int | None = None  # ranks of its current worker group (an elastic stage's may be fewer)
+    declared_world_size: int | None = None  # the stage's world_size in the spec
+
+    @property
+    def shrunk(self) -> bool:
+        """Its group runs with fewer ranks than the stage declares (an elastic restart)."""
+        return (self.world_size is not None and self.declared_world_size is not None
+                and self.world_size < self.declared_world_size)
 
     @property
     def ranks(self) -> list[int]:

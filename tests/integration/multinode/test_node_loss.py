@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT_S = 240
 
 
-def run_scenario(state_dir: Path) -> dict:
+def run_scenario(state_dir: Path, module: str = "tests.integration.multinode.node_loss_scenario") -> dict:
+    """Run `module`'s scenario (`python -m module STATE_DIR`) in a process of its own; its result."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # one warm spare per worker node (a spare costs ~20 s of CPU to warm up, on two shared cores):
     # after the loss the restarted group has one warm spare and one new actor in its bundle
@@ -34,7 +35,7 @@ def run_scenario(state_dir: Path) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="tgmn", dir="/tmp")
     env["RAY_TMPDIR"] = ray_tmp
     try:
-        proc = subprocess.run([sys.executable, "-m", "tests.integration.multinode.node_loss_scenario", str(state_dir)],
+        proc = subprocess.run([sys.executable, "-m", module, str(state_dir)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
