@@ -118,7 +118,13 @@ class Settings(BaseSettings):
     grafana_token: SecretStr | None = None
 
     watch_interval: float = Field(0.5, gt=0.0, le=3600.0)
-    """Seconds between watch cycles."""
+    """Seconds between watch cycles (on the Prometheus path at most a quarter of
+    `prometheus_scrape_interval`: see `effective_watch_interval`)."""
+    prometheus_scrape_interval: float = Field(5.0, gt=0.0, le=3600.0)
+    """Prometheus' scrape interval for the workers (deploy/prometheus/prometheus.yml: 5 s). With
+    `prometheus_url` set the watch queries four times per scrape, so a scrape that shows a problem
+    is read within a quarter interval of landing: detection within ~1.25 scrape intervals of the
+    onset, instead of up to one scrape plus one watch interval."""
     watch_enabled: bool = True
     """False: the supervisor does not watch on its own; only alerts drive recovery."""
 
@@ -203,6 +209,13 @@ class Settings(BaseSettings):
             raise ValueError("viewer_token, operator_token and webhook_token must differ (the token decides the role)")
         if defaults:
             log.info("using built-in development tokens for %s (loopback only)", ", ".join(defaults))
+
+    def effective_watch_interval(self) -> float:
+        """Seconds between watch cycles: `watch_interval`, or on the Prometheus path at most a
+        quarter of `prometheus_scrape_interval` (one cheap instant query per cycle for all runs)."""
+        if self.prometheus_url:
+            return min(self.watch_interval, self.prometheus_scrape_interval / 4.0)
+        return self.watch_interval
 
     def resolved_database_url(self) -> str:
         """The database URL (already derived from state_dir when not set)."""

@@ -42,7 +42,8 @@ def build_scheduler(controller, settings) -> BackgroundScheduler:
     # would log a warning for every skipped run.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5})
-    sched.add_job(guarded("watch", controller.watch_once), "interval", seconds=settings.watch_interval, id="watch")
+    sched.add_job(guarded("watch", controller.watch_once), "interval", seconds=settings.effective_watch_interval(),
+                  id="watch")
     sched.add_job(guarded("checkpoints", controller.checkpoints_once), "interval", seconds=1.0, id="checkpoints")
     sched.add_job(guarded("goodput", controller.goodput_once), "interval", seconds=2.0, id="goodput")
     return sched

@@ -114,7 +114,8 @@ scrape_configs:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{prom_port}/-/ready", timeout=1).status_code == 200, 60,
                    interval=0.2, what="prometheus to be ready")
         state = d / "state"
-        with controller(state, prometheus_url=f"http://127.0.0.1:{prom_port}", port=api_port) as ctl, \
+        with controller(state, prometheus_url=f"http://127.0.0.1:{prom_port}", port=api_port,
+                        prometheus_scrape_interval=1.0) as ctl, \
                 _Server(ctl, api_port):
             t0 = time.time()
             run_id = ctl.submit(_spec(at, steps, PROMETHEUS_SPIKE_STEPS), actor="bench")

@@ -50,3 +50,22 @@ def test_tokens_must_differ_because_the_token_decides_the_role():
 def test_out_of_range_numbers_are_refused(field, value):
     with pytest.raises(ValidationError, match=field):
         Settings(**{field: value})
+
+
+def test_on_the_prometheus_path_the_watch_queries_four_times_per_scrape(tmp_path):
+    embedded = Settings(state_dir=tmp_path, watch_interval=0.5)
+    assert embedded.effective_watch_interval() == 0.5, "the embedded path keeps its interval"
+    prom = Settings(state_dir=tmp_path, watch_interval=0.5, prometheus_url="http://prom:9090",
+                    prometheus_scrape_interval=1.0)
+    assert prom.effective_watch_interval() == 0.25
+    slow = Settings(state_dir=tmp_path, watch_interval=0.5, prometheus_url="http://prom:9090")
+    assert slow.prometheus_scrape_interval == 5.0 and slow.effective_watch_interval() == 0.5
+
+
+def test_user_code_settings_are_module_names_and_absolute_folders(tmp_path):
+    s = Settings(state_dir=tmp_path, user_code_modules="mylab.stages, other", user_code_paths=str(tmp_path))
+    assert s.user_code_modules == ["mylab.stages", "other"] and s.user_code_paths == [str(tmp_path.resolve())]
+    with pytest.raises(ValidationError, match="TRAINGUARD_USER_CODE_MODULES"):
+        Settings(state_dir=tmp_path, user_code_modules="../evil")
+    with pytest.raises(ValidationError, match="TRAINGUARD_USER_CODE_PATHS"):
+        Settings(state_dir=tmp_path, user_code_paths="relative/dir")
