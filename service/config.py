@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     startup_grace: float = Field(DEFAULT_STARTUP_GRACE_S, gt=0.0, le=86400.0)
     """Seconds a freshly started worker group may take to its first step before a hang is declared."""
 
+    detached_workers: Literal["auto", "on", "off"] = "auto"
+    """Rank actors outlive the supervisor's process (detached, named per run/stage/rank) so that a
+    supervisor restart touches no training: "auto" is on when the supervisor joins a cluster
+    ($RAY_ADDRESS), off in the embedded mode (its own local Ray, which ends with it anyway)."""
+
     recovery_mode: Literal["auto", "approve", "observe"] = "auto"
     """What a run submitted without its own `recovery_mode` does with a recovery decision: "auto"
     carries it out, "approve" records it as a proposal, holds the run and acts once an operator

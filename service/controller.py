@@ -32,7 +32,7 @@ from trainguard.service.domain.proposal import ProposalState, RecoveryMode
 from trainguard.service.domain.state import ACTIVE_RUN_STATES, TERMINAL_RUN_STATES, RunState
 from trainguard.service.db.models import Proposal
 from trainguard.service.supervisor.catalog import CheckpointCatalog
-from trainguard.service.supervisor.driver import DriverParts, RunDriver, start_worker_group
+from trainguard.service.supervisor.driver import DriverParts, RunDriver, attach_worker_group as attach_group, start_worker_group
 from trainguard.service.supervisor.executor import OPERATOR_ROLLBACK, RecoveryExecutor
 from trainguard.service.supervisor.goodput import GoodputClock
 from trainguard.service.supervisor.ingest import Watch
@@ -82,10 +82,13 @@ class Controller:
         # the deployment's allow-list for custom and loop stages (Settings.user_code_modules/paths)
         self.user_code = UserCode(modules=tuple(getattr(settings, "user_code_modules", ()) or ()),
                                   paths=tuple(getattr(settings, "user_code_paths", ()) or ()))
+        mode = getattr(settings, "detached_workers", "auto")
+        self.detached = mode == "on" or (mode == "auto" and bool(os.environ.get("RAY_ADDRESS")))
         self.parts = DriverParts(ledger=self.ledger, catalog=self.catalog, executor=self.executor, watch=self.watch,
                                   goodput=self.goodput, state_dir=self.state_dir,
                                   start_group=functools.partial(start_worker_group, user_code=self.user_code.to_dict()),
                                   annotate=self._annotate,
+                                  attach_group=functools.partial(attach_group, user_code=self.user_code.to_dict()),
                                   publish_goodput=self._publish_goodput,
                                   on_exit=self._driver_done)
         self._started = False
@@ -101,30 +104,45 @@ class Controller:
         """Connect to Ray and pick up every run that was active when the supervisor last stopped."""
         import ray
 
+        from trainguard.workers.group import DETACHED_NAMESPACE, reap_detached, use_detached_groups, warm_pool
+
         if not ray.is_initialized():
             # $RAY_ADDRESS: a cluster (worker groups are gang-scheduled on its nodes). Without it,
             # "local": always a Ray of our own — plain ray.init() would join whatever cluster Ray's
             # address file (/tmp/ray/ray_current_cluster, written by `ray start` and cluster_utils)
             # or a running GCS on this machine points at, someone else's included.
+            # Detached groups' placement groups are named in our namespace: a restarted supervisor
+            # finds them there.
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                     log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
-        from trainguard.workers.group import warm_pool
-
+                     log_to_driver=False, configure_logging=False, ignore_reinit_error=True,
+                     namespace=DETACHED_NAMESPACE if self.detached else None)
+        use_detached_groups(self.detached)
+        active = self.ledger.runs_in(ACTIVE_RUN_STATES)
+        if self.detached:
+            # the rank actors of runs that ended (or were stopped) while no supervisor ran
+            reaped = reap_detached(keep=[r.id for r in active])
+            if reaped:
+                log.warning("killed %d detached actors of runs no longer active (and old spares): %s",
+                            len(reaped), ", ".join(reaped[:20]))
         warm_pool().refill()  # spare workers import torch now, not when the first stage starts
         self._started = True
-        for run in self.ledger.runs_in(ACTIVE_RUN_STATES):
+        for run in active:
             self._adopt(run)
 
     def _adopt(self, run: Any) -> None:
-        """A run that was active under a previous supervisor process: its workers are gone with it.
-        What was in flight is closed (the restart carries those decisions out: skip list and LR
-        come from the recorded incidents); the current stage restarts from its newest good checkpoint."""
+        """A run that was active under a previous supervisor process. Detached mode: its current
+        stage's live worker group is re-attached as it is (nothing restarted, nothing loaded);
+        otherwise — or when that group is gone — its workers went with the old process, and the
+        current stage restarts from its newest good checkpoint. What was in flight is closed (a
+        restart carries those decisions out: skip list and LR come from the recorded incidents)."""
         self.ledger.close_open_incidents(run.id, outcome="resolved", reason="supervisor restarted", action="restart")
-        self.ledger.event(run.id, "supervisor", "adopted", {"state": run.state},
-                          "restarting current stage from newest good checkpoint")
+        self.ledger.event(run.id, "supervisor", "adopted", {"state": run.state, "detached": self.detached},
+                          "re-attaching to the live workers" if self.detached
+                          else "restarting current stage from newest good checkpoint")
         if run.state == RunState.RECOVERING:
             self.ledger.set_state(run.id, RunState.RUNNING, actor="supervisor", reason="supervisor restarted")
-        self._spawn(run.id, parse_pipeline(json.loads(run.spec)), start_paused=run.state == RunState.PAUSED)
+        self._spawn(run.id, parse_pipeline(json.loads(run.spec)), start_paused=run.state == RunState.PAUSED,
+                    reattach=self.detached)
 
     def shutdown(self) -> None:
         for d in list(self.drivers.values()):
@@ -138,9 +156,9 @@ class Controller:
     def ready(self) -> bool:
         return self._started
 
-    def _spawn(self, run_id: str, spec: PipelineSpec, *, start_paused: bool = False) -> None:
+    def _spawn(self, run_id: str, spec: PipelineSpec, *, start_paused: bool = False, reattach: bool = False) -> None:
         self.goodput.started(run_id)
-        d = RunDriver(self.parts, run_id, spec, start_paused=start_paused)
+        d = RunDriver(self.parts, run_id, spec, start_paused=start_paused, reattach=reattach)
         with self._drivers_lock:
             self.drivers[run_id] = d
         d.start()

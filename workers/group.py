@@ -28,16 +28,19 @@ Warm-pool actors have no GPU; they hide the GPUs they can see.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import threading
+import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -49,7 +52,8 @@ __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state",
            "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV", "worker_env", "FORWARDED_ENV_PREFIXES",
            "InsufficientResources", "PLACEMENT_WAIT_ENV", "reserve", "placement_wait_s", "bundle_nodes", "node_id",
            "dead_nodes", "ELASTIC_WAIT_ENV", "elastic_wait_s", "bundles_that_fit", "elastic_sizes",
-           "accumulation_micro_batch", "free_per_node", "reserve_elastic"]
+           "accumulation_micro_batch", "free_per_node", "reserve_elastic", "DETACHED_NAMESPACE", "use_detached_groups",
+           "detached_groups", "attach_group", "reap_detached"]
 
 STATE_DIR_ENV = "TRAINGUARD_STATE_DIR"
 GPU_WAIT_ENV = "TRAINGUARD_GPU_WAIT_S"
@@ -104,13 +108,117 @@ def missing_resources_message(ev: dict[str, Any]) -> str:
             f"${PLACEMENT_WAIT_ENV}.")
 
 
+# ---- detached worker groups (a supervisor restart touches nothing) -------------------------------
+DETACHED_NAMESPACE = "trainguard"
+"""The Ray namespace of detached rank actors and placement groups (the supervisor joins it)."""
+_detached = False
+_pg_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("trainguard_pg_name", default=None)
+
+
+def use_detached_groups(on: bool) -> None:
+    """Detached mode (the supervisor on an external cluster): every rank actor, warm spare and
+    placement group this process makes from now on is detached and named in DETACHED_NAMESPACE
+    (ranks `<run>/<stage>/<generation>/<rank>`, spares `spare/<id>`, placement groups
+    `<run>/<stage>/<generation>`), so it outlives the supervisor's process; a restarted
+    supervisor re-attaches (`attach_group`: ranks found by what they say they are, so a spare a
+    group took is found too) and reaps those of runs no longer active (`reap_detached`)."""
+    global _detached
+    _detached = on
+
+
+def detached_groups() -> bool:
+    return _detached
+
+
+def _group_prefix(run_id: str, stage: str) -> str:
+    return f"{run_id}/{stage}/"
+
+
+def _detached_options(name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": DETACHED_NAMESPACE, "lifetime": "detached"} if _detached else {}
+
+
+def _named_actors() -> list[str]:
+    try:
+        return [str(a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == DETACHED_NAMESPACE]
+    except Exception:  # noqa: BLE001 - no listing: nothing to find
+        return []
+
+
+def _named_pgs() -> dict[str, str]:
+    """name -> id of the live placement groups with a name (ours: `<run>/<stage>/<generation>`)."""
+    out: dict[str, str] = {}
+    for pg_id, info in placement_group_table().items():
+        name = str(info.get("name") or "")
+        if name and info.get("state") != "REMOVED":
+            out[name] = str(pg_id)
+    return out
+
+
+def _remove_pg_id(pg_id: str) -> None:
+    try:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    except Exception:  # noqa: BLE001 - already removed
+        pass
+
+
+def _detached_actors(timeout: float = 10.0) -> list[tuple[str, Any, dict[str, Any] | None]]:
+    """(name, handle, its TrainWorker.identity() or None when it did not answer in `timeout`)
+    of every named actor in DETACHED_NAMESPACE: group ranks and warm spares (`spare/<id>`; a
+    spare a group took keeps its name, its identity says whose rank it is)."""
+    handles: list[tuple[str, Any]] = []
+    for name in _named_actors():
+        try:
+            handles.append((name, ray.get_actor(name, namespace=DETACHED_NAMESPACE)))
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            continue
+    refs = [h.identity.remote() for _, h in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    done = set(ready)
+    out: list[tuple[str, Any, dict[str, Any] | None]] = []
+    for (name, h), ref in zip(handles, refs):
+        ident = None
+        if ref in done:
+            try:
+                ident = ray.get(ref)
+            except Exception:  # noqa: BLE001 - died
+                ident = None
+        out.append((name, h, ident))
+    return out
+
+
+def reap_detached(keep: Iterable[str]) -> list[str]:
+    """Kill the detached rank actors, and remove the placement groups, of every run not in
+    `keep` (stopped, finished or failed while no supervisor watched, or unknown), and the idle
+    warm spares a previous supervisor left (this one makes its own); returns the actor names
+    reaped. Called by a supervisor when it starts, before it re-attaches."""
+    kept = set(keep)
+    reaped: list[str] = []
+    for name, handle, ident in _detached_actors():
+        run = (ident or {}).get("run_id") or (None if name.startswith("spare/") else name.split("/", 1)[0])
+        if run in kept:
+            continue
+        try:
+            ray.kill(handle, no_restart=True)
+            reaped.append(name)
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            pass
+    for name, pg_id in _named_pgs().items():
+        if name.count("/") == 2 and name.split("/", 1)[0] not in kept:
+            _remove_pg_id(pg_id)
+    return reaped
+
+
 def reserve(bundles: list[dict[str, float]], strategy: str, what: str, wait_s: float | None = None,
             error: type[InsufficientResources] = InsufficientResources,
             message: Any = None) -> Any:
     """A placement group with `bundles`, ready (all of them placed at once); or `error` (an
     InsufficientResources), the half-made reservation removed."""
     wait_s = placement_wait_s() if wait_s is None else wait_s
-    pg = placement_group(bundles, strategy=strategy)
+    name = _pg_name.get()
+    pg = (placement_group(bundles, strategy=strategy, name=name, lifetime="detached") if _detached and name
+          else placement_group(bundles, strategy=strategy))
     try:
         ray.get(pg.ready(), timeout=wait_s)
     except GetTimeoutError:
@@ -312,6 +420,8 @@ class TrainWorker:
         self.state = "starting"
         self.error: str | None = None
         self._lock = threading.Lock()
+        self._ended = threading.Event()  # run() returned or raised (`outcome` waits on it)
+        self._result: dict[str, Any] | None = None
 
     def warm(self) -> int:
         """Pay the one-time costs every stage has; called on pool spares: the default corpora,
@@ -331,7 +441,7 @@ class TrainWorker:
                   state_dir: str, resume_from: dict[str, Any] | None, skip: list[list[int]],
                   lr_multiplier: float | None, inputs: dict[str, dict[str, Any]], fired_dir: str, bind_host: str | None,
                   checkpoint_root: str | None, use_gpu: bool = False,
-                  user_code: dict[str, Any] | None = None) -> dict[str, Any]:
+                  user_code: dict[str, Any] | None = None, generation: int = 0) -> dict[str, Any]:
         """`use_gpu`: the group's decision for every rank (see `plan_gpus`). `user_code`: the
         deployment's allow-list for custom and loop stages (workers/usercode.py UserCode)."""
         import torch
@@ -343,7 +453,7 @@ class TrainWorker:
         self.args = dict(run_id=run_id, spec=spec, stage_name=stage_name, rank=rank, world_size=world_size,
                          state_dir=state_dir, resume_from=resume_from, skip=skip, lr_multiplier=lr_multiplier,
                          inputs=inputs, fired_dir=fired_dir, checkpoint_root=checkpoint_root, use_gpu=use_gpu,
-                         user_code=user_code)
+                         user_code=user_code, generation=generation)
         self.rank = rank
         gpu_ids = ray.get_gpu_ids()
         self.device = rank_device(use_gpu, gpu_ids, cuda_available=bool(gpu_ids) and torch.cuda.is_available(),
@@ -414,6 +524,7 @@ class TrainWorker:
                 harness = make_harness(cls(ctx))
                 result = harness.run()
             self.state = result["state"]
+            self._result = result
             return result
         except BaseException:
             self.state = "failed"
@@ -422,6 +533,25 @@ class TrainWorker:
         finally:
             if dist is not None and self.state != "failed":
                 dist.close()
+            self._ended.set()
+
+    def outcome(self) -> dict[str, Any]:
+        """What `run()` returns, once it has (a supervisor that re-attaches to a detached group has
+        no reference to the `run()` call another process made); raises when it failed."""
+        self._ended.wait()
+        if self._result is None:
+            raise RuntimeError(self.error or f"rank {self.rank}: the loop failed")
+        return self._result
+
+    def identity(self) -> dict[str, Any]:
+        """Who this rank is, for a supervisor re-attaching to it: its run, stage, rank, group size,
+        process and actor, its state, and the seq of its newest history record (the history it
+        reads from then on)."""
+        return {"run_id": self.args.get("run_id"), "stage": self.args.get("stage_name"), "rank": self.rank,
+                "generation": self.args.get("generation"),
+                "world_size": self.args.get("world_size"), "pid": os.getpid(),
+                "actor_id": ray.get_runtime_context().get_actor_id(), "state": self.state,
+                "history_seq": self.exporter.last_seq() if self.exporter is not None else -1}
 
     def control(self, msg: dict[str, Any]) -> None:
         self.inbox.put(Control.from_dict(msg))
@@ -521,6 +651,11 @@ class WorkerGroup:
         self.declared_world_size = self.world_size  # the stage's world_size; `world_size` is what start() placed
         self.shrink = shrink
         self.elastic: dict[str, Any] | None = None  # start() shrank the group: how the size was chosen
+        self.generation = time.time_ns()  # names a detached group's actors apart from its predecessors'
+        self._kwargs["generation"] = self.generation
+        self.attached = False  # re-attached to a detached group a previous supervisor started
+        self.history_seqs: dict[int, int] = {}  # re-attached: each rank's newest history record then
+        self.identities: list[dict[str, Any]] = []  # re-attached: each rank's TrainWorker.identity()
 
     def start(self) -> None:
         """Reserve the group's placement group (a bundle per rank, all at once: waits up to
@@ -535,6 +670,22 @@ class WorkerGroup:
         placement = self.stage_spec.placement
         cpus = placement.cpus(use_gpu)
         what = f"run {self.run_id} stage {self.stage_name}"
+        token = _pg_name.set(self._name())  # a detached reservation is named after the group
+        try:
+            self._place(elastic, use_gpu, cpus, what)
+        finally:
+            _pg_name.reset(token)
+        self._endpoint_refs = [a.configure.remote(rank=r, use_gpu=use_gpu, **self._kwargs)
+                               for r, a in enumerate(self._actors)]
+        addr = self._actors[0].rendezvous.remote(self.world_size)  # each run() starts once it resolves
+        self._run_refs = [a.run.remote(addr, ep) for a, ep in zip(self._actors, self._endpoint_refs)]
+
+    def _name(self, rank: int | None = None) -> str:
+        base = f"{_group_prefix(self.run_id, self.stage_name)}{self.generation}"
+        return base if rank is None else f"{base}/{rank}"
+
+    def _place(self, elastic: bool, use_gpu: bool, cpus: float, what: str) -> None:
+        placement = self.stage_spec.placement
         if elastic and (use_gpu or cpus > 0):
             self._pg = self._reserve_elastic(use_gpu, cpus, what)
         if use_gpu:
@@ -542,7 +693,7 @@ class WorkerGroup:
             # come from the pool
             if self._pg is None:
                 self._pg = reserve_gpus(self.world_size, what, strategy=placement.strategy, cpus_per_rank=cpus)
-            self._actors = [TrainWorker.options(num_gpus=1, num_cpus=cpus,
+            self._actors = [TrainWorker.options(num_gpus=1, num_cpus=cpus, **_detached_options(self._name(r)),
                                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                                                     placement_group=self._pg, placement_group_bundle_index=r)).remote()
                             for r in range(self.world_size)]
@@ -559,10 +710,6 @@ class WorkerGroup:
             except BaseException:
                 self.shutdown()  # no reservation (or actor) outlives a start that failed
                 raise
-        self._endpoint_refs = [a.configure.remote(rank=r, use_gpu=use_gpu, **self._kwargs)
-                               for r, a in enumerate(self._actors)]
-        addr = self._actors[0].rendezvous.remote(self.world_size)  # each run() starts once it resolves
-        self._run_refs = [a.run.remote(addr, ep) for a, ep in zip(self._actors, self._endpoint_refs)]
 
     def _reserve_elastic(self, use_gpu: bool, cpus: float, what: str) -> Any:
         """An elastic stage's placement group (`reserve_elastic`): at full size, or shrunk to the
@@ -603,8 +750,9 @@ class WorkerGroup:
         self.warm_spares = sum(1 for spare, _ in on_nodes if spare is not None)
         for r, (spare, node) in enumerate(on_nodes):
             if spare is None:
-                spare = TrainWorker.options(num_cpus=cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=r)).remote()
+                spare = TrainWorker.options(num_cpus=cpus, **_detached_options(self._name(r)),
+                                            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                                placement_group=self._pg, placement_group_bundle_index=r)).remote()
             if node:
                 self._spare_nodes[r] = node
             self._actors.append(spare)
@@ -755,6 +903,55 @@ class WorkerGroup:
             self._pg = None
 
 
+def attach_group(*, run_id: str, spec: PipelineSpec, stage_name: str, state_dir: Path | str | None = None,
+                 fired_dir: Path | str | None = None, timeout: float = 10.0, **kwargs: Any) -> WorkerGroup | None:
+    """The detached group of `run_id`'s stage that a previous supervisor started, re-attached:
+    the same actors (and processes), their loops untouched, nothing loaded; or None when there is
+    none whole and alive (any leftovers are killed; the caller starts a group from a checkpoint).
+    Its `poll()` sees the loops through `TrainWorker.outcome`, and its first poll hands out every
+    checkpoint report rank 0 kept (up to the newest 1,000) — those made while no one listened."""
+    if not _detached:
+        return None
+    prefix = _group_prefix(run_id, stage_name)
+    gens: dict[int, dict[int, tuple[Any, dict[str, Any]]]] = {}
+    for _, handle, ident in _detached_actors(timeout):
+        if ident is None or ident.get("run_id") != run_id or ident.get("stage") != stage_name:
+            continue
+        gens.setdefault(int(ident.get("generation") or 0), {})[int(ident["rank"])] = (handle, ident)
+    if not gens:
+        return None
+    newest = max(gens)
+    group: WorkerGroup | None = None
+    ranks = gens[newest]
+    ids = [ranks[r][1] for r in sorted(ranks)]
+    size = int(ids[0].get("world_size") or 0)
+    if (sorted(ranks) == list(range(size)) and size > 0
+            and all(i["state"] in ("running", "finished", "stopped") for i in ids)):
+        group = WorkerGroup(run_id=run_id, spec=spec, stage_name=stage_name, state_dir=state_dir,
+                            fired_dir=fired_dir, **kwargs)
+        group.generation, group.world_size, group.attached = newest, size, True
+        group._actors = [ranks[r][0] for r in range(size)]
+        group._endpoint_refs = [a.endpoint.remote() for a in group._actors]
+        group._run_refs = [a.outcome.remote() for a in group._actors]
+        pg_id = _named_pgs().get(group._name())
+        group._pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))) if pg_id else None
+        group.history_seqs = {int(i["rank"]): int(i["history_seq"]) for i in ids}
+        group.identities = ids
+    # every other generation (and the newest when it is not whole and alive) is a leftover
+    for gen, members in gens.items():
+        if group is not None and gen == newest:
+            continue
+        for handle, _ in members.values():
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
+        pg_id = _named_pgs().get(f"{prefix}{gen}")
+        if pg_id:
+            _remove_pg_id(pg_id)
+    return group
+
+
 def group_state(ranks: list[dict[str, Any]]) -> str:
     """One state for the group from its ranks' {"state", "alive", "returned"}: failed if any
     rank failed or died; finished/stopped only when every rank's run() has returned."""
@@ -837,7 +1034,8 @@ class WarmPool:
                 opts: dict[str, Any] = {}
                 if node is not None:
                     opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-                a = TrainWorker.options(**opts).remote()
+                # detached mode: a spare outlives the supervisor too (a group may take it)
+                a = TrainWorker.options(**opts, **_detached_options(f"spare/{uuid.uuid4().hex[:16]}")).remote()
                 self._idle.append((a, a.warm.remote(), node))
 
     def close(self) -> None:

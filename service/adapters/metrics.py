@@ -106,6 +106,10 @@ class DirectScrapeSource:
         _counters_from_samples(samples, snap)
         return snap
 
+    def start_after(self, target: Target, seq: int) -> None:
+        """Read `target`'s history from the record after `seq` on (a re-attached group)."""
+        self._seq[target] = seq
+
     def forget(self, target: Target) -> None:
         self._seq.pop(target, None)
 

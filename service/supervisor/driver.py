@@ -46,6 +46,7 @@ from trainguard.workers.contract import CheckpointRef, ControlKind
 from trainguard.workers.spec import PipelineSpec
 
 __all__ = ["RunDriver", "DriverParts", "STOP_GRACE_S", "START_DEADLINE_ENV", "START_TRIES", "start_worker_group",
+           "attach_worker_group",
            "start_deadline_s"]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,14 @@ def start_worker_group(**kwargs: Any) -> Any:
     return group
 
 
+def attach_worker_group(**kwargs: Any) -> Any:
+    """The real thing: a detached Ray worker group a previous supervisor started, or None
+    (trainguard.workers.group.attach_group)."""
+    from trainguard.workers.group import attach_group
+
+    return attach_group(**kwargs)
+
+
 @dataclass
 class DriverParts:
     """What a driver works with: the supervisor's parts, and how to start a worker group."""
@@ -92,6 +101,8 @@ class DriverParts:
     goodput: GoodputClock
     state_dir: Path
     start_group: Callable[..., Any] = start_worker_group
+    attach_group: Callable[..., Any] = lambda **kwargs: None
+    """A detached group of the stage a previous supervisor started, re-attached, or None."""
     publish_goodput: Callable[[str], None] = lambda run_id: None
     on_exit: Callable[[str], None] = lambda run_id: None
     annotate: Callable[[str, list[str]], None] = lambda text, tags: None
@@ -99,7 +110,8 @@ class DriverParts:
 
 
 class RunDriver(threading.Thread):
-    def __init__(self, parts: DriverParts, run_id: str, spec: PipelineSpec, *, start_paused: bool = False) -> None:
+    def __init__(self, parts: DriverParts, run_id: str, spec: PipelineSpec, *, start_paused: bool = False,
+                 reattach: bool = False) -> None:
         super().__init__(name=f"driver-{run_id}", daemon=True)
         self.parts = parts
         self.run_id = run_id
@@ -108,6 +120,7 @@ class RunDriver(threading.Thread):
         self.active: ActiveStage | None = None
         self.stage_lock = threading.RLock()  # guards `active` and its group against the swap
         self.start_paused = start_paused
+        self.reattach = reattach  # adopted after a supervisor restart: first try the live detached group
         self._halt = threading.Event()
         self._stop_deadline: float | None = None  # set by request_stop: wait for the workers' stop, then end
 
@@ -162,6 +175,18 @@ class RunDriver(threading.Thread):
                                                steps=st.steps), outputs, first=st.started_at is None):
                 return
 
+    def _reattach(self, active: ActiveStage) -> Any:
+        """The stage's detached worker group a previous supervisor process started, if it is whole
+        and alive (workers/group.py `attach_group`); None otherwise (the stage then restarts from
+        its newest good checkpoint, as after any supervisor restart)."""
+        try:
+            return self.parts.attach_group(run_id=self.run_id, spec=self.spec, stage_name=active.name,
+                                           state_dir=self.parts.state_dir,
+                                           fired_dir=self.parts.state_dir / "runs" / self.run_id / "faults")
+        except Exception:  # noqa: BLE001 - not re-attachable: restart as before
+            log.warning("run %s: re-attaching to stage %s failed", self.run_id, active.name, exc_info=True)
+            return None
+
     def _new_group(self, stage: str, outputs: dict[str, str], resume_from: CheckpointRef | None, *,
                    shrink: bool = True) -> Any:
         """The earlier stages' outputs go to the workers with the hashes recorded when they were
@@ -180,15 +205,18 @@ class RunDriver(threading.Thread):
         `first`: the stage never had a group: an elastic stage's first group takes its full size
         (or waits for it); a later one — an operator's resume, the supervisor's restart — may shrink."""
         parts, ledger = self.parts, self.parts.ledger
-        resume = parts.catalog.resume_point(self.run_id, active.name)
-        ledger.start_stage(self.run_id, active.name)
-        try:
-            group = self._new_group(active.name, outputs, resume, shrink=not first)
-        except Exception as e:
-            if not _insufficient_resources(e):
-                raise
-            self._unplaceable(active, e)
-            return False
+        group = self._reattach(active) if self.reattach and not first else None
+        self.reattach = False
+        resume = None if group is not None else parts.catalog.resume_point(self.run_id, active.name)
+        if group is None:
+            ledger.start_stage(self.run_id, active.name)
+            try:
+                group = self._new_group(active.name, outputs, resume, shrink=not first)
+            except Exception as e:
+                if not _insufficient_resources(e):
+                    raise
+                self._unplaceable(active, e)
+                return False
         targets = parts.watch.targets_of(active, group)  # waits for the workers: not under the lock
         with self.stage_lock:
             active.group, active.targets = group, targets
@@ -199,11 +227,19 @@ class RunDriver(threading.Thread):
         if self.start_paused or state == RunState.PAUSED:
             self.start_paused = False
             group.control(ControlKind.PAUSE, {})
-        self._note_world_size(active, group, cause="resume" if resume is not None else "start", incident=None,
-                              checkpoint=resume.path if resume else None)
-        ledger.event(self.run_id, "supervisor", "stage_started",
-                     {"stage": active.name, "resume_from": resume.path if resume else None,
-                      "world_size": active.world_size}, "ok")
+        attached = bool(getattr(group, "attached", False))
+        self._note_world_size(active, group, cause="reattach" if attached else "resume" if resume is not None
+                              else "start", incident=None, checkpoint=resume.path if resume else None)
+        if attached:
+            ledger.event(self.run_id, "supervisor", "reattached",
+                         {"stage": active.name, "world_size": active.world_size,
+                          "ranks": [{k: i.get(k) for k in ("rank", "pid", "actor_id", "state")}
+                                    for i in getattr(group, "identities", [])]},
+                         "the live worker group goes on: nothing restarted, nothing loaded")
+        else:
+            ledger.event(self.run_id, "supervisor", "stage_started",
+                         {"stage": active.name, "resume_from": resume.path if resume else None,
+                          "world_size": active.world_size}, "ok")
         while not self._halt.is_set():
             try:
                 cmd, arg = self.commands.get(timeout=_POLL_S)

@@ -52,6 +52,13 @@ class Watch:
         self._targets[id(group)] = targets = [
             Target(run=active.run_id, stage=active.name, rank=int(e["rank"]), host=e["host"], port=int(e["port"]))
             for e in endpoints]
+        # a group re-attached after a supervisor restart: read its history from then on (what it
+        # did meanwhile was watched by no one; its checkpoint reports are collected by the poll)
+        start_after = getattr(self.source, "start_after", None)
+        for t in targets:
+            seq = getattr(group, "history_seqs", {}).get(t.rank)
+            if seq is not None and start_after is not None:
+                start_after(t, seq)
         return targets
 
     def forget(self, group: Any) -> None:

@@ -139,6 +139,11 @@ class Exporter:
             self._history.append(rec)
         return rec
 
+    def last_seq(self) -> int:
+        """The seq of the newest record (0 before the first)."""
+        with self._hlock:
+            return self._seq
+
     def history(self, since: int = 0) -> list[dict[str, Any]]:
         """Records with seq > since, oldest first."""
         with self._hlock:

@@ -73,6 +73,14 @@ def serve_process(env: dict[str, str], log: Path) -> subprocess.Popen:
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def reap_detached_actors() -> None:
+    """Kill every detached rank actor (and its placement group) a `trainguard serve` on the test
+    session's Ray left behind: a test that failed mid-run must not hold the next test's CPUs."""
+    from trainguard.workers.group import reap_detached
+
+    reap_detached(keep=())
+
+
 def ready(client: httpx.Client) -> bool:
     """Whether the server behind `client` answers /readyz with 200 (False while it starts)."""
     try:

@@ -21,7 +21,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, wait_for
-from tests.integration.supervisor.harness import api_server, ready, running_controller, serve_process
+from tests.integration.supervisor.harness import (api_server, reap_detached_actors, ready, running_controller,
+                                                  serve_process)
 from trainguard.workers.runtime.harness import schedule_lr
 
 pytestmark = pytest.mark.integration
@@ -149,6 +150,7 @@ def test_a_custom_stage_from_its_own_file_is_guarded_under_serve_and_submit(ray_
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         client.close()
+        reap_detached_actors()
 
 
 def test_the_loop_api_example_is_guarded_under_the_supervisor(ray_session, tmp_state):

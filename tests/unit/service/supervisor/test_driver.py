@@ -224,3 +224,52 @@ def test_a_stage_that_finishes_while_an_approve_mode_proposal_waits_is_held_unti
     (stage,) = sup.ledger.stages(run_id)
     assert stage.state == StageState.COMPLETED and stage.output_checkpoint == "/out/30b"
     assert sup.ledger.run_state(run_id) is RunState.COMPLETED
+
+
+def _adopted(tmp_path, attach: Any) -> tuple[_Supervisor, str, list[dict[str, Any]]]:
+    """A run whose stage had started under a previous supervisor, driven by a driver that
+    re-attaches (`attach` stands in for workers.group.attach_group)."""
+    from trainguard.service.db import crud
+
+    sup = _Supervisor(tmp_path, [([{"state": "running"}, {"state": "finished", "output_checkpoint": "/out/30"}],
+                                  steps(1, 30))])
+    def attached(**kw: Any) -> Any:
+        g = attach(**kw)
+        if g is not None:
+            sup.source.groups[g.port] = g  # its one rank's records reach the watch
+        return g
+
+    sup.parts.attach_group = attached
+    run_id = new_run(sup.ledger, steps=30)
+    sup.ledger.start_stage(run_id, "pretrain")  # it ran before: the supervisor restarted
+    d = sup.drivers[run_id] = RunDriver(sup.parts, run_id, tiny_spec(steps=30), reattach=True)
+    d.start()
+    d.join(20)
+    assert not d.is_alive(), "the driver did not end"
+    with sup.ledger.session() as s:
+        events = [e.model_dump() for e in crud.list_events(s, run_id=run_id, limit=1000)]
+    return sup, run_id, events
+
+
+def test_an_adopted_run_goes_on_with_its_live_detached_group_nothing_restarted(tmp_path):
+    live = FakeWorkerGroup([{"state": "running"}, {"state": "finished", "output_checkpoint": "/out/30"}], steps(1, 30))
+    live.attached, live.identities = True, [{"rank": 0, "pid": 4242, "actor_id": "a0", "state": "running"}]
+    asked: list[dict[str, Any]] = []
+
+    def attach(**kw: Any) -> FakeWorkerGroup:
+        asked.append(kw)
+        return live
+
+    sup, run_id, events = _adopted(tmp_path, attach)
+    assert asked and asked[0]["stage_name"] == "pretrain"
+    assert sup.started == [], "no group was started: the live one went on"
+    kinds = [e["kind"] for e in events]
+    assert "reattached" in kinds and "stage_started" not in kinds
+    assert next(e for e in events if e["kind"] == "reattached")["detail"]["ranks"][0]["pid"] == 4242
+    assert sup.ledger.run_state(run_id) is RunState.COMPLETED and live.closed
+
+
+def test_an_adopted_run_without_a_live_group_restarts_from_its_newest_checkpoint(tmp_path):
+    sup, run_id, events = _adopted(tmp_path, lambda **kw: None)
+    assert len(sup.started) == 1 and "stage_started" in [e["kind"] for e in events]
+    assert sup.ledger.run_state(run_id) is RunState.COMPLETED
