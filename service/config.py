@@ -129,7 +129,9 @@ class Settings(BaseSettings):
     """False: the supervisor does not watch on its own; only alerts drive recovery."""
 
     hang_timeout: float = Field(HangConfig().timeout_s, gt=0.0, le=86400.0)
-    """Seconds without a finished step (not paused) before a rank counts as hung."""
+    """Caps the hang detector's floor: a rank counts as hung when its last finished step (not
+    paused) is older than max(floor, 5 x the longest recent step gap, 10 x the median gap), with
+    floor = min(this, max(10 s, 100 x the median gap)) (docs/internals.md, "Liveness detectors")."""
     startup_grace: float = Field(DEFAULT_STARTUP_GRACE_S, gt=0.0, le=86400.0)
     """Seconds a freshly started worker group may take to its first step before a hang is declared."""
 

@@ -23,7 +23,7 @@ from trainguard.service.domain.series import Sample
 __all__ = ["WatchConfig", "StageSignals", "evaluate_stage", "alert_finding", "DEFAULT_STARTUP_GRACE_S",
            "GPU_COUNTERS"]
 
-DEFAULT_STARTUP_GRACE_S = 120.0
+DEFAULT_STARTUP_GRACE_S = 300.0  # = the driver's group start deadline; 120 s was too short on a loaded machine
 """Seconds a new worker group may take to its first step before it counts as hung."""
 GPU_COUNTERS = ("gpu_xid", "gpu_ecc")
 """The counters (as the metrics adapter names them) whose rise is a GPU fault."""
@@ -231,9 +231,9 @@ def _hang(signals: StageSignals, cfg: WatchConfig, now: float) -> Finding | None
             beats[rank] = Sample(0, signals.started_at, signals.started_at)
     if not beats:
         return None
-    recent = [float(r["step_seconds"]) for r in list(signals.records.get(0, []))[-20:] if r.get("step_seconds")]
-    typical = sorted(recent)[len(recent) // 2] if recent else None
-    return detectors.detect_hang(beats, now, cfg.hang, step_seconds=typical)
+    # the threshold comes from the gaps between rank 0's steps, never across a group start or a resume
+    return detectors.detect_hang(beats, now, cfg.hang, gaps=lambda: detectors.step_gaps(
+        signals.records.get(0, ()), breaks=(signals.started_at, signals.resumed_at)))
 
 
 def alert_finding(signals: StageSignals, kind: str, labels: Mapping[str, str], cfg: WatchConfig) -> Finding | None:

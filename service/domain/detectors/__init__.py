@@ -33,6 +33,8 @@ from trainguard.service.domain.detectors.health import (
     detect_hang,
     detect_straggler,
     detect_worker_lost,
+    hang_threshold,
+    step_gaps,
 )
 from trainguard.service.domain.detectors.instability import InstabilityConfig, detect_instability
 from trainguard.service.domain.detectors.loss import (
@@ -97,6 +99,8 @@ __all__ = [
     "detect_response_length",
     "detect_value_loss_explosion",
     "detect_hang",
+    "hang_threshold",
+    "step_gaps",
     "detect_straggler",
     "detect_worker_lost",
     "detect_gpu_fault",

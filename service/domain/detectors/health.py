@@ -2,9 +2,10 @@
 worker lost (a dead rank in the group's status) and GPU fault (Xid / ECC error counters)."""
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ __all__ = [
     "StragglerConfig",
     "GpuFaultConfig",
     "detect_hang",
+    "hang_threshold",
+    "step_gaps",
     "detect_straggler",
     "detect_worker_lost",
     "detect_gpu_fault",
@@ -24,29 +27,108 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HangConfig:
-    """Hang: a rank's last-step heartbeat is older than the timeout."""
+    """Hang: a rank's last-step heartbeat is older than a threshold derived from the gaps
+    between the group's own recent steps (NVIDIA's resiliency extension likewise sets its
+    heartbeat timeouts from observed intervals, times a safety factor):
+
+        threshold = max(floor, gap_factor x longest gap, step_time_factor x median gap)
+        floor     = min(timeout_s, max(min_timeout_s, floor_factor x median gap))
+
+    A gap is the time between two consecutive steps' records (evaluation, checkpoint
+    snapshots, control rounds and the machine's load included). Fast steps get a small floor
+    (100 steps of 0.1 s: 10 s), slow ones the configured `timeout_s`; a loaded machine raises
+    the threshold through the gaps it causes. The time to a worker group's first step is
+    not a gap: that allowance is the watch's start-up grace (evaluate.py)."""
 
     timeout_s: float = 60.0
-    """Seconds without a finished step before a rank counts as hung (the deployment's default
-    too: Settings.hang_timeout takes it from here)."""
+    """The floor for slow steps, and the most the floor can be (the deployment's
+    HANG_TIMEOUT: Settings.hang_timeout takes its default from here). The threshold still
+    exceeds it when the observed gaps ask for more."""
+    min_timeout_s: float = 10.0
+    """The least the floor can be, however fast the steps: scheduler stalls and collector
+    pauses on a loaded machine last seconds whatever the step time (2.2 s between two 27 ms
+    steps at load average 20, tests/bench/b_quiet.py)."""
+    floor_factor: float = 100.0
+    """The floor is this many median gaps (clamped to [min_timeout_s, timeout_s])."""
+    gap_factor: float = 5.0
+    """The threshold is at least this many times the longest gap in the history (as NVIDIA's
+    `safety_factor`): an evaluation or checkpoint seen in the window never looks like a hang."""
     step_time_factor: float = 10.0
-    """With a typical step time given, the timeout is at least this many steps long (slow stages)."""
+    """...and at least this many median gaps (slow stages: a hang is never declared within
+    ten of its steps)."""
+    window: int = 400
+    """Most recent gaps the statistics use (the supervisor buffers 400 steps per rank)."""
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.step_time_factor <= 0:
-            raise ValueError("timeout_s and step_time_factor must be > 0")
+        if min(self.timeout_s, self.min_timeout_s, self.floor_factor, self.gap_factor, self.step_time_factor) <= 0:
+            raise ValueError("timeout_s, min_timeout_s and the factors must be > 0")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+
+
+def step_gaps(records: Iterable[Mapping[str, Any]], breaks: Iterable[float] = ()) -> list[float]:
+    """Seconds between consecutive steps, oldest first, from per-step records ("step", "time",
+    "step_seconds", "seq" where the workers' history gives it): one per record, at least the
+    record's own `step_seconds`. The time since the previous record counts only when the two
+    are consecutive work of one process: the step advanced, `seq` advanced by as much (a
+    rollback's replayed steps take fresh seqs) and no break lies between them (`breaks`:
+    unix times of a worker group's start or an operator's resume). On sparse series (a
+    Prometheus scrape every few steps) the gap is the scrape's, which errs long."""
+    cuts = sorted(breaks)
+    out: list[float] = []
+    prev_step = prev_seq = None
+    prev_time = -math.inf
+    for rec in records:
+        step, seq, t, own = rec.get("step"), rec.get("seq"), rec.get("time"), rec.get("step_seconds")
+        gap = own if isinstance(own, (int, float)) and own > 0 else 0.0
+        if isinstance(t, (int, float)) and isinstance(step, int):
+            if (prev_step is not None and t >= prev_time and step > prev_step
+                    and (seq is None or prev_seq is None or seq - prev_seq == step - prev_step)
+                    and not _break_between(cuts, prev_time, t)):
+                gap = max(gap, t - prev_time)
+            prev_step, prev_seq, prev_time = step, seq, t
+        else:
+            prev_step = None
+        if 0 < gap < math.inf:
+            out.append(float(gap))
+    return out
+
+
+def _break_between(cuts: Sequence[float], a: float, b: float) -> bool:
+    i = bisect.bisect_right(cuts, a)
+    return i < len(cuts) and cuts[i] <= b
+
+
+def hang_threshold(gaps: Sequence[float], cfg: HangConfig = HangConfig()) -> float:
+    """Seconds without a step before a rank counts as hung, given the group's recent step gaps
+    (`step_gaps`); `cfg.timeout_s` when there are none yet."""
+    recent = sorted(g for g in gaps[-cfg.window :] if math.isfinite(g) and g > 0)
+    if not recent:
+        return cfg.timeout_s
+    median = statistics.median(recent)
+    floor = min(cfg.timeout_s, max(cfg.min_timeout_s, cfg.floor_factor * median))
+    return max(floor, cfg.gap_factor * recent[-1], cfg.step_time_factor * median)
 
 
 def detect_hang(
-    heartbeats: Mapping[int, Sample], now: float, cfg: HangConfig = HangConfig(), *, step_seconds: float | None = None
+    heartbeats: Mapping[int, Sample], now: float, cfg: HangConfig = HangConfig(), *,
+    gaps: Sequence[float] | Callable[[], Sequence[float]] | None = None, step_seconds: float | None = None,
 ) -> Finding | None:
     """Ranks whose heartbeat is stale at `now` (unix seconds, the caller's clock).
     `heartbeats[rank]` = Sample(step=last finished step, value=its unix time — the gauge
-    trainguard_last_step_timestamp_seconds). Do not call for paused runs."""
-    timeout = cfg.timeout_s
-    if step_seconds is not None and math.isfinite(step_seconds) and step_seconds > 0:
-        timeout = max(timeout, cfg.step_time_factor * step_seconds)
+    trainguard_last_step_timestamp_seconds). `gaps`: the group's recent step gaps
+    (`step_gaps`), or a function giving them, called only when a heartbeat is older than the
+    least threshold there can be (the watch's usual cycle then reads no history); without
+    them a typical `step_seconds` stands for every gap; with neither, the threshold is
+    `cfg.timeout_s`. Do not call for paused runs."""
     ages = {rank: now - hb.value for rank, hb in heartbeats.items()}
+    if not ages or max(ages.values()) <= min(cfg.timeout_s, cfg.min_timeout_s):
+        return None
+    if callable(gaps):
+        gaps = gaps()
+    elif gaps is None:
+        gaps = [step_seconds] if step_seconds is not None else []
+    timeout = hang_threshold(gaps, cfg)
     hung = sorted(r for r, age in ages.items() if age > timeout)
     if not hung:
         return None
@@ -60,6 +142,7 @@ def detect_hang(
             "age_seconds": {str(r): ages[r] for r in hung},
             "threshold": timeout,
             "score": max(ages[r] for r in hung),
+            "gaps": len(gaps),
             "window": [[heartbeats[r].step, heartbeats[r].value] for r in hung],
             "end_step": None,
         },
@@ -68,16 +151,23 @@ def detect_hang(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StragglerConfig:
-    """Straggler: one rank's median step time well above the other ranks'."""
+    """Straggler: one rank's own compute time well above the other ranks' at the same steps,
+    over most of its recent steps. Compared step by step, a slowdown every rank shares (a
+    loaded machine, a slow batch, a collector pause) cancels out; the median over a window
+    ignores a rank that is slow only now and then (a core it shares with another process for
+    a few steps): more than half of the window's steps must be slow."""
 
-    window: int = 32
-    """Most recent step-time samples per rank in each median."""
-    min_samples: int = 8
-    """Samples a rank needs before it is compared."""
-    factor: float = 1.5
-    """Rank median > factor x median of the other ranks' medians..."""
-    min_excess_s: float = 0.01
-    """...by at least this many seconds (sub-millisecond jitter on tiny steps is not a straggler)."""
+    window: int = 48
+    """Most recent steps of a rank that are compared."""
+    min_samples: int = 32
+    """Steps (with the other ranks' at the same step) a rank needs before it is compared."""
+    factor: float = 1.6
+    """Straggler when the median, over the window, of the rank's time / the other ranks'
+    median time at the same step is above this..."""
+    min_excess_s: float = 0.025
+    """...and the median difference is at least this many seconds: about one scheduler period
+    of a loaded machine, below which a tiny step's time is the CPU scheduler's noise (tiny
+    models at load average 20 reached 1.5x with a median excess of 17 ms)."""
 
     def __post_init__(self) -> None:
         if self.factor <= 1 or self.window < 1 or self.min_samples < 1 or self.min_excess_s < 0:
@@ -85,40 +175,67 @@ class StragglerConfig:
 
 
 def detect_straggler(step_seconds: Mapping[int, Iterable[SampleLike]], cfg: StragglerConfig = StragglerConfig()) -> Finding | None:
-    """The slowest straggling rank, from per-rank step-time samples (needs >= 2 ranks).
-    Onset = first step of that rank's latest run of samples over the threshold."""
-    recent = {r: [s for s in sorted_samples(xs) if math.isfinite(s.value)][-cfg.window :] for r, xs in step_seconds.items()}
-    recent = {r: ss for r, ss in recent.items() if len(ss) >= cfg.min_samples}
-    if len(recent) < 2:
+    """The slowest straggling rank, from per-rank step-time samples (the workers' compute time
+    before the all-reduce; needs >= 2 ranks). Each of a rank's last `window` samples is paired
+    with the median of the other ranks' samples at that step (on sparse series: their last one
+    at or before it, within the window). Onset = the first slow step (over `factor` x and
+    `min_excess_s` above the others) in that window."""
+    series = {r: [s for s in sorted_samples(xs) if math.isfinite(s.value)] for r, xs in step_seconds.items()}
+    series = {r: ss for r, ss in series.items() if ss}
+    if len(series) < 2:
         return None
-    medians = {r: statistics.median(s.value for s in ss) for r, ss in recent.items()}
-    worst = None
-    for r, m in medians.items():
-        others = statistics.median(v for q, v in medians.items() if q != r)
-        thr = max(cfg.factor * others, others + cfg.min_excess_s)
-        if m > thr and (worst is None or m / max(others, 1e-12) > worst[3]):
-            worst = (r, others, thr, m / max(others, 1e-12))
+    steps = {r: [s.step for s in ss] for r, ss in series.items()}
+    worst: tuple[float, int, list[tuple[Sample, float]]] | None = None
+    for r, ss in series.items():
+        recent = ss[-cfg.window :]
+        pairs = []
+        for s in recent:
+            peers = []
+            for q, qs in series.items():
+                i = bisect.bisect_right(steps[q], s.step) if q != r else 0
+                if i and qs[i - 1].step >= recent[0].step:
+                    peers.append(qs[i - 1].value)
+            if peers:
+                pairs.append((s, statistics.median(peers)))
+        if len(pairs) < cfg.min_samples:
+            continue
+        score = statistics.median(s.value / ref if ref > 0 else math.inf for s, ref in pairs)
+        excess = statistics.median(s.value - ref for s, ref in pairs)
+        if score > cfg.factor and excess >= cfg.min_excess_s and (worst is None or score > worst[0]):
+            worst = (score, r, pairs)
     if worst is None:
         return None
-    rank, others, thr, ratio = worst
-    ss = recent[rank]
-    o = len(ss) - 1
-    while o > 0 and ss[o - 1].value > thr:
-        o -= 1
+    score, rank, pairs = worst
+    window = [s for s, _ in pairs]
     return Finding(
         IncidentKind.STRAGGLER.value,
-        ss[o].step,
-        ss[-1].step,
+        _straggler_onset(pairs, cfg),
+        window[-1].step,
         {
             "rank": rank,
-            "rank_median_s": medians[rank],
-            "others_median_s": others,
-            "threshold": thr,
-            "score": ratio,
-            "window": evidence_window(ss, 0, len(ss) - 1),
+            "rank_median_s": statistics.median(s.value for s in window),
+            "others_median_s": statistics.median(ref for _, ref in pairs),
+            "threshold": cfg.factor,
+            "score": score,
+            "window": evidence_window(window, 0, len(window) - 1),
             "end_step": None,
         },
     )
+
+
+def _straggler_onset(pairs: Sequence[tuple[Sample, float]], cfg: StragglerConfig) -> int:
+    """The first slow step of the longest tail of the window in which at least two thirds of
+    the steps are slow (the noise before a straggler began has some slow steps too); the
+    window's first slow step when no tail is that slow."""
+    slow = [s.value > cfg.factor * ref and s.value - ref >= cfg.min_excess_s for s, ref in pairs]
+    onset, count = None, 0
+    for i in range(len(pairs) - 1, -1, -1):
+        count += slow[i]
+        if slow[i] and 3 * count >= 2 * (len(pairs) - i):
+            onset = pairs[i][0].step
+    if onset is None:
+        onset = next((s.step for (s, _), bad in zip(pairs, slow) if bad), pairs[0][0].step)
+    return onset
 
 
 def detect_worker_lost(status: Mapping[str, Any]) -> Finding | None:
