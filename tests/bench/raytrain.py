@@ -115,3 +115,53 @@ def run_raytrain(spec: Any, workdir: Path, *, crashes: list[tuple[int, int]], ev
     t1 = time.time()
     return {"log": log_dir / "rank0.jsonl", "fired_dir": fired, "started": t0, "ended": t1,
             "error": getattr(result, "error", None)}
+
+
+# -- on a multi-node cluster (recovery_node_loss) ----------------------------------------------------
+def train_func_on_node(config: dict[str, Any]) -> None:
+    """`train_func`, after writing which node and process this rank runs on
+    (`{log_dir}/node-rank{rank}-{pid}.json`): the benchmark removes the node of rank 1."""
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    info = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "time": time.time()}
+    (Path(config["log_dir"]) / f"node-rank{rank}-{os.getpid()}.json").write_text(json.dumps(info))
+    train_func(config)
+
+
+def rank_nodes(log_dir: Path) -> list[dict[str, Any]]:
+    """What `train_func_on_node` wrote, oldest first (one entry per rank per attempt)."""
+    out = []
+    for p in Path(log_dir).glob("node-rank*-*.json"):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue  # being written
+    return sorted(out, key=lambda r: r["time"])
+
+
+def run_raytrain_on_cluster(spec: Any, workdir: Path, *, every: int, max_failures: int,
+                            placement_strategy: str = "SPREAD") -> dict[str, Any]:
+    """`run_raytrain` for a connected multi-node cluster: no injected crash, the ranks placed with
+    `placement_strategy` (one CPU each) and recording their nodes (`train_func_on_node`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    log_dir, fired = workdir / "logs", workdir / "fired"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"spec": spec.model_dump(mode="json"), "log_dir": str(log_dir), "fired_dir": str(fired),
+           "crashes": [], "every": every}
+    trainer = TorchTrainer(
+        train_func_on_node, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=spec.stage("pretrain").world_size, use_gpu=False,
+                                     resources_per_worker={"CPU": 1}, placement_strategy=placement_strategy),
+        run_config=RunConfig(name=f"bench-{workdir.name}", storage_path=str(workdir / "storage"),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    t1 = time.time()
+    return {"log": log_dir / "rank0.jsonl", "log_dir": log_dir, "started": t0, "ended": t1,
+            "error": getattr(result, "error", None)}

@@ -9,10 +9,13 @@ ORDER = [
     "train_throughput",
     "supervisor_scale",
     "api_latency",
+    "detection_quality",
     "recovery_loss_spike",
     "recovery_worker_crash",
+    "recovery_node_loss",
     "detection_latency",
     "goodput",
+    "quiet_healthy",
 ]
 
 MODULES = [
@@ -22,8 +25,11 @@ MODULES = [
     "tests.bench.b_scale",
     "tests.bench.b_api",
     "tests.bench.b_recovery",
+    "tests.bench.b_node_loss",
     "tests.bench.b_detection",
+    "tests.bench.b_detection_quality",
     "tests.bench.b_goodput",
+    "tests.bench.b_quiet",
 ]
 
 

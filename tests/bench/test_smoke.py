@@ -29,8 +29,12 @@ ROWS = {
     "api_latency": {"api_latency", "api_latency_runs_p99", "api_latency_control_p50", "api_latency_control_p99"},
     "recovery_loss_spike": {"recovery_loss_spike"},
     "recovery_worker_crash": {"recovery_worker_crash"},
+    "recovery_node_loss": set(),  # full size only: no row at smoke size (see b_node_loss.py)
     "detection_latency": {"detection_latency"},  # the Prometheus row runs at full size only
+    "detection_quality": {f"detection_quality_{k}" for k in ("loss_spike", "grad_explosion", "nan", "divergence",
+                                                              "instability", "val_divergence")},
     "goodput": {"goodput"},
+    "quiet_healthy": {"quiet_healthy"},
 }
 
 
