@@ -5,16 +5,14 @@ with no rollback; approving it over REST rolls back to exactly the proposed chec
 proposed skip list and LR."""
 from __future__ import annotations
 
-import threading
 
 import httpx
 import pytest
-import uvicorn
 
-from trainguard.service.api import create_app
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port
 from tests.integration.deploy.fake_grafana import FakeGrafanaServer
-from tests.integration.supervisor.harness import incidents, metrics_log, running_controller, tiny_pipeline, wait_state
+from tests.integration.supervisor.harness import (api_server, incidents, metrics_log, running_controller, tiny_pipeline,
+                                                  wait_state)
 
 pytestmark = pytest.mark.integration
 OP = {"Authorization": "Bearer dev-operator-token"}
@@ -27,34 +25,26 @@ def test_approve_mode_spike_is_proposed_held_and_rolled_back_exactly_once_approv
                          extra={"step_delay": 0.03})
     port = free_port()
     with FakeGrafanaServer() as grafana, \
-            running_controller(tmp_state, port=port, grafana_url=grafana.url, grafana_token=grafana.token) as ctl:
-        server = uvicorn.Server(uvicorn.Config(create_app(ctl.settings, ctl), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        wait_for(lambda: server.started, 10, what="uvicorn start")
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", headers=OP, timeout=30) as client:
-                r = client.post("/runs", json={"spec": spec.model_dump(mode="json"), "recovery_mode": "approve"})
-                assert r.status_code == 201 and r.json()["recovery_mode"] == "approve", r.text
-                run_id = r.json()["id"]
-                assert wait_state(ctl, run_id, ("needs_attention", "completed", "failed")) == "needs_attention"
-                (prop,) = client.get(f"/runs/{run_id}/proposals").json()["data"]
-                assert (prop["state"], prop["action"], prop["kind"]) == ("proposed", "rollback", "loss_spike")
-                assert prop["checkpoint_step"] < 60 and prop["skip"] and prop["lr_target"] == 0.5
-                # held, nothing recovered: no incident acted on, the workers never went back
-                assert not [i for i in incidents(ctl, run_id) if i.action]
-                log = metrics_log(tmp_state, run_id, "pretrain")
-                assert all(b["step"] > a["step"] for a, b in zip(log, log[1:]))
+            running_controller(tmp_state, port=port, grafana_url=grafana.url, grafana_token=grafana.token) as ctl, \
+            api_server(ctl, port):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", headers=OP, timeout=30) as client:
+            r = client.post("/runs", json={"spec": spec.model_dump(mode="json"), "recovery_mode": "approve"})
+            assert r.status_code == 201 and r.json()["recovery_mode"] == "approve", r.text
+            run_id = r.json()["id"]
+            assert wait_state(ctl, run_id, ("needs_attention", "completed", "failed")) == "needs_attention"
+            (prop,) = client.get(f"/runs/{run_id}/proposals").json()["data"]
+            assert (prop["state"], prop["action"], prop["kind"]) == ("proposed", "rollback", "loss_spike")
+            assert prop["checkpoint_step"] < 60 and prop["skip"] and prop["lr_target"] == 0.5
+            # held, nothing recovered: no incident acted on, the workers never went back
+            assert not [i for i in incidents(ctl, run_id) if i.action]
+            log = metrics_log(tmp_state, run_id, "pretrain")
+            assert all(b["step"] > a["step"] for a, b in zip(log, log[1:]))
 
-                r = client.post(f"/runs/{run_id}/proposals/{prop['id']}/approve", json={"note": "go"})
-                assert r.status_code == 202 and r.json()["state"] == "approved", r.text
-                assert wait_state(ctl, run_id) == "completed"
-                events = client.get(f"/runs/{run_id}/events", params={"limit": 1000}).json()["data"]
-            ctl.annotator.flush()
-        finally:
-            server.should_exit = True
-            th.join(10)
+            r = client.post(f"/runs/{run_id}/proposals/{prop['id']}/approve", json={"note": "go"})
+            assert r.status_code == 202 and r.json()["state"] == "approved", r.text
+            assert wait_state(ctl, run_id) == "completed"
+            events = client.get(f"/runs/{run_id}/events", params={"limit": 1000}).json()["data"]
+        ctl.annotator.flush()
     (inc,) = [i for i in incidents(ctl, run_id) if i.action]
     assert (inc.id, inc.action, inc.outcome) == (prop["incident_id"], "rollback", "resolved")
     assert (inc.rollback_to_step, inc.skip, inc.lr_multiplier) == (prop["checkpoint_step"], prop["skip"], 0.5)
