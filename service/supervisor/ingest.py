@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
@@ -40,6 +41,11 @@ class Watch:
         self.running = running  # (run id, stage) of every stage with a live worker group
         self.detect = detect  # False: buffer and show progress, never recover (settings.watch_enabled)
         self._targets: dict[int, list[Target]] = {}  # id(group) -> its targets, to forget them later
+        # one cycle at a time: the scheduler's and a driver's (a group that finished) would otherwise
+        # fetch the same records twice (the source's history cursors), and the second ingest of a
+        # step before the one a recovery was decided at reads as "the workers went back": a
+        # recovery marked done that never happened (seen once under load: the same NaN handled twice)
+        self._cycle = threading.Lock()
 
     # ---- targets -----------------------------------------------------------------------------
     def targets_of(self, active: ActiveStage, group: Any) -> list[Target]:
@@ -70,6 +76,10 @@ class Watch:
     def once(self, now: float | None = None, *, run_ids: Iterable[str] | None = None) -> None:
         """Fetch every running stage's new signals; with detection on, evaluate the detectors.
         A stage marked done (its driver's own last pass saw every step) is left alone."""
+        with self._cycle:
+            self._once(now, run_ids)
+
+    def _once(self, now: float | None, run_ids: Iterable[str] | None) -> None:
         wanted = None if run_ids is None else set(run_ids)
         pairs = [(r, a) for r, a in self.running() if wanted is None or r in wanted]
         targets = [t for _, a in pairs for t in a.targets]

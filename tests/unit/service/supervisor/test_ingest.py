@@ -38,3 +38,43 @@ def test_a_gpu_counter_that_stays_at_zero_is_no_fault_and_a_later_rise_is_dated_
     (f,) = [f for f in evaluate_stage(active, WatchConfig(), now=0.0) if f.kind == "gpu_fault"]
     assert (f.onset_step, f.detected_at_step) == (11, 20)
     assert active.last_step == 20 and len(active.records[0]) == 20
+
+
+def test_two_watch_cycles_never_fetch_at_once():
+    """The scheduler's cycle and a driver's (its group finished) run on different threads; a
+    source's history cursor must not hand the same records to both (a replayed step read as a
+    rollback that took effect)."""
+    import threading
+    import time
+
+    class _SlowSource:
+        def __init__(self) -> None:
+            self.inside = self.most = 0
+            self.lock = threading.Lock()
+
+        def fetch(self, targets):
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            time.sleep(0.2)
+            with self.lock:
+                self.inside -= 1
+            return {}
+
+    class _Ledger:  # what a cycle with nothing fetched touches: the run's lock and the live row
+        def lock(self, run_id: str) -> threading.RLock:
+            return threading.RLock()
+
+        def __getattr__(self, name: str):
+            return lambda *a, **kw: None
+
+    watch, active = _watch_and_stage()
+    watch.ledger, watch.detect = _Ledger(), False
+    watch.source = source = _SlowSource()
+    watch.running = lambda: [("r", active)]
+    threads = [threading.Thread(target=watch.once) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert source.most == 1
