@@ -545,13 +545,14 @@ class TrainWorker:
 
     def identity(self) -> dict[str, Any]:
         """Who this rank is, for a supervisor re-attaching to it: its run, stage, rank, group size,
-        process and actor, its state, and the seq of its newest history record (the history it
-        reads from then on)."""
+        process and actor, its state, the seq of its newest history record (the history it
+        reads from then on) and the highest control seq it has seen (its new messages follow it)."""
         return {"run_id": self.args.get("run_id"), "stage": self.args.get("stage_name"), "rank": self.rank,
                 "generation": self.args.get("generation"),
                 "world_size": self.args.get("world_size"), "pid": os.getpid(),
                 "actor_id": ray.get_runtime_context().get_actor_id(), "state": self.state,
-                "history_seq": self.exporter.last_seq() if self.exporter is not None else -1}
+                "history_seq": self.exporter.last_seq() if self.exporter is not None else -1,
+                "control_seq": self.inbox.highest_seen()}
 
     def control(self, msg: dict[str, Any]) -> None:
         self.inbox.put(Control.from_dict(msg))
@@ -936,6 +937,8 @@ def attach_group(*, run_id: str, spec: PipelineSpec, stage_name: str, state_dir:
         pg_id = _named_pgs().get(group._name())
         group._pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))) if pg_id else None
         group.history_seqs = {int(i["rank"]): int(i["history_seq"]) for i in ids}
+        # the ranks dropped any control numbered at or below what they already saw
+        group._seq = max(int(i.get("control_seq") or 0) for i in ids)
         group.identities = ids
     # every other generation (and the newest when it is not whole and alive) is a leftover
     for gen, members in gens.items():

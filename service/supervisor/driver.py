@@ -266,7 +266,16 @@ class RunDriver(threading.Thread):
         """What the group's state means for the stage: True done, False the run ends, None go on."""
         state = status["state"]
         if self._stop_deadline is not None:
-            return False if state in ("stopped", "finished", "failed") or time.monotonic() > self._stop_deadline else None
+            late = time.monotonic() > self._stop_deadline
+            if state not in ("stopped", "finished", "failed") and not late:
+                return None
+            # how the stage ended: the workers' own stop (its checkpoint written) or killed
+            graceful = state in ("stopped", "finished")
+            self.parts.ledger.event(self.run_id, "supervisor", "stage_stopped",
+                                    {"stage": active.name, "workers": state,
+                                     "step": max([int(r.get("step") or 0) for r in status.get("ranks", [])] or [0])},
+                                    "ok" if graceful else f"killed: the workers did not stop within {STOP_GRACE_S:g} s")
+            return False
         if state == "finished":
             # done only once the watch has seen its last steps: a problem in them is handled (a
             # rollback the loop ended too soon to apply restarts the stage)

@@ -25,6 +25,12 @@ class ControlInbox:
             if msg.seq > self._applied:
                 self._pending[msg.seq] = msg
 
+    def highest_seen(self) -> int:
+        """The highest seq this inbox has applied or holds: a sender taking over (a supervisor
+        re-attaching to live workers) numbers its messages after it, or they would be dropped."""
+        with self._lock:
+            return max([self._applied, *self._pending])
+
     def highest_contiguous(self) -> int:
         """Highest seq s such that every seq in (applied, s] has arrived (calls can race)."""
         with self._lock:

@@ -91,9 +91,11 @@ def test_a_sigkilled_supervisor_reattaches_to_the_live_detached_workers(ray_sess
         assert client.post(f"/api/v1/runs/{run_id}/stop").status_code == 202
         wait_for(lambda: client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped", 60,
                  what="the re-attached run stops")
+        events = lambda: client.get(f"/api/v1/runs/{run_id}/events").json()["data"]  # noqa: E731
+        wait_for(lambda: any(e["kind"] == "stage_stopped" for e in events()), 60, what="the stage ended")
         wait_for(lambda: not _ranks(run_id), 30, what="the stopped run's actors gone")
         final = incs()
-        events = client.get(f"/api/v1/runs/{run_id}/events").json()["data"]
+        events = events()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -106,6 +108,9 @@ def test_a_sigkilled_supervisor_reattaches_to_the_live_detached_workers(ray_sess
     assert len(final) == n_incidents, f"no incident added by the restart: {final}"
     assert sum(1 for e in events if e["kind"] == "stage_started") == 1, "the stage was never restarted"
     assert any(e["kind"] == "reattached" for e in events)
+    stopped = [e for e in events if e["kind"] == "stage_stopped"]
+    assert len(stopped) == 1 and stopped[0]["result"] == "ok" and stopped[0]["detail"]["workers"] == "stopped", \
+        f"the new supervisor's STOP reached the re-attached workers (numbered after the old one's): {stopped}"
     steps = [json.loads(line)["step"] for line in
              (state / "runs" / run_id / "pretrain" / "metrics-rank0.jsonl").read_text().splitlines()]
     at_kill = len(steps) - 1 - steps[::-1].index(before[0]["step"])  # after the spike's rollback

@@ -74,3 +74,17 @@ def test_control_agreement_applies_only_what_every_rank_has():
     assert [m.seq for m in a.agree(lambda _: agreed)] == [2, 3] == [m.seq for m in b.agree(lambda _: agreed)]
     a.put(Control(ControlKind.STOP, 2))  # a duplicate of an applied seq is ignored
     assert a.highest_contiguous() == 3 and a.take_upto(3) == []
+
+
+def test_a_sender_taking_over_numbers_its_controls_after_the_highest_seen():
+    """A supervisor re-attaching to live workers starts from `highest_seen`: a STOP numbered
+    from 1 again would be dropped as a duplicate of the old supervisor's first message."""
+    inbox = ControlInbox()
+    inbox.put(Control(ControlKind.ROLLBACK, 1, {}))
+    inbox.take_upto(1)
+    inbox.put(Control(ControlKind.PAUSE, 2))  # held, not yet agreed
+    assert inbox.highest_seen() == 2
+    inbox.put(Control(ControlKind.STOP, 1))  # what a sender starting from 0 would send
+    assert inbox.highest_contiguous() == 2 and [m.kind for m in inbox.take_upto(2)] == [ControlKind.PAUSE]
+    inbox.put(Control(ControlKind.STOP, inbox.highest_seen() + 1))
+    assert [m.kind for m in inbox.take_upto(inbox.highest_contiguous())] == [ControlKind.STOP]
