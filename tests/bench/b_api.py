@@ -122,7 +122,7 @@ async def _load(base: str, method: str, paths: list[str], token: str | None, per
 def api_latency(ctx: Context) -> dict[str, Measurement]:
     """p50/p99 of GET /api/v1/runs (1,000 runs) and a control call, 50 concurrent clients, vs /healthz."""
     d = ctx.sub("api")
-    n_runs = 1000
+    n_runs = 100 if ctx.smoke else 1000  # smoke: structure only
     per_client = 2 if ctx.smoke else 20
     db_url = f"sqlite:///{d / 'api.db'}"
     ids = _populate(db_url, n_runs)

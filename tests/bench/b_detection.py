@@ -26,7 +26,7 @@ import time
 import httpx
 
 from tests.bench.core import Context, Measurement, benchmark, free_port, log, step_records, wait_until
-from tests.bench.shared import SMOKE_SPIKE, SupervisedRun, smoke_runs, supervised_run, ts
+from tests.bench.shared import SMOKE_SPIKE, SupervisedRun, smoke_run, supervised_run, ts
 from tests.support import stop_process
 from tests.bench.workload import pipeline, size_for
 
@@ -140,7 +140,7 @@ def detection_latency(ctx: Context) -> dict[str, Measurement]:
     """Onset of an injected loss spike -> incident recorded (embedded scrape path; Prometheus path)."""
     out: dict[str, Measurement] = {}
     if ctx.smoke:
-        run, _ = smoke_runs(ctx)
+        run = smoke_run(ctx)
         at = SMOKE_SPIKE
     else:
         at, steps = 60, 100

@@ -11,7 +11,7 @@ at 5 s: stricter than the deployment's 60 s), while `TRAINGUARD_BENCH_QUIET_HOGS
 busy-looping processes (default 1) run beside it for the whole run, start-up included (in
 smoke, from the first step on: a group's start-up on a loaded machine takes minutes). The
 run trains for `TRAINGUARD_BENCH_QUIET_S` seconds from its first step (default 1800 = the
-criterion's 30 minutes; 20 in smoke), then is stopped.
+criterion's 30 minutes; 8 in smoke), then is stopped.
 
 Row `quiet_healthy` (seconds, higher is better):
 - ours: seconds of healthy training before the supervisor recorded its first straggler or hang
@@ -44,7 +44,7 @@ from tests.bench.shared import controller, ts
 from tests.bench.workload import metrics_log, pipeline, size_for
 from tests.support import stop_process
 
-FULL_S, SMOKE_S = 1800.0, 20.0
+FULL_S, SMOKE_S = 1800.0, 8.0
 HANG_TIMEOUT_S = 5.0  # the Ray benchmarks' setting (tests/bench/shared.py)
 WATCH_S = 0.5
 NOISY = ("straggler", "hang")

@@ -27,7 +27,7 @@ ROWS = {
     "train_throughput": {"train_throughput"},  # the HF row runs at full size only
     "supervisor_scale": {"supervisor_scale", "supervisor_scale_memory"},
     "api_latency": {"api_latency", "api_latency_runs_p99", "api_latency_control_p50", "api_latency_control_p99"},
-    "recovery_loss_spike": {"recovery_loss_spike"},
+    "recovery_loss_spike": {"recovery_loss_spike", "recovery_loss_spike_budget"},
     "recovery_worker_crash": {"recovery_worker_crash"},
     "recovery_node_loss": set(),  # full size only: no row at smoke size (see b_node_loss.py)
     "detection_latency": {"detection_latency"},  # the Prometheus row runs at full size only
