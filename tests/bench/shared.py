@@ -179,42 +179,62 @@ def scraped(port: int, every_s: float = 0.5) -> Iterator[None]:
         t.join(timeout=5)
 
 
-def bare_loop(spec: Any, run_id: str, on_step: Any, *, state_dir: Path | None = None,
-              checkpoint_dir: Path | None = None) -> None:
-    """The baseline training loop of the overhead benchmarks: plain torch on the pretrain stage
-    of `spec` (same initial weights and batches as the guarded `Harness`): the LR from the same
-    schedule, zero_grad, forward + loss, `float(loss)` (every loop logs its loss), backward,
-    clip_grad_norm_, AdamW step; `on_step(step, loss, tokens)` after each step. With
-    `checkpoint_dir`, at the steps the harness checkpoints, a checkpoint as a plain script
-    writes one: `torch.save` of the model's and optimizer's state dicts, synchronously."""
-    import torch
+class BareLoop:
+    """The baseline training loop of the overhead benchmarks, one step at a time: plain torch on
+    the pretrain stage of `spec` (same initial weights and batches as the guarded `Harness`): the
+    LR from the same schedule, zero_grad, forward + loss, `float(loss)` (every loop logs its
+    loss), backward, clip_grad_norm_, AdamW step."""
 
-    from trainguard.workers.runtime.harness import make_context, schedule_lr
-    from trainguard.workers.stages import STAGES
+    def __init__(self, spec: Any, run_id: str, *, state_dir: Path | None = None) -> None:
+        import torch
 
-    s = spec.stage("pretrain")
-    stage = STAGES["pretrain"](make_context(spec, "pretrain", run_id=run_id, state_dir=state_dir))
-    params = [p for p in stage.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.95))
-    mixture = dict(s.mixture)
-    every = spec.checkpoint_for(s).every
-    for step in range(s.steps):
+        from trainguard.workers.runtime.harness import make_context
+        from trainguard.workers.stages import STAGES
+
+        self.spec = spec
+        self.s = s = spec.stage("pretrain")
+        self.stage = STAGES["pretrain"](make_context(spec, "pretrain", run_id=run_id, state_dir=state_dir))
+        self.params = [p for p in self.stage.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW([{"params": [p for p in self.params if p.dim() >= 2],
+                                       "weight_decay": s.weight_decay},
+                                      {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}],
+                                     lr=s.lr, betas=(0.9, 0.95))
+        self.mixture = dict(s.mixture)
+
+    def step(self, step: int) -> tuple[float, int]:
+        """Train step `step`; returns (loss, tokens)."""
+        import torch
+
+        from trainguard.workers.runtime.harness import schedule_lr
+
+        s = self.s
         lr = schedule_lr(step, base=s.lr, total=s.steps, warmup=s.warmup_steps, min_ratio=s.min_lr_ratio)
-        for g in opt.param_groups:
+        for g in self.opt.param_groups:
             g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        result = stage.step(step, step, mixture)  # builds the batch, forward, loss
+        self.opt.zero_grad(set_to_none=True)
+        result = self.stage.step(step, step, self.mixture)  # builds the batch, forward, loss
         loss = result.loss.float()
         value = float(loss.detach())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        done = step + 1
-        if checkpoint_dir is not None and done % every == 0 and done < s.steps:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": stage.model.state_dict(), "optimizer": opt.state_dict()},
-                       checkpoint_dir / f"step-{done}.pt")
-        on_step(step, value, result.tokens)
+        torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        self.opt.step()
+        return value, result.tokens
 
+
+def bare_loop(spec: Any, run_id: str, on_step: Any, *, state_dir: Path | None = None,
+              checkpoint_dir: Path | None = None) -> None:
+    """`BareLoop` over every step of the pretrain stage; `on_step(step, loss, tokens)` after each.
+    With `checkpoint_dir`, at the steps the harness checkpoints, a checkpoint as a plain script
+    writes one: `torch.save` of the model's and optimizer's state dicts, synchronously."""
+    import torch
+
+    loop = BareLoop(spec, run_id, state_dir=state_dir)
+    every = spec.checkpoint_for(loop.s).every
+    for step in range(loop.s.steps):
+        value, tokens = loop.step(step)
+        done = step + 1
+        if checkpoint_dir is not None and done % every == 0 and done < loop.s.steps:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": loop.stage.model.state_dict(), "optimizer": loop.opt.state_dict()},
+                       checkpoint_dir / f"step-{done}.pt")
+        on_step(step, value, tokens)

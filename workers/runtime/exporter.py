@@ -92,9 +92,13 @@ class Exporter:
         self.anomalies = Counter(MetricName.ANOMALIES, "anomalies the in-step guard saw", L + ["kind"], registry=r)
         for kind in AnomalyKind:  # every kind exists from the start, so rate() works from 0
             self.anomalies.labels(*self.labels, kind.value)
+        # this rank's labelled children, looked up once: `labels()` costs a lock and a dict
+        # lookup per call, several times in every step
+        self._children: dict[str, Any] = {name: g.labels(*self.labels) for name, g in self._gauges.items()}
         for name in (MetricName.STEP, MetricName.WORKER_PAUSED, MetricName.LAST_STEP_TS):
-            self._gauges[name].labels(*self.labels).set(0)
-        self.tokens.labels(*self.labels)
+            self._children[name].set(0)
+        self._tokens = self.tokens.labels(*self.labels)
+        self._step_seconds = self.step_seconds.labels(*self.labels)
         self.gpu = gpu
         if gpu is not None:
             r.register(_GpuCollector(gpu, self.labels))
@@ -107,7 +111,7 @@ class Exporter:
 
     # -- updates ---------------------------------------------------------------------
     def set(self, name: str, value: float) -> None:
-        self._gauges[name].labels(*self.labels).set(value)
+        self._children[name].set(value)
 
     def set_stage_metrics(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -122,9 +126,9 @@ class Exporter:
         return self.anomalies.labels(*self.labels, AnomalyKind(kind).value)._value.get()
 
     def observe_step(self, seconds: float, tokens: int) -> None:
-        self.step_seconds.labels(*self.labels).observe(seconds)
+        self._step_seconds.observe(seconds)
         if tokens:
-            self.tokens.labels(*self.labels).inc(tokens)
+            self._tokens.inc(tokens)
 
     def observe_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
         self.ckpt_seconds.labels(*self.labels).observe(seconds)
@@ -146,8 +150,14 @@ class Exporter:
 
     def history(self, since: int = 0) -> list[dict[str, Any]]:
         """Records with seq > since, oldest first."""
+        out: list[dict[str, Any]] = []
         with self._hlock:
-            return [r for r in self._history if r["seq"] > since]
+            for r in reversed(self._history):  # seqs increase: only the newest are read
+                if r["seq"] <= since:
+                    break
+                out.append(r)
+        out.reverse()
+        return out
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
