@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,6 +47,7 @@ __all__ = [
     "get_stage",
     "list_stages",
     "update_stage",
+    "update_stages_live",
     "upsert_checkpoint",
     "list_checkpoints",
     "count_checkpoints",
@@ -211,6 +213,28 @@ def update_stage(
     if "state" in fields:
         _check_choice("stage state", stage.state, STAGE_STATES)
     return _save(session, stage)
+
+
+def update_stages_live(
+    session: Session, rows: Sequence[tuple[str, str, int, float | None, datetime | None]]
+) -> None:
+    """Set (step, last_loss, last_step_at) of many stages, each given as (run_id, name, step,
+    last_loss, last_step_at), in one executemany and one commit; a stage that does not exist is
+    skipped. Only those three columns are written."""
+    if not rows:
+        return
+    t = RunStage.__table__  # type: ignore[attr-defined]
+    stmt = (
+        sa.update(t)
+        .where(t.c.run_id == sa.bindparam("b_run_id"), t.c.name == sa.bindparam("b_name"))
+        .values(step=sa.bindparam("b_step"), last_loss=sa.bindparam("b_last_loss"),
+                last_step_at=sa.bindparam("b_last_step_at"))
+    )
+    session.connection().execute(stmt, [
+        {"b_run_id": run_id, "b_name": name, "b_step": int(step), "b_last_loss": last_loss, "b_last_step_at": at}
+        for run_id, name, step, last_loss, at in rows
+    ])
+    session.commit()
 
 
 # --- checkpoints ----------------------------------------------------------------------

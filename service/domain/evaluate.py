@@ -7,18 +7,27 @@ same detectors locate its onset in the buffers, else the current step is taken.
 
 The supervisor's `ActiveStage` is the `StageSignals` passed in; `WatchConfig` holds every
 detector's thresholds (documented defaults in the detector configs) and the recovery policy's.
+
+Incremental: where a rank's records are a `RecordBuffer` (series.py) in step order, each
+metric's samples come from the buffer (built once, as records arrive) and the detectors' exact
+"cannot find anything" tests run on what the buffer tracks (rolling medians, per-sample spike
+tests), so a healthy window is not rescanned every cycle; anything those tests cannot rule out
+is scanned as before. A stage whose buffers did not change since a cycle that found nothing in
+them (same `handled_until`) skips the sample-driven detectors (`eval_memo`); the GPU counters
+and the hang check run every cycle. Any other `Sequence` of records is read as before.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence, Set as AbstractSet
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set as AbstractSet
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any, Protocol
 
 from trainguard.service.domain import detectors
 from trainguard.service.domain.detectors import Finding, IncidentKind
 from trainguard.service.domain.policy import RecoveryConfig
-from trainguard.service.domain.series import Sample
+from trainguard.service.domain.series import KeySeries, RecordBuffer, Sample
 
 __all__ = ["WatchConfig", "StageSignals", "evaluate_stage", "alert_finding", "DEFAULT_STARTUP_GRACE_S",
            "GPU_COUNTERS"]
@@ -125,72 +134,201 @@ def _earliest(findings: list[Finding | None]) -> Finding | None:
     return min(found, key=lambda f: f.onset_step) if found else None
 
 
+class _Rank:
+    """One rank's records as the detectors read them: from its RecordBuffer's kept series when
+    the buffer is in step order (`buf`), else from the records, as `_samples` reads them."""
+
+    __slots__ = ("records", "buf", "_list")
+
+    def __init__(self, records: Sequence[Record]) -> None:
+        self.records = records
+        self.buf = records if isinstance(records, RecordBuffer) and records.ordered else None
+        self._list: list[Record] | None = None
+
+    def all(self) -> list[Record]:
+        if self._list is None:
+            self._list = list(self.records)
+        return self._list
+
+    def series(self, key: str) -> KeySeries | None:
+        if self.buf is None:
+            return None
+        ks = self.buf.key_series(key)
+        return ks if ks.usable else None
+
+    def samples(self, key: str) -> list[Sample]:
+        ks = self.series(key)
+        return ks.samples() if ks is not None else _samples(self.all(), key)
+
+    def lazy(self, key: str) -> Iterable[Sample]:
+        """`samples(key)`, made only if read (from kept series)."""
+        ks = self.series(key)
+        return ks.iter_samples() if ks is not None else _samples(self.all(), key)
+
+
 def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
                    handled_until: Mapping[str, int] | None = None) -> list[Finding]:
     """Findings for one running stage, earliest onset first; at most one per kind. Only
     episodes after `handled_until[kind]` (default: the stage's) count."""
-    ranks = sorted(signals.records)
-    recs = {r: list(signals.records[r]) for r in ranks}
     after = signals.handled_until if handled_until is None else handled_until
+    out = _sample_findings(signals, cfg, after)
+    for f in (_gpu_fault(signals, cfg, after.get("gpu_fault")), _hang(signals, cfg, now)):
+        if f is not None:
+            out.append(f)
+    return sorted(out, key=lambda f: f.onset_step)
+
+
+def _sample_findings(signals: StageSignals, cfg: WatchConfig, after: Mapping[str, int]) -> list[Finding]:
+    """The detectors that read the buffered records; skipped when the stage's `eval_memo` (a dict,
+    where it has one) says they found nothing in exactly these buffers, with this `after`."""
+    memo = getattr(signals, "eval_memo", None)
+    ranks = sorted(signals.records)
+    bufs = tuple(b for r in ranks if isinstance(b := signals.records[r], RecordBuffer))
+    key: tuple[Any, ...] | None = None
+    if isinstance(memo, dict) and len(bufs) == len(ranks):
+        key = (tuple(ranks), tuple(b.version for b in bufs), tuple(sorted(after.items())), signals.kind)
+        if memo.get("key") == key and memo.get("cfg") is cfg and all(
+                a is b for a, b in zip(memo.get("bufs", ()), bufs)):
+            return []
+    found = _scan(signals, cfg, after)
+    if key is not None and isinstance(memo, dict):
+        memo.clear()
+        if not found:  # only "nothing found" is remembered: a finding is always computed afresh
+            memo.update(key=key, cfg=cfg, bufs=bufs)
+    return found
+
+
+def _scan(signals: StageSignals, cfg: WatchConfig, after: Mapping[str, int]) -> list[Finding]:
+    ranks = sorted(signals.records)
+    views = {r: _Rank(signals.records[r]) for r in ranks}
     out: list[Finding] = []
 
     def add(f: Finding | None) -> None:
         if f is not None:
             out.append(f)
 
-    add(_earliest([detectors.detect_nan(_samples(recs[r], "loss"), _samples(recs[r], "grad_norm"),
-                                        _anomaly_series(recs[r]), cfg.nan, after=after.get("nan")) for r in ranks]))
-    add(_earliest([detectors.detect_loss_spike(_samples(recs[r], "loss"), cfg.loss_spike,
-                                               after=after.get("loss_spike")) for r in ranks]))
-    add(_earliest([detectors.detect_grad_explosion(_samples(recs[r], "grad_norm"), cfg.grad_explosion,
-                                                   after=after.get("grad_explosion")) for r in ranks]))
-    add(_earliest([detectors.detect_divergence(_samples(recs[r], "loss"), cfg.divergence,
-                                               after=after.get("divergence")) for r in ranks[:1]]))
+    add(_earliest([_nan(views[r], cfg.nan, after.get("nan")) for r in ranks]))
+    add(_earliest([_excursion(views[r], "loss", cfg.loss_spike, after.get("loss_spike"), detectors.detect_loss_spike)
+                   for r in ranks]))
+    add(_earliest([_excursion(views[r], "grad_norm", cfg.grad_explosion, after.get("grad_explosion"),
+                              detectors.detect_grad_explosion) for r in ranks]))
+    add(_earliest([_divergence(views[r], cfg.divergence, after.get("divergence")) for r in ranks[:1]]))
     if signals.kind in LOSS_CURVE_KINDS:
-        add(_earliest([detectors.detect_instability(_samples(recs[r], "loss"), _samples(recs[r], "lr"),
-                                                    cfg.instability, after=after.get("instability"))
-                       for r in ranks[:1]]))
-    if 0 in recs:
-        for kind_finding in _stage_kind_findings(signals.kind, recs[0], cfg, after):
+        add(_earliest([_instability(views[r], cfg.instability, after.get("instability")) for r in ranks[:1]]))
+    if 0 in views:
+        for kind_finding in _stage_kind_findings(signals.kind, views[0], cfg, after):
             add(kind_finding)
     if cfg.sparse:
-        add(_earliest([_guard_spike(recs[r], after.get("loss_spike")) for r in ranks]))
+        add(_earliest([_guard(views[r], after.get("loss_spike")) for r in ranks]))
     if len(ranks) > 1:
         # compute time (before the gradient all-reduce): wall-clock step time is equal on all ranks,
         # since the fast ones wait for the straggler in the collective
-        key = "compute_seconds" if any("compute_seconds" in r for r in recs[ranks[0]][-3:]) else "step_seconds"
-        f = detectors.detect_straggler({r: _samples(recs[r], key) for r in ranks}, cfg.straggler)
+        first = signals.records[ranks[0]]
+        last3 = [first[i] for i in range(-min(3, len(first)), 0)]
+        key = "compute_seconds" if any("compute_seconds" in r for r in last3) else "step_seconds"
+        f = detectors.detect_straggler(_straggler_input(views, ranks, key, cfg.straggler), cfg.straggler)
         if f is not None and f.onset_step > after.get("straggler", -1):
             add(f)
-    add(_gpu_fault(signals, cfg, after.get("gpu_fault")))
-    add(_hang(signals, cfg, now))
-    return sorted(out, key=lambda f: f.onset_step)
+    return out
 
 
-def _stage_kind_findings(kind: str, r0: list[Record], cfg: WatchConfig, after: Mapping[str, int]) -> list[Finding]:
+# ---- each detector: the exact quick test on what the buffer tracks, else the scan -----------------
+
+
+def _nan(v: _Rank, cfg: detectors.NanConfig, after: int | None) -> Finding | None:
+    if v.buf is not None:
+        loss, grad = v.series("loss"), v.series("grad_norm")
+        # nothing non-finite and no anomaly record of a counted kind: no event to find
+        if (loss is not None and grad is not None and not loss.nonfinite and not grad.nonfinite
+                and not v.buf.has_anomaly(cfg.anomaly_kinds)):
+            return None
+    return detectors.detect_nan(v.samples("loss"), v.samples("grad_norm"), _anomaly_series(v.all()), cfg, after=after)
+
+
+def _excursion(v: _Rank, key: str, cfg: detectors.LossSpikeConfig, after: int | None,
+               detect: Callable[..., Finding | None]) -> Finding | None:
+    ks = v.series(key)
+    if ks is not None and ks.tracker(("excursion", cfg), lambda: detectors.ExcursionTrack(cfg)).quiet():
+        return None
+    return detect(v.samples(key), cfg, after=after)
+
+
+def _median_track(ks: KeySeries, n: int) -> detectors.MedianTrack:
+    return ks.tracker(("median", n), lambda: detectors.MedianTrack(n))
+
+
+def _divergence(v: _Rank, cfg: detectors.DivergenceConfig, after: int | None) -> Finding | None:
+    ks = v.series("loss")
+    if ks is not None and detectors.divergence_ruled_out(_median_track(ks, cfg.window).full(), cfg):
+        return None
+    return detectors.detect_divergence(v.samples("loss"), cfg, after=after)
+
+
+def _instability(v: _Rank, cfg: detectors.InstabilityConfig, after: int | None) -> Finding | None:
+    ks = v.series("loss")
+    if ks is not None:
+        h = cfg.min_history - 1  # the scan's first sample with a best
+        smoothed = list(islice(_median_track(ks, cfg.smooth).medians, h, None))
+        long = list(islice(_median_track(ks, cfg.best_smooth).medians, h, None))
+        if detectors.instability_ruled_out(smoothed, long, cfg):
+            return None
+    return detectors.detect_instability(v.samples("loss"), v.samples("lr"), cfg, after=after)
+
+
+def _guard(v: _Rank, after: int | None) -> Finding | None:
+    if v.buf is not None and not v.buf.has_anomaly(("loss_spike", "grad_spike")):
+        return None
+    return _guard_spike(v.all(), after)
+
+
+def _straggler_input(views: Mapping[int, _Rank], ranks: Sequence[int], key: str,
+                     cfg: detectors.StragglerConfig) -> dict[int, list[Sample]]:
+    """Each rank's `key` samples for detect_straggler: from kept series, only the tail it reads
+    (a rank's last `window` samples, and every rank's samples from the earliest step such a
+    window starts at: the same finding as from the whole series); else the whole series."""
+    kept = {r: views[r].series(key) for r in ranks}
+    if any(ks is None or ks.nonfinite for ks in kept.values()):
+        return {r: views[r].samples(key) for r in ranks}
+    steps = {r: ks.steps for r, ks in kept.items() if ks is not None}
+    starts = [xs[-min(cfg.window, len(xs))] for xs in steps.values() if xs]
+    if not starts:
+        return {r: [] for r in ranks}
+    since = min(starts)
+    out: dict[int, list[Sample]] = {}
+    for r, ks in kept.items():
+        assert ks is not None
+        xs = ks.steps
+        k = min(cfg.window, len(xs))
+        while k < len(xs) and xs[-k - 1] >= since:
+            k += 1
+        out[r] = ks.samples(len(xs) - k)
+    return out
+
+
+def _stage_kind_findings(kind: str, r0: _Rank, cfg: WatchConfig, after: Mapping[str, int]) -> list[Finding]:
     """The detectors that only make sense for some stage kinds (rank 0's series); at most one
     finding per kind."""
     found: list[Finding | None] = []
     if kind in LOSS_CURVE_KINDS:
-        found.append(detectors.detect_val_divergence(_samples(r0, "val_loss"), _samples(r0, "loss"), cfg.val_divergence,
+        found.append(detectors.detect_val_divergence(r0.samples("val_loss"), r0.lazy("loss"), cfg.val_divergence,
                                                      after=after.get("val_divergence")))
     elif kind == "ppo":
-        kl = _samples(r0, "kl")
+        kl = r0.samples("kl")
         found += [
-            detectors.detect_reward_hacking(_samples(r0, "reward_mean"), kl, _samples(r0, "kl_target") or None,
+            detectors.detect_reward_hacking(r0.samples("reward_mean"), kl, r0.samples("kl_target") or None,
                                             cfg.reward_hacking, after=after.get("reward_hacking")),
-            detectors.detect_policy_ratio(_samples(r0, "ppo_ratio_mean"), _samples(r0, "ppo_clip_fraction"),
+            detectors.detect_policy_ratio(r0.samples("ppo_ratio_mean"), r0.samples("ppo_clip_fraction"),
                                           cfg.policy_ratio, after=after.get("policy_ratio")),
             detectors.detect_negative_kl(kl, cfg.negative_kl, after=after.get("negative_kl")),
-            detectors.detect_entropy_collapse(_samples(r0, "policy_entropy"), cfg.entropy_collapse,
+            detectors.detect_entropy_collapse(r0.samples("policy_entropy"), cfg.entropy_collapse,
                                               after=after.get("entropy_collapse")),
-            detectors.detect_response_length(_samples(r0, "response_length"), cfg.response_length,
+            detectors.detect_response_length(r0.samples("response_length"), cfg.response_length,
                                              after=after.get("response_length")),
-            detectors.detect_value_loss_explosion(_samples(r0, "value_loss"), cfg.value_loss,
+            detectors.detect_value_loss_explosion(r0.samples("value_loss"), cfg.value_loss,
                                                   after=after.get("value_loss_explosion")),
         ]
     elif kind == "dpo":
-        found.append(detectors.detect_dpo_collapse(_samples(r0, "dpo_chosen_logprob"), _samples(r0, "dpo_reward_margin"),
+        found.append(detectors.detect_dpo_collapse(r0.samples("dpo_chosen_logprob"), r0.samples("dpo_reward_margin"),
                                                    cfg.dpo_collapse, after=after.get("dpo_collapse")))
     return [f for f in found if f is not None]
 

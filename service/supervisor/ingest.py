@@ -20,7 +20,7 @@ from trainguard.service.domain.evaluate import GPU_COUNTERS, WatchConfig, alert_
 from trainguard.service.domain.series import Sample
 from trainguard.service.domain.state import RunState
 from trainguard.service.supervisor.executor import RecoveryExecutor
-from trainguard.service.supervisor.ledger import Ledger, finite
+from trainguard.service.supervisor.ledger import Ledger, LiveRow, finite
 from trainguard.service.supervisor.stage import ActiveStage
 
 __all__ = ["Watch", "LIVE_EVERY_S"]
@@ -87,15 +87,35 @@ class Watch:
             return
         snaps = self.source.fetch(targets)
         now = time.time() if now is None else now
+        live: list[tuple[ActiveStage, LiveRow]] = []
+        try:
+            self._watch_each(pairs, snaps, now, live)
+        except BaseException:
+            try:
+                self._write_live(live)  # what was ingested before the failure still shows
+            except Exception:  # noqa: BLE001 - the failure in flight is the one to report
+                log.exception("live progress of %d stages not written", len(live))
+            raise
+        self._write_live(live)  # one transaction for every stage's live row
+
+    def _watch_each(self, pairs: list[tuple[str, ActiveStage]], snaps: Mapping[Target, Snapshot], now: float,
+                    live: list[tuple[ActiveStage, LiveRow]]) -> None:
         for run_id, active in pairs:
             with self.ledger.lock(run_id):
                 if active.done:
                     continue
                 self.ingest(active, {t: snaps[t] for t in active.targets if t in snaps})
-                self._write_live(active)
-                if not self.detect or self.ledger.run_state(run_id) in _NOT_WATCHED:
+                row = self._live_row(active)
+                if row is not None:
+                    live.append((active, row))
+                if not self.detect:
                     continue
-                for finding in evaluate_stage(active, self.config, now=now):
+                # the detectors are pure: the run's state (a query) is read only when they found
+                # something, still under the run's lock, before any decision
+                findings = evaluate_stage(active, self.config, now=now)
+                if not findings or self.ledger.run_state(run_id) in _NOT_WATCHED:
+                    continue
+                for finding in findings:
                     self.executor.handle(run_id, active, finding, source="watch")
 
     def ingest(self, active: ActiveStage, snaps: Mapping[Target, Snapshot]) -> None:
@@ -157,15 +177,25 @@ class Watch:
         if active.pending is not None and active.pending.taken_effect(step):
             self.executor.recovered(active, step=step, at=active.last_step_time)
 
-    def _write_live(self, active: ActiveStage) -> None:
-        """The running stage's step, loss and last-step time, for GET /runs/{id} (throttled)."""
+    @staticmethod
+    def _live_row(active: ActiveStage) -> LiveRow | None:
+        """The running stage's step, loss and last-step time, for GET /runs/{id}, when due (throttled)."""
         step, when = active.live_written
         if active.last_step < 0 or active.last_step == step or time.time() - when < LIVE_EVERY_S:
-            return
+            return None
         at = datetime.fromtimestamp(active.last_step_time, timezone.utc) if active.last_step_time else None
-        self.ledger.update_stage(active.run_id, active.name, step=active.last_step, last_loss=active.last_loss,
-                                 last_step_at=at)
-        active.live_written = (active.last_step, time.time())
+        return LiveRow(run_id=active.run_id, stage=active.name, step=active.last_step, last_loss=active.last_loss,
+                       last_step_at=at)
+
+    def _write_live(self, live: list[tuple[ActiveStage, LiveRow]]) -> None:
+        """The cycle's live rows, in one transaction (the watch cycle holds `_cycle`: a driver's
+        last write to its stage row, after its own cycle, comes after this one)."""
+        if not live:
+            return
+        self.ledger.update_stages_live([row for _, row in live])
+        written = time.time()
+        for active, row in live:
+            active.live_written = (row.step, written)
 
     # ---- alerts ------------------------------------------------------------------------------
     def alerts(self, payload: Any, stage_of: Callable[[str], ActiveStage | None], *, actor: str) -> dict[str, int]:

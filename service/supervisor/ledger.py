@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlmodel import Session
 
@@ -23,11 +23,21 @@ from trainguard.service.domain.policy import Attempt, CheckpointInfo
 from trainguard.service.domain.state import FINAL_STAGE_STATES, RunState, StageState, transition_to
 from trainguard.workers.contract import CheckpointRef, CheckpointReport
 
-__all__ = ["Ledger", "jsonable", "finite", "row_id"]
+__all__ = ["Ledger", "LiveRow", "jsonable", "finite", "row_id"]
 
 log = logging.getLogger(__name__)
 
 StateListener = Callable[[str, RunState], None]
+
+
+class LiveRow(NamedTuple):
+    """A running stage's live progress, as the watch writes it to the stage row."""
+
+    run_id: str
+    stage: str
+    step: int
+    last_loss: float | None
+    last_step_at: datetime | None
 
 
 class Ledger:
@@ -111,6 +121,13 @@ class Ledger:
     def update_stage(self, run_id: str, name: str, **fields: Any) -> None:
         with self.session() as s:
             crud.update_stage(s, run_id=run_id, name=name, **fields)
+
+    def update_stages_live(self, rows: Sequence[LiveRow]) -> None:
+        """Many running stages' live progress (step, last loss, last-step time) in one
+        transaction: the watch's per-cycle write. A stage row that is gone is skipped."""
+        if rows:
+            with self.session() as s:
+                crud.update_stages_live(s, [(r.run_id, r.stage, r.step, r.last_loss, r.last_step_at) for r in rows])
 
     def start_stage(self, run_id: str, name: str) -> None:
         with self.session() as s:

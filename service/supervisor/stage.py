@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainguard.service.domain.series import Sample
+from trainguard.service.domain.series import RecordBuffer, Sample
 
 __all__ = ["ActiveStage", "PendingRecovery", "BUFFER_STEPS"]
 
@@ -56,7 +56,8 @@ class ActiveStage:
     group: Any = None  # trainguard.workers.group.WorkerGroup (or a fake in unit tests)
     targets: list[Any] = field(default_factory=list)  # adapters.metrics.Target, one per rank
     started_at: float = field(default_factory=time.time)
-    records: dict[int, deque[dict[str, Any]]] = field(default_factory=dict)  # rank -> per-step records
+    # rank -> per-step records, with each metric's samples kept beside them (series.py RecordBuffer)
+    records: dict[int, deque[dict[str, Any]]] = field(default_factory=dict)
     counter_series: dict[tuple[int, str], list[Sample]] = field(default_factory=dict)  # (rank, name) -> changes
     heartbeat: dict[int, float] = field(default_factory=dict)  # rank -> unix time of its last step
     paused_ranks: set[int] = field(default_factory=set)
@@ -75,6 +76,8 @@ class ActiveStage:
     held_by_proposal: bool = False  # its group finished while an approve-mode proposal waited
     world_size: int | None = None  # ranks of its current worker group (an elastic stage's may be fewer)
     declared_world_size: int | None = None  # the stage's world_size in the spec
+    # what the last evaluation of these buffers found nothing in (evaluate.py `_sample_findings`)
+    eval_memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shrunk(self) -> bool:
@@ -87,7 +90,12 @@ class ActiveStage:
         return [t.rank for t in self.targets]
 
     def series(self, rank: int) -> deque[dict[str, Any]]:
-        return self.records.setdefault(rank, deque(maxlen=BUFFER_STEPS))
+        """The rank's record buffer (a RecordBuffer: its metrics' samples are kept as records
+        arrive and leave, a rollback's `pop` included)."""
+        buf = self.records.get(rank)
+        if buf is None:
+            buf = self.records[rank] = RecordBuffer(maxlen=BUFFER_STEPS)
+        return buf
 
     def went_back(self) -> None:
         """The workers went back (rollback applied): episodes found before are gone from the buffers."""

@@ -9,6 +9,9 @@ steps), and each run's worker group is a stub that accepts control messages. Eve
 has a full 400-step buffer before the timed (steady-state) cycle. A further cycle in which
 1% of the runs spike (incidents recorded, the policy's decisions carried out) is reported
 as `cycle_with_1pct_spiking_s`.
+Row `supervisor_scale_ranks`: the same steady-state cycle for one run of 1,024 ranks (each rank
+returns its 10 new steps: loss, grad norm, LR, step and compute time), against 16 ranks x64;
+the issue's target is <= 1 s per cycle (`target_s`).
 Time: wall time of the steady-state cycle, without tracemalloc. Peak memory:
 tracemalloc's peak during a second, identical cycle, above what was allocated before it.
 The ingest buffers (400 steps per rank) are reported separately as `buffers_mb`
@@ -25,6 +28,7 @@ import tracemalloc
 from tests.bench.core import Context, Measurement, benchmark, log
 
 NEW_STEPS = 10
+RANKS_TARGET_S = 1.0  # issue 13: a cycle over one run of 1,024 ranks
 
 
 class StubGroup:
@@ -44,10 +48,11 @@ class StubGroup:
 
 
 class SimulatedSource:
-    def __init__(self, spiking: set[str]) -> None:
-        self.step: dict[str, int] = {}
+    def __init__(self, spiking: set[str], *, compute_time: bool = False) -> None:
+        self.step: dict[tuple[str, int], int] = {}
         self.spiking = spiking
         self.spike_now = False
+        self.compute_time = compute_time  # rank 0 reports its compute time too (multi-rank runs)
 
     def fetch(self, targets):
         from trainguard.service.adapters.metrics import Snapshot
@@ -55,9 +60,10 @@ class SimulatedSource:
         out = {}
         now = time.time()
         for t in targets:
-            s0 = self.step.get(t.run, 0)
+            at = (t.run, t.rank)
+            s0 = self.step.get(at, 0)
             n = 390 if s0 == 0 else NEW_STEPS
-            rng = random.Random(hash((t.run, s0)))
+            rng = random.Random(hash((t.run, s0)) if t.rank == 0 else hash((t.run, t.rank, s0)))
             recs = []
             for i in range(n):
                 step = s0 + i + 1
@@ -66,11 +72,13 @@ class SimulatedSource:
                     loss *= 4.0
                 rec = {"step": step, "seq": step, "batch_index": step - 1, "time": now - (n - i) * 0.05,
                        "loss": loss, "grad_norm": 0.8 + rng.gauss(0, 0.05), "lr": 1e-3, "spike_score": 0.1,
-                       "anomaly": None, "step_seconds": 0.05 + rng.gauss(0, 0.002), "rank": 0}
-                if step % 25 == 0:
+                       "anomaly": None, "step_seconds": 0.05 + rng.gauss(0, 0.002), "rank": t.rank}
+                if t.rank > 0 or self.compute_time:
+                    rec["compute_seconds"] = 0.04 + rng.gauss(0, 0.002)
+                if step % 25 == 0 and t.rank == 0:
                     rec["val_loss"] = loss + 0.1
                 recs.append(rec)
-            self.step[t.run] = s0 + n
+            self.step[at] = s0 + n
             anomalies = 4.0 if self.spike_now and t.run in self.spiking else 0.0
             out[t] = Snapshot(reachable=True, records=recs, counters={"anomalies:loss_spike": anomalies},
                               last_step_time=now, step=s0 + n, paused=False)
@@ -83,7 +91,7 @@ class SimulatedSource:
         pass
 
 
-def _setup(ctx: Context, n: int, tag: str):
+def _setup(ctx: Context, n: int, tag: str, ranks: int = 1):
     from trainguard.service.adapters.metrics import Target
     from trainguard.service.config import Settings
     from trainguard.service.controller import Controller
@@ -95,7 +103,7 @@ def _setup(ctx: Context, n: int, tag: str):
 
     state = ctx.sub(f"scale-{tag}")
     settings = Settings(state_dir=state, environment="development")
-    src = SimulatedSource(set())
+    src = SimulatedSource(set(), compute_time=ranks > 1)
     ctl = Controller(settings, source=src)
     spec = pipeline(name="sim", size="tiny", steps=100_000, world_size=1)
     ids = [ctl.ledger.create_run(name=f"sim-{i}", spec_json=spec.model_dump_json(), actor="bench") for i in range(n)]
@@ -104,7 +112,7 @@ def _setup(ctx: Context, n: int, tag: str):
         ctl.ledger.set_state(run_id, RunState.RUNNING, actor="bench", reason="simulated")
         d = RunDriver(ctl.parts, run_id, spec)
         a = ActiveStage(run_id=run_id, name="pretrain", kind="pretrain", index=0, steps=100_000, group=StubGroup())
-        a.targets = [Target(run=run_id, stage="pretrain", rank=0, host="127.0.0.1", port=1)]
+        a.targets = [Target(run=run_id, stage="pretrain", rank=r, host="127.0.0.1", port=1 + r) for r in range(ranks)]
         d.active = a
         ctl.drivers[run_id] = d
     return ctl, src
@@ -144,6 +152,18 @@ def _cycle(ctx: Context, n: int, tag: str, *, trace_fill: bool) -> dict[str, flo
     return out
 
 
+def _ranks_cycle(ctx: Context, ranks: int, tag: str) -> dict[str, float]:
+    """The steady-state cycle of one run of `ranks` ranks (a full 400-step buffer per rank)."""
+    ctl, _ = _setup(ctx, 1, tag, ranks=ranks)
+    ctl.watch_once()  # fills every rank's buffer (not timed)
+    t0 = time.process_time()
+    w0 = time.perf_counter()
+    ctl.watch_once()
+    out = {"wall": time.perf_counter() - w0, "cpu": time.process_time() - t0}
+    ctl.engine.dispose()
+    return out
+
+
 @benchmark("supervisor_scale", reps=2, smoke_reps=1)
 def supervisor_scale(ctx: Context) -> dict[str, Measurement]:
     """One watch cycle over 1,000 simulated runs vs 10 runs x100; peak memory (tracemalloc)."""
@@ -152,6 +172,11 @@ def supervisor_scale(ctx: Context) -> dict[str, Measurement]:
     big = _cycle(ctx, n, "big", trace_fill=ctx.smoke)
     little = _cycle(ctx, small, "small", trace_fill=True)
     buffers = big.get("buffers_mb", little["buffers_mb"] * scale)
+    ranks, few = (64, 8) if ctx.smoke else (1024, 16)
+    wide = _ranks_cycle(ctx, ranks, "ranks")
+    narrow = _ranks_cycle(ctx, few, "few-ranks")
+    log(f"  one run of {ranks} ranks: {wide['wall']:.3f}s wall ({wide['cpu']:.3f}s CPU); {few} ranks: "
+        f"{narrow['wall']:.4f}s")
     log(f"  {n} runs: {big['wall']:.3f}s wall ({big['cpu']:.3f}s CPU), peak {big['peak_mb']:.1f} MB in the cycle, "
         f"~{buffers:.0f} MB buffers; with 1% spiking {big['spike_wall']:.3f}s, {big['incidents']:.0f} incidents; "
         f"{small} runs: {little['wall']:.4f}s")
@@ -159,6 +184,9 @@ def supervisor_scale(ctx: Context) -> dict[str, Measurement]:
         "supervisor_scale": Measurement(big["wall"], little["wall"] * scale, "s/cycle", f"{small} runs x{scale}",
                                         extra={"cpu_s": big["cpu"], "cycle_with_1pct_spiking_s": big["spike_wall"],
                                                "incidents": big["incidents"]}),
+        "supervisor_scale_ranks": Measurement(wide["wall"], narrow["wall"] * (ranks // few), "s/cycle",
+                                              f"{few} ranks x{ranks // few}",
+                                              extra={"cpu_s": wide["cpu"], "ranks": ranks, "target_s": RANKS_TARGET_S}),
         "supervisor_scale_memory": Measurement(big["peak_mb"], little["peak_mb"] * scale, "MB",
                                                f"{small} runs x{scale} (peak)", extra={"buffers_mb": buffers}),
     }

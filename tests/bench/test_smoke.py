@@ -25,7 +25,7 @@ ROWS = {
     "checkpoint_stall": {"checkpoint_stall", "checkpoint_stall_throughput"},
     "monitoring_overhead": {"monitoring_overhead"},
     "train_throughput": {"train_throughput"},  # the HF row runs at full size only
-    "supervisor_scale": {"supervisor_scale", "supervisor_scale_memory"},
+    "supervisor_scale": {"supervisor_scale", "supervisor_scale_ranks", "supervisor_scale_memory"},
     "api_latency": {"api_latency", "api_latency_runs_p99", "api_latency_control_p50", "api_latency_control_p99"},
     "recovery_loss_spike": {"recovery_loss_spike", "recovery_loss_spike_budget"},
     "recovery_worker_crash": {"recovery_worker_crash"},

@@ -24,7 +24,7 @@ Shared conventions:
   the threshold it crossed, and "end_step" (last step of the episode, None while
   it is still going on).
 """
-from trainguard.service.domain.detectors.base import Finding, IncidentKind
+from trainguard.service.domain.detectors.base import Finding, IncidentKind, MedianTrack
 from trainguard.service.domain.detectors.health import (
     GpuFaultConfig,
     HangConfig,
@@ -36,9 +36,10 @@ from trainguard.service.domain.detectors.health import (
     hang_threshold,
     step_gaps,
 )
-from trainguard.service.domain.detectors.instability import InstabilityConfig, detect_instability
+from trainguard.service.domain.detectors.instability import InstabilityConfig, detect_instability, instability_ruled_out
 from trainguard.service.domain.detectors.loss import (
     DivergenceConfig,
+    ExcursionTrack,
     GradExplosionConfig,
     LossSpikeConfig,
     NanConfig,
@@ -46,6 +47,7 @@ from trainguard.service.domain.detectors.loss import (
     detect_grad_explosion,
     detect_loss_spike,
     detect_nan,
+    divergence_ruled_out,
 )
 from trainguard.service.domain.detectors.post_training import (
     DpoCollapseConfig,
@@ -104,4 +106,10 @@ __all__ = [
     "detect_straggler",
     "detect_worker_lost",
     "detect_gpu_fault",
+    # incremental watch (service/domain/evaluate.py): trackers kept over the buffered series, and
+    # the exact "cannot find anything" tests that spare a cycle the scans
+    "MedianTrack",
+    "ExcursionTrack",
+    "divergence_ruled_out",
+    "instability_ruled_out",
 ]

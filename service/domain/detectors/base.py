@@ -7,6 +7,7 @@ import enum
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "Finding",
     "MAD_TO_SIGMA",
     "RollingMedian",
+    "MedianTrack",
     "counter_increases",
     "evidence_window",
     "json_value",
@@ -115,6 +117,36 @@ class RollingMedian:
 
     def mad(self, med: float) -> float:
         return _median_sorted(sorted(abs(v - med) for v in self.sorted))
+
+
+class MedianTrack:
+    """A `Tracker` (series.py) of a series' rolling median: for each finite sample, in order, the
+    median of the last `n` finite values up to it (nan for the first n - 1 the track saw).
+
+    A detector that scans a window with `RollingMedian(n)` from the window's first finite sample
+    gets, at the window's i-th finite sample (i >= n - 1), the median of the same n values: the
+    track's entry there, whatever the window's start. Entries before that are not the scan's."""
+
+    __slots__ = ("roll", "medians")
+
+    def __init__(self, n: int) -> None:
+        self.roll = RollingMedian(n)
+        self.medians: deque[float] = deque()  # one per finite sample held
+
+    def append(self, v: float) -> None:
+        if not math.isfinite(v):
+            return
+        roll = self.roll
+        roll.push(v)
+        self.medians.append(_median_sorted(roll.sorted) if len(roll.fifo) >= roll.n else math.nan)
+
+    def popleft(self, v: float) -> None:
+        if math.isfinite(v):
+            self.medians.popleft()
+
+    def full(self) -> list[float]:
+        """The medians a scan of the held window computes over n values (finite index >= n - 1)."""
+        return list(islice(self.medians, self.roll.n - 1, None))
 
 
 def counter_increases(samples: Sequence[Sample]) -> list[tuple[int, int, float]]:

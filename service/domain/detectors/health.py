@@ -185,18 +185,16 @@ def detect_straggler(step_seconds: Mapping[int, Iterable[SampleLike]], cfg: Stra
     if len(series) < 2:
         return None
     steps = {r: [s.step for s in ss] for r, ss in series.items()}
+    # many ranks: the peers' medians from one sorted list per (step, window start), not one sort
+    # per (rank, step); same values (plain non-zero floats, so any equal value is the same one)
+    grouped = len(series) >= 4 and all(type(s.value) is float and s.value != 0.0
+                                       for ss in series.values() for s in ss)
+    sorted_at: dict[tuple[int, int], list[float]] = {}  # (step, window start) -> every rank's value, sorted
     worst: tuple[float, int, list[tuple[Sample, float]]] | None = None
     for r, ss in series.items():
         recent = ss[-cfg.window :]
-        pairs = []
-        for s in recent:
-            peers = []
-            for q, qs in series.items():
-                i = bisect.bisect_right(steps[q], s.step) if q != r else 0
-                if i and qs[i - 1].step >= recent[0].step:
-                    peers.append(qs[i - 1].value)
-            if peers:
-                pairs.append((s, statistics.median(peers)))
+        pairs = (_references_grouped(series, steps, recent, sorted_at) if grouped
+                 else _references(series, steps, r, recent))
         if len(pairs) < cfg.min_samples:
             continue
         score = statistics.median(s.value / ref if ref > 0 else math.inf for s, ref in pairs)
@@ -221,6 +219,54 @@ def detect_straggler(step_seconds: Mapping[int, Iterable[SampleLike]], cfg: Stra
             "end_step": None,
         },
     )
+
+
+def _references(series: Mapping[int, Sequence[Sample]], steps: Mapping[int, Sequence[int]], r: int,
+                recent: Sequence[Sample]) -> list[tuple[Sample, float]]:
+    """(sample, median of the other ranks' last samples at or before its step, within the window)."""
+    pairs = []
+    for s in recent:
+        peers = []
+        for q, qs in series.items():
+            i = bisect.bisect_right(steps[q], s.step) if q != r else 0
+            if i and qs[i - 1].step >= recent[0].step:
+                peers.append(qs[i - 1].value)
+        if peers:
+            pairs.append((s, statistics.median(peers)))
+    return pairs
+
+
+def _references_grouped(series: Mapping[int, Sequence[Sample]], steps: Mapping[int, Sequence[int]],
+                        recent: Sequence[Sample], sorted_at: dict[tuple[int, int], list[float]]
+                        ) -> list[tuple[Sample, float]]:
+    """`_references` computed once per (step, window start) in `sorted_at`: the sorted values of
+    every rank there (the rank's own sample included, the last at or before the step: its own),
+    less one occurrence of its value, are its peers' values sorted; their median is taken as
+    statistics.median takes it."""
+    start = recent[0].step
+    pairs = []
+    for s in recent:
+        full = sorted_at.get((s.step, start))
+        if full is None:
+            vals = []
+            for q, qs in series.items():
+                i = bisect.bisect_right(steps[q], s.step)
+                if i and qs[i - 1].step >= start:
+                    vals.append(qs[i - 1].value)
+            full = sorted_at[(s.step, start)] = sorted(vals)
+        n = len(full) - 1  # the peers: all but r's own sample
+        if n <= 0:
+            continue
+        p = bisect.bisect_left(full, s.value)
+        half = n // 2
+        if n % 2:
+            ref = full[half] if half < p else full[half + 1]
+        else:
+            lo = full[half - 1] if half - 1 < p else full[half]
+            hi = full[half] if half < p else full[half + 1]
+            ref = (lo + hi) / 2
+        pairs.append((s, ref))
+    return pairs
 
 
 def _straggler_onset(pairs: Sequence[tuple[Sample, float]], cfg: StragglerConfig) -> int:

@@ -41,7 +41,7 @@ from trainguard.service.domain.detectors.base import (
 )
 from trainguard.service.domain.series import Sample, SampleLike
 
-__all__ = ["InstabilityConfig", "detect_instability"]
+__all__ = ["InstabilityConfig", "detect_instability", "instability_ruled_out"]
 
 _MEDIAN_EFFICIENCY = 1.2533  # std of a sample median / (std of one sample / sqrt(n)), normal noise
 
@@ -214,6 +214,44 @@ def detect_instability(
     if found is not None:
         return _finding(samples, cfg, found, end_i=None)
     return None
+
+
+def instability_ruled_out(smoothed: Sequence[float], long: Sequence[float],
+                          cfg: InstabilityConfig = InstabilityConfig()) -> bool:
+    """True when `detect_instability` with `cfg` cannot find anything in a window whose rolling
+    medians are `smoothed` (over `cfg.smooth` finite samples) and `long` (over `cfg.best_smooth`),
+    both from the window's (`cfg.min_history` - 1)-th finite sample on, aligned; False: scan it.
+
+    Why it is exact: an episode needs >= min_fraction x window samples whose smoothed m is
+    >= best + max(rise |best|, min_abs_rise) (the noise term only adds). The scan's best is one of
+    the long medians before it (from min_history on), so >= L, their running minimum; for
+    L >= 0 that bound is non-decreasing in best (in floating point too, up to the rounding of
+    m - best, which the 1e-12 covers). Fewer such samples against L than an episode needs:
+    none. Checked by blocks of 32: a block whose largest m is under the bound of the lowest L in
+    it has none."""
+    n = min(len(smoothed), len(long))
+    if n == 0:
+        return True
+    if min(long[:n]) < 0:
+        return False  # below zero the bound is not monotone in best: scan
+    need = math.ceil(cfg.min_fraction * cfg.window)
+    rise, a = cfg.rise, cfg.min_abs_rise
+    low = math.inf
+    count = 0
+    for b in range(0, n, 32):
+        ms, ls = smoothed[b : min(b + 32, n)], long[b : min(b + 32, n)]
+        end = min(low, min(ls))
+        if max(ms) < (end + max(rise * abs(end), a)) * (1 - 1e-12):
+            low = end
+            continue
+        for m, lm in zip(ms, ls):
+            if lm < low:
+                low = lm
+            if m >= (low + max(rise * abs(low), a)) * (1 - 1e-12):
+                count += 1
+                if count >= need:
+                    return False
+    return True
 
 
 def _finding(samples: Sequence[Sample], cfg: InstabilityConfig, found: dict[str, Any], end_i: int | None) -> Finding:

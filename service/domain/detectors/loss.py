@@ -11,8 +11,10 @@ steps 99% are found with the onset exact and 99.5% within 2 steps; the few misse
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from trainguard.service.domain.detectors.base import (
@@ -35,6 +37,8 @@ __all__ = [
     "detect_grad_explosion",
     "detect_divergence",
     "detect_nan",
+    "ExcursionTrack",
+    "divergence_ruled_out",
 ]
 
 
@@ -127,6 +131,86 @@ def _scan_excursions(kind: str, samples: Sequence[Sample], cfg: LossSpikeConfig,
     if found is not None:
         return _excursion_finding(kind, samples, cfg, found, end_i=None)
     return None
+
+
+def _is_over(v: float, base: RollingMedian, cfg: LossSpikeConfig) -> bool:
+    """`_scan_excursions`' test of a finite sample against a baseline of >= min_history values."""
+    med = base.median()
+    jump = v - med
+    if jump > 0 and jump >= (cfg.min_ratio - 1.0) * abs(med):
+        scale = max(MAD_TO_SIGMA * base.mad(med), cfg.rel_scale_floor * abs(med), cfg.abs_scale_floor)
+        return jump / scale >= cfg.threshold
+    return False
+
+
+class ExcursionTrack:
+    """A `Tracker` (series.py) that tells, without a scan, that `detect_loss_spike` /
+    `detect_grad_explosion` with `cfg` find nothing in the window held (`quiet`).
+
+    Why it is exact: a scan whose samples were all healthy so far has as baseline the last
+    `cfg.window` finite values before the current one. So if no finite sample is over the test
+    against that baseline, none is over, no run starts and the scan returns None. For the
+    window's i-th finite sample with i >= cfg.window that baseline is its `cfg.window` finite
+    predecessors whatever the window's start: tested once, as it arrives (`_over`). The first
+    `cfg.window` ones are tested against the window's own first values, each time asked."""
+
+    __slots__ = ("cfg", "base", "values", "first", "count", "over", "_head_ok")
+
+    def __init__(self, cfg: LossSpikeConfig) -> None:
+        self.cfg = cfg
+        self.base = RollingMedian(cfg.window)  # the last cfg.window finite values
+        self.values: deque[float] = deque()  # the finite values held
+        self.first = 0  # number of finite values dropped from the front: values[0]'s position
+        self.count = 0  # finite values seen: the next one's position
+        self.over: deque[int] = deque()  # positions of held values over against their predecessors
+        self._head_ok: tuple[int, int] | None = None  # (first, n) of the last head found quiet
+
+    def append(self, v: float) -> None:
+        if not math.isfinite(v):
+            return
+        if len(self.base) >= self.cfg.window and _is_over(v, self.base, self.cfg):
+            self.over.append(self.count)
+        self.base.push(v)
+        self.values.append(v)
+        self.count += 1
+
+    def popleft(self, v: float) -> None:
+        if not math.isfinite(v):
+            return
+        self.values.popleft()
+        self.first += 1
+        while self.over and self.over[0] < self.first:
+            self.over.popleft()
+
+    def quiet(self) -> bool:
+        """True: the scan of the window held finds no excursion (False: it may; scan it)."""
+        cfg = self.cfg
+        if self.over and self.over[-1] - self.first >= cfg.window:
+            return False
+        n = min(len(self.values), cfg.window)
+        if n <= cfg.min_history:
+            return True
+        if self._head_ok == (self.first, n):
+            return True
+        head = list(islice(self.values, n))
+        if not self._head_is_quiet(head):
+            return False
+        self._head_ok = (self.first, n)
+        return True
+
+    def _head_is_quiet(self, head: list[float]) -> bool:
+        cfg = self.cfg
+        lo, c = min(head), cfg.min_ratio - 1.0
+        # Fast: every baseline median is >= lo > 0, so a value under lo * (1 + 0.999 c) fails the
+        # ratio test (v - med < c * med, with 0.1% to spare for rounding) whatever the median.
+        if lo > 0 and c > 1e-9 and max(head[cfg.min_history :]) < lo * (1.0 + 0.999 * c):
+            return True
+        base = RollingMedian(cfg.window)
+        for i, v in enumerate(head):
+            if i >= cfg.min_history and _is_over(v, base, cfg):
+                return False
+            base.push(v)
+        return True
 
 
 def _excursion_evidence(
@@ -250,6 +334,40 @@ def detect_divergence(
     if found is not None:
         return _divergence_finding(samples, cfg, found, end_i=None)
     return None
+
+
+def divergence_ruled_out(medians: Sequence[float], cfg: DivergenceConfig = DivergenceConfig()) -> bool:
+    """True when `detect_divergence` with `cfg` cannot find anything in a window whose rolling
+    medians over `cfg.window` finite samples are `medians` (MedianTrack.full()); False: scan it.
+
+    Why it is exact: the scan's `best` at any rolling median is one of the medians before it, so
+    >= P, their running minimum; for best >= 0 its threshold is non-decreasing in best (also in
+    floating point), so a median over the scan's threshold is over the threshold P gives. Fewer
+    than `persistence` consecutive such medians: no episode. Checked by blocks of 32: a block
+    whose largest median is under the threshold of the lowest P in it has none."""
+    if not medians:
+        return True
+    if min(medians) < 0:
+        return False  # below zero the threshold is not monotone in best: scan
+    k, a = cfg.factor - 1.0, cfg.min_abs_rise
+    p = math.inf
+    run = 0
+    for b in range(0, len(medians), 32):
+        block = medians[b : b + 32]
+        low = min(p, min(block))
+        if max(block) <= low + max(k * abs(low), a):
+            p, run = low, 0
+            continue
+        for m in block:
+            if m < p:
+                p = m
+            if m > p + max(k * abs(p), a):
+                run += 1
+                if run >= cfg.persistence:
+                    return False
+            else:
+                run = 0
+    return True
 
 
 def _divergence_finding(samples: Sequence[Sample], cfg: DivergenceConfig, found: dict[str, Any], end_i: int | None) -> Finding:

@@ -80,7 +80,7 @@ def detect_val_divergence(
     evaluation. Onset = the first evaluation over; evidence["best_step"] = the evaluation
     worth keeping."""
     val = [s for s in sorted_samples(val_loss) if math.isfinite(s.value)]
-    train = sorted_samples(train_loss)
+    train: list[Sample] | None = None  # read when a stretch of evaluations asks for it
     roll = RollingMedian(cfg.smooth)
     sm: list[float] = []
     best_i = -1
@@ -98,6 +98,8 @@ def detect_val_divergence(
             run.append(i)
             rising = sm[i] >= sm[run[0]]
             if found is None and len(run) >= cfg.evaluations and rising and (after is None or val[run[0]].step > after):
+                if train is None:
+                    train = sorted_samples(train_loss)
                 t_best = _trailing_median(train, val[best_i].step, cfg.train_window)
                 t_now = _trailing_median(train, s.step, cfg.train_window)
                 if t_best is not None and t_now is not None and t_now < t_best - cfg.train_min_drop * abs(t_best):
