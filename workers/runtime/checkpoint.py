@@ -14,19 +14,32 @@ description, not a trust anchor. Every file loads with `weights_only=True`.
 
 Storage goes through a small Protocol over fsspec, so `<root>` is a local folder
 or any fsspec URL (`memory://`, `file://`, `s3://` ...).
+
+Cost in the step loop (`CheckpointWriter.stage` + `submit`): the state is copied into CPU
+buffers reused from one checkpoint to the next (pinned, non-blocking copies from a GPU); with
+`until=optimizer` the CPU copy is made by the writer thread and the optimizer's next `step` waits
+for it. In the background each file is serialised straight into storage and hashed in the same pass
+(no in-memory copy of the bytes; large chunks hashed in a helper thread while they are written).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import io
 import json
 import math
+import os
+import pickle
+import queue
 import threading
 import time
 import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol
 
 import fsspec
 import torch
@@ -45,6 +58,7 @@ __all__ = [
     "Snapshot",
     "WriteResult",
     "to_cpu",
+    "StagingBuffers",
     "write_checkpoint",
     "side_payloads",
     "SIDE_FILES",
@@ -90,6 +104,7 @@ class Storage(Protocol):
     def listdir(self, path: str) -> list[str]: ...
     def makedirs(self, path: str) -> None: ...
     def write_bytes(self, path: str, data: bytes) -> None: ...
+    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def read_bytes(self, path: str) -> bytes: ...
     def rename(self, src: str, dst: str) -> None: ...
     def remove_tree(self, path: str) -> None: ...
@@ -123,10 +138,31 @@ class FsspecStorage:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         if self.local:
-            with self.fs.open(path, "wb") as f:
+            with open(path, "wb") as f:
                 f.write(data)
         else:
             self.fs.pipe_file(path, data)  # one PUT (multipart when large), no buffered file object
+
+    @contextlib.contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        """A binary file to stream `path`'s bytes into; complete once the block exits normally.
+        Local: a plain `open()` (fsspec's LocalFileOpener adds a Python layer to every write).
+        Object stores: fsspec's buffered upload (s3fs: one PUT below its block size, multipart
+        above); on an error the upload is discarded rather than completed."""
+        if self.local:
+            with open(path, "wb") as f:
+                yield f
+            return
+        f = self.fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()  # s3fs: abort the multipart upload, if one was started
+            with contextlib.suppress(Exception):
+                f.closed = True  # fsspec's buffered files: close() (or __del__) would upload the rest
+            raise
+        f.close()
 
     def read_bytes(self, path: str) -> bytes:
         if self.local:
@@ -136,8 +172,6 @@ class FsspecStorage:
 
     def rename(self, src: str, dst: str) -> None:
         if self.local:
-            import os
-
             os.rename(src, dst)
         else:
             self.fs.mv(src, dst, recursive=True)
@@ -206,7 +240,8 @@ def checkpoint_path(root: str | Path, run_id: str, stage: str, step: int) -> str
 
 
 def to_cpu(obj: Any) -> Any:
-    """Deep copy with every tensor cloned to CPU (the in-loop part of an async save)."""
+    """Deep copy with every tensor cloned to CPU, into fresh memory (`StagingBuffers.copy` reuses
+    its buffers instead: what the step loop uses for the model and optimizer state)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -216,6 +251,186 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(to_cpu(v) for v in obj)
     return obj
+
+
+_hash_pool: ThreadPoolExecutor | None = None  # hashing beside the writes (_HashingWriter)
+_hash_pool_lock = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """The process's one helper thread that hashes large chunks while they are written, started
+    on first use (writers in one process take turns on it)."""
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-sha256")
+        return _hash_pool
+
+
+def _forget_hasher() -> None:
+    # a forked child (a DataLoader worker) has none of the parent's threads, and the lock may
+    # have been held by one of them: it starts afresh should it ever write a checkpoint
+    global _hash_pool, _hash_pool_lock
+    _hash_pool, _hash_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hasher)
+
+
+class StagingBuffers:
+    """CPU copies of training state, in buffers reused from one checkpoint to the next (the
+    "staging" of DCP's async save). `copy(obj)` returns `obj` with every tensor replaced by a CPU
+    buffer holding its values: the buffer the previous `copy` used at the same place in `obj`
+    when shape and dtype still match, else a new one. Tensors that are the same view of the same
+    memory (tied weights) share one buffer, as they share their storage in a `torch.save` of the
+    live state dict.
+
+    Where the copies run:
+    - CUDA tensors: into pinned buffers, non-blocking, on the current stream (so ordered before
+      any later update of the source); `wait()` waits for them.
+    - CPU tensors whose `data_ptr()` is in `defer`: by the first thread to call `wait()` (the
+      checkpoint writer's, normally), the others waiting for it. The caller must not change
+      those tensors before a `wait()` returns (CheckpointWriter.stage: the optimizer's
+      parameters and state, until its next `step`).
+    - other CPU tensors: copied before `copy` returns.
+
+    The caller guarantees that whatever read the previous `copy`'s result is done
+    (`CheckpointWriter.stage` waits for the previous write first)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._events: list[Any] = []
+        self._pending: _Deferred | None = None
+        self.allocated = 0  # buffers allocated so far: after the first copy, only for new shapes
+
+    def copy(self, obj: Any, defer: set[int] | frozenset[int] = frozenset()) -> Any:
+        for ev in self._events:  # the buffers are about to be refilled: nothing may still write them
+            ev.synchronize()
+        if self._pending is not None:
+            self._pending.drop()
+        self._pending, self._events = None, []
+        bufs: dict[tuple[Any, ...], torch.Tensor] = {}
+        shared: dict[tuple[Any, ...], torch.Tensor] = {}
+        streams: set[Any] = set()
+        deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out = self._copy(obj, (), _Walk(bufs, shared, streams, deferred, defer))
+        self._bufs = bufs  # buffers for places no longer in `obj` are let go
+        for stream in streams:  # one event per CUDA stream copied on
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self._events.append(ev)
+        if deferred:
+            self._pending = _Deferred(deferred)
+        return out
+
+    @property
+    def deferred_pending(self) -> bool:
+        """Whether deferred copies of the last `copy` may still be outstanding."""
+        return self._pending is not None and not self._pending.done.is_set()
+
+    def wait(self, *, device: bool = True) -> None:
+        """Until the copies of the last `copy` are done, running the deferred ones if no other
+        thread has begun them (`device=False`: not the CUDA ones); raises what a deferred copy
+        raised. Any thread, any number of times."""
+        if device:
+            for ev in list(self._events):
+                ev.synchronize()
+        if self._pending is not None:
+            self._pending.run()
+
+    def _copy(self, obj: Any, where: tuple[Any, ...], walk: "_Walk") -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj, where, walk)
+        if isinstance(obj, dict):
+            return {k: self._copy(v, (*where, k), walk) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._copy(v, (*where, i), walk) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return tuple(self._copy(v, (*where, i), walk) for i, v in enumerate(obj))
+        return obj
+
+    def _tensor(self, t: torch.Tensor, where: tuple[Any, ...], walk: "_Walk") -> torch.Tensor:
+        if t.requires_grad:
+            t = t.detach()
+        if type(t) not in _PLAIN or t.layout != torch.strided or t.is_meta:
+            return t.detach().to("cpu", copy=True)  # subclasses (DTensor ...), sparse: a fresh copy
+        ptr, cuda = t.data_ptr(), t.is_cuda
+        view = (ptr, cuda, t.shape, t.stride(), t.dtype)
+        if ptr != 0 and view in walk.shared:
+            return walk.shared[view]
+        buf = self._bufs.get(where)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
+            self.allocated += 1
+        if cuda:
+            buf.copy_(t, non_blocking=True)
+            walk.streams.add(torch.cuda.current_stream(t.device))
+        elif ptr in walk.defer:
+            walk.deferred.append((buf, t))
+        else:
+            buf.copy_(t)
+        walk.bufs[where] = buf
+        walk.shared[view] = buf
+        return buf
+
+
+@dataclass
+class _Walk:
+    bufs: dict[tuple[Any, ...], torch.Tensor]
+    shared: dict[tuple[Any, ...], torch.Tensor]
+    streams: set[Any]
+    deferred: list[tuple[torch.Tensor, torch.Tensor]]
+    defer: set[int] | frozenset[int]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    # one call, so the GIL is let go once for all of them, not taken back between tensors
+    torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+class _Deferred:
+    """Copies made once, by the first thread that asks; the others wait until they are done."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+        self.claimed = threading.Lock()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def drop(self) -> None:
+        """Not needed any more (its buffers are about to be refilled): unmade, or waited for."""
+        if self.claimed.acquire(blocking=False):
+            self.pairs = []
+            self.done.set()
+        else:
+            self.done.wait()
+
+    def run(self) -> None:
+        if self.claimed.acquire(blocking=False):
+            try:
+                _copy_pairs(self.pairs)
+            except BaseException as e:  # noqa: BLE001 - raised to every waiter
+                self.error = e
+            finally:
+                self.pairs = []
+                self.done.set()
+        else:
+            self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def _updated_by(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Where `optimizer`'s parameters and state tensors start (`data_ptr`): what its `step`
+    changes. (A state dict holds them as they are, or detached: the same memory.)"""
+    out = {p.data_ptr() for g in optimizer.param_groups for p in g["params"]}
+    for st in optimizer.state.values():
+        out.update(v.data_ptr() for v in st.values() if isinstance(v, torch.Tensor))
+    out.discard(0)
+    return out
 
 
 @dataclass
@@ -250,10 +465,79 @@ class WriteResult:
     ref: CheckpointRef  # the hashes of every file, manifest included: what rank 0 reports
 
 
+def _crc_free_save_supported() -> bool:
+    """Whether torch's zip writer and `_save` still take the arguments `_torch_save` passes (as
+    torch.save itself does in torch 2.13: `PyTorchFileWriter(file, compute_crc32, alignment)`,
+    `_save(obj, zip_file, pickle_module, pickle_protocol, _disable_byteorder_record)`)."""
+    try:
+        params = list(inspect.signature(torch.serialization._save).parameters)
+        return callable(torch._C.PyTorchFileWriter) and callable(torch.serialization._get_storage_alignment) and \
+            params == ["obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record"]
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+_CRC_FREE_SAVE = _crc_free_save_supported()
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    """`torch.save(obj, f)` without the zip format's CRC-32 of every record: the sha256 of the
+    whole file, recorded when it is written and checked before anything is loaded, is what
+    vouches for the bytes, and the CRC costs about as much as the serialisation itself.
+    `torch.load` reads the file the same (it does not check the CRCs; see torch's
+    `set_crc32_options`, which would do the same process-wide). Private torch API, checked once
+    at import: should torch's writer or `_save` take other arguments, plain `torch.save`
+    (torch is pinned; tests/unit/workers/test_runtime_checkpoint.py compares the two outputs)."""
+    if not _CRC_FREE_SAVE:
+        torch.save(obj, f)
+        return
+    writer = torch._C.PyTorchFileWriter(f, False, torch.serialization._get_storage_alignment())
+    try:
+        torch.serialization._save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    finally:  # as torch.save's context manager does, error or not (else its destructor would, late)
+        writer.write_end_of_file()
+    f.flush()
+
+
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    _torch_save(obj, buf)
     return buf.getvalue()
+
+
+# Chunks at least this large (a tensor's bytes, as torch's writer hands them over) are hashed in
+# a helper thread while the writing thread writes them: hashlib and file writes release the GIL.
+_OVERLAP_MIN = 256 * 1024
+
+
+class _HashingWriter:
+    """A write-only binary file over `raw` that computes the sha256 and size of what is written
+    through it, in the same pass: large chunks are hashed (helper thread) while they are written."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        if n >= _OVERLAP_MIN:
+            hashed = _hasher().submit(self.sha.update, data)
+            try:
+                self.raw.write(data)
+            finally:
+                hashed.result()
+        else:
+            self.sha.update(data)
+            self.raw.write(data)
+        self.bytes += n
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def digest(self) -> dict[str, Any]:
+        return {"sha256": self.sha.hexdigest(), "bytes": self.bytes}
 
 
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -292,42 +576,60 @@ def manifest_fields(snap: Snapshot) -> dict[str, Any]:
 def write_checkpoint(snap: Snapshot, root: str | Path) -> WriteResult:
     """Write `snap` under `root`, manifest last; returns where it landed. Synchronous.
 
+    Each file is streamed to storage as it is serialised, hashed in the same pass (no copy of
+    the state in memory); the manifest records those hashes. On a local filesystem the files go
+    to a temporary folder renamed into place; on an object store (where a rename copies every
+    object) in place, an old checkpoint of the same step losing its manifest first.
+
     Every payload must load with `torch.load(weights_only=True)`: tensors, containers and
     plain Python values only (the harness stores RNG states as tensors and lists)."""
     t0 = time.perf_counter()
     st, base = storage_for(stage_root(root, snap.run, snap.stage))
     st.makedirs(base)
     final = st.join(base, f"step-{snap.step:08d}")
-    payloads = {
-        "model.pt": _torch_bytes(snap.model),
-        "optimizer.pt": _torch_bytes(snap.optimizer),
-        **side_payloads(snap),
-    }
-    files = {name: _digest(data) for name, data in payloads.items()}
-    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **manifest_fields(snap), "created_at": time.time(),
-                "files": files}
-    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if st.local:
-        _publish_by_rename(st, base, final, snap.step, payloads, manifest_bytes)
+        folder = st.join(base, f".tmp-step-{snap.step}-{uuid.uuid4().hex[:8]}")
     else:
-        _publish_in_place(st, final, payloads, manifest_bytes)
+        folder = final
+        st.makedirs(final)
+        st.remove_tree(st.join(final, MANIFEST_NAME))  # an older checkpoint of this step: incomplete now
+    st.makedirs(folder)
+    try:
+        files = {name: _save_hashed(st, st.join(folder, name), obj)
+                 for name, obj in (("model.pt", snap.model), ("optimizer.pt", snap.optimizer))}
+        for name, data in side_payloads(snap).items():
+            st.write_bytes(st.join(folder, name), data)
+            files[name] = _digest(data)
+        manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **manifest_fields(snap), "created_at": time.time(),
+                    "files": files}
+        manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        # the manifest is the completeness marker: written after every data file
+        st.write_bytes(st.join(folder, MANIFEST_NAME), manifest_bytes)
+    except BaseException:
+        if st.local:  # an object store's partial files stay behind without a manifest: incomplete
+            with contextlib.suppress(OSError):
+                st.remove_tree(folder)
+        raise
+    if st.local:
+        _publish_by_rename(st, base, folder, final, snap.step)
     total = sum(f["bytes"] for f in files.values())
     ref = CheckpointRef(st.display(final), {**files, MANIFEST_NAME: _digest(manifest_bytes)})
     return WriteResult(st.display(final), snap.step, time.perf_counter() - t0, total, tuple(snap.tags), manifest, ref)
+
+
+def _save_hashed(st: FsspecStorage, path: str, obj: Any) -> dict[str, Any]:
+    """Serialise `obj` straight into `path`, hashing the bytes as they go: {"sha256", "bytes"}."""
+    with st.open_write(path) as f:
+        out = _HashingWriter(f)
+        _torch_save(obj, out)
+    return out.digest()
 
 
 def _digest(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _publish_by_rename(st: FsspecStorage, base: str, final: str, step: int, payloads: dict[str, bytes],
-                       manifest_bytes: bytes) -> None:
-    tmp = st.join(base, f".tmp-step-{step}-{uuid.uuid4().hex[:8]}")
-    st.makedirs(tmp)
-    for name, data in payloads.items():
-        st.write_bytes(st.join(tmp, name), data)
-    # the manifest is the completeness marker: written after every data file
-    st.write_bytes(st.join(tmp, MANIFEST_NAME), manifest_bytes)
+def _publish_by_rename(st: FsspecStorage, base: str, tmp: str, final: str, step: int) -> None:
     if st.exists(final):
         # a checkpoint of the same step from a timeline abandoned by a rollback:
         # move it aside, put the new one in place, then delete the old one
@@ -337,16 +639,6 @@ def _publish_by_rename(st: FsspecStorage, base: str, final: str, step: int, payl
         st.remove_tree(trash)
     else:
         st.rename(tmp, final)
-
-
-def _publish_in_place(st: FsspecStorage, final: str, payloads: dict[str, bytes], manifest_bytes: bytes) -> None:
-    """Object stores: a rename copies every object, so write in place. An old checkpoint of the
-    same step loses its manifest first (incomplete from then on), the manifest comes last."""
-    st.makedirs(final)
-    st.remove_tree(st.join(final, MANIFEST_NAME))
-    for name, data in payloads.items():
-        st.write_bytes(st.join(final, name), data)
-    st.write_bytes(st.join(final, MANIFEST_NAME), manifest_bytes)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -539,9 +831,11 @@ def discard_after(root: str | Path, step: int) -> list[str]:
 class CheckpointWriter:
     """Writes snapshots in a background thread, one at a time.
 
-    `submit` returns the seconds it waited for the previous write (the stall the step
-    loop sees beyond the snapshot copy). `on_written(result)` runs in the writer thread
-    after the checkpoint is in place and retention ran."""
+    The step loop's share of an asynchronous checkpoint is `stage` (copy the state into this
+    writer's reused CPU buffers) and `submit`. `submit` returns the seconds it waited for the
+    previous write. `on_written(result)` runs in the writer thread after the checkpoint is in
+    place and retention ran. `wait()` returns once the last write (and any staging copy) is done.
+    """
 
     def __init__(self, root: str | Path, *, asynchronous: bool = True, keep_last: int = 3,
                  on_written: Callable[[WriteResult], None] | None = None) -> None:
@@ -549,13 +843,62 @@ class CheckpointWriter:
         self.asynchronous = asynchronous
         self.keep_last = keep_last
         self.on_written = on_written
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # a subclass's own write thread (dcp_store)
+        self._worker: _WriteThread | None = None  # this writer's, started by the first async submit
         self._error: BaseException | None = None
         self.last: WriteResult | None = None
         self.results: list[WriteResult] = []
+        self._staging: dict[str, StagingBuffers] = {}
+        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self.staging_wait_s = 0.0  # total seconds optimizer steps waited for staging copies to finish
+
+    def stage(self, name: str, state: Any, until: torch.optim.Optimizer | None = None) -> Any:
+        """`state` (e.g. a model's or optimizer's state dict) with every tensor copied into a CPU
+        buffer of this writer's, reused by the next `stage` of the same `name`: what goes into the
+        Snapshot to `submit`. Waits for the previous write first (it may still read the buffers)
+        and raises its error, as `submit` would.
+
+        `until`: the optimizer whose `step` is the next change to its parameters and state. Their
+        copy then runs in the writer thread once the snapshot is submitted, while the loop goes on
+        (the next forward and backward), and that `step` (or a `wait`) waits for it — or makes it
+        itself if the writer has not begun; nothing else may change them in place before.
+        Without `until` every CPU tensor is copied before `stage` returns. CUDA tensors are copied
+        without blocking either way, into pinned buffers, on the current stream."""
+        self._join()  # the previous write; `copy` waits for the previous copy into these buffers
+        buffers = self._staging.get(name)
+        if buffers is None:
+            buffers = self._staging[name] = StagingBuffers()
+        if until is None:
+            return buffers.copy(state)
+        if until not in self._hooked:
+            until.register_step_pre_hook(self._before_step)
+            self._hooked.add(until)
+        return buffers.copy(state, _updated_by(until))
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The optimizer is about to update what a staging copy may still be reading. (CUDA copies
+        need no wait here: they are queued on the stream before the step's kernels.)"""
+        if any(b.deferred_pending for b in self._staging.values()):
+            t0 = time.perf_counter()
+            self._await_staging(raise_errors=False, device=False)  # a failed copy fails its write
+            self.staging_wait_s += time.perf_counter() - t0
+
+    def wait_staging(self) -> None:
+        """Until the copies of the last `stage` calls are made (here, if the writer thread has not
+        begun them): from then on the staged tensors may change. A failed copy fails its write."""
+        self._await_staging(raise_errors=False)
+
+    def _await_staging(self, *, raise_errors: bool, device: bool = True) -> None:
+        for buffers in list(self._staging.values()):
+            try:
+                buffers.wait(device=device)
+            except Exception:
+                if raise_errors:
+                    raise
 
     def _write(self, snap: Snapshot, protect: frozenset[int] = frozenset()) -> None:
         try:
+            self._await_staging(raise_errors=True)
             res = write_checkpoint(snap, self.root)
             apply_retention(stage_root(self.root, snap.run, snap.stage), self.keep_last, protect)
             self.last = res
@@ -573,20 +916,66 @@ class CheckpointWriter:
     def submit(self, snap: Snapshot, protect: frozenset[int] = frozenset()) -> float:
         """`protect`: steps retention must keep this time (beyond `keep_last`)."""
         t0 = time.perf_counter()
-        self.wait()
+        self._join()
         stalled = time.perf_counter() - t0
         if self.asynchronous:
-            self._thread = threading.Thread(target=self._write, args=(snap, protect), name=f"ckpt-{snap.step}",
-                                            daemon=True)
-            self._thread.start()
+            if self._worker is None or not self._worker.usable():
+                self._worker = _WriteThread()
+            self._worker.run(lambda: self._write(snap, protect))
         else:
             self._write(snap, protect)
             self._raise_pending()
         return stalled
 
-    def wait(self) -> WriteResult | None:
+    def _join(self) -> None:
+        if self._worker is not None:
+            self._worker.join()  # `_write` keeps its error for _raise_pending
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         self._raise_pending()
+
+    def wait(self) -> WriteResult | None:
+        self._join()
+        self._await_staging(raise_errors=False)  # staged, never submitted: its copy is done too
         return self.last
+
+
+class _WriteThread:
+    """A daemon thread that runs one job at a time and stays for the next: starting a thread per
+    checkpoint costs the step loop milliseconds on a busy machine (`Thread.start` returns once
+    the new thread has been scheduled). Daemon, as the thread per write was: an exiting process
+    does not wait for a write (without its manifest it is incomplete, never half-valid). Stops
+    once its owner drops it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pid = os.getpid()
+        threading.Thread(target=_run_jobs, args=(self._jobs, self._idle), name="ckpt-write", daemon=True).start()
+        weakref.finalize(self, self._jobs.put, None)
+
+    def usable(self) -> bool:
+        return self._pid == os.getpid()  # a forked child has no copy of the thread
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Queue `job`; call `join` first (one job at a time)."""
+        self._idle.clear()
+        self._jobs.put(job)
+
+    def join(self) -> None:
+        if self.usable():
+            self._idle.wait()
+
+
+def _run_jobs(jobs: "queue.SimpleQueue[Callable[[], None] | None]", idle: threading.Event) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        try:
+            job()
+        finally:
+            del job  # holds its writer: let it go while this thread waits for the next
+            idle.set()

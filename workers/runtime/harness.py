@@ -49,6 +49,9 @@ __all__ = [
     "sync_device",
 ]
 
+# stage kinds that run user code (workers/usercode.py): anything may happen to their weights
+USER_CODE_KINDS = frozenset({"custom", "loop"})
+
 PAUSE_POLL_S = 0.1  # paused ranks re-agree ~10x/s so resume/stop apply promptly
 REPORTS_KEPT = 1000  # checkpoint reports rank 0 keeps for the supervisor's polls (it polls ~5x/s)
 # Retention keeps the healthy checkpoints written up to PROTECT_BEFORE steps before a recent
@@ -679,7 +682,16 @@ class Harness:
         elif full is not None:
             model_sd, optim_sd = full
         else:
-            model_sd, optim_sd = to_cpu(self.stage.model.state_dict()), to_cpu(self.optimizer.state_dict())
+            assert isinstance(self.writer, CheckpointWriter)
+            # into the writer's reused CPU buffers. For the built-in stages the weights' and
+            # optimizer state's copy runs in the writer thread beside the next forward/backward,
+            # and the optimizer's next step waits for it: nothing else changes them in place
+            # before (`rollback` and `load` wait for the writer first). User code (custom stages,
+            # own loops) may change parameters in place outside the optimizer (a clamp, a
+            # weight-tying fix-up): its copy is made here, before the step loop goes on.
+            until = None if self.sspec.kind in USER_CODE_KINDS else self.optimizer
+            model_sd = self.writer.stage("model", self.stage.model.state_dict(), until=until)
+            optim_sd = self.writer.stage("optimizer", self.optimizer.state_dict(), until=until)
         snap = Snapshot(
             run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
             batch_cursor=self.cursor.next_index, model=model_sd, optimizer=optim_sd,
@@ -752,6 +764,7 @@ class Harness:
 
     def load(self, ref: CheckpointRef) -> None:
         """Restore the full training state from a checkpoint (bytes verified against `ref` first)."""
+        self.writer.wait_staging()  # a checkpoint's copy of the weights may still be being made
         if checkpoint_format(ref) == "dcp":  # collective: each rank reads its shards (resharded by DCP)
             _, blobs = load_sharded_files(ref, self._train_state(), SIDE_FILES,
                                           process_group=self._checkpoint_group())

@@ -1,6 +1,7 @@
 """Checkpoint format: atomic, checksummed, verified on load, retention, fsspec storage."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -161,3 +162,195 @@ def test_every_file_loads_weights_only_even_when_its_hash_is_vouched_for(tmp_pat
 def test_a_reference_without_recorded_hashes_is_refused():
     with pytest.raises(ValueError, match="recorded hashes"):
         CheckpointRef.from_dict({"path": "/tmp/x", "files": {}})
+
+
+# -- the write path: streamed, hashed in the same pass, no CRC ---------------------------------------
+def test_files_are_hashed_as_written_large_tensors_included(tmp_path):
+    """Tensors above the overlap threshold are hashed beside their write: the recorded hashes
+    are those of the bytes on disk, and the checkpoint loads back exactly."""
+    import hashlib
+
+    from trainguard.workers.runtime import checkpoint as ck
+
+    snap = _snap(4)
+    big = torch.randn(3 * ck._OVERLAP_MIN // 4 + 17)  # ~3x the threshold in bytes, odd size
+    snap.model = {"big": big, "w": snap.model["w"]}
+    snap.optimizer = {"state": {0: {"exp_avg": big * 2, "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}
+    res = write_checkpoint(snap, tmp_path)
+    for name, want in res.manifest["files"].items():
+        data = (tmp_path / "r1" / "pretrain" / "step-00000004" / name).read_bytes()
+        assert want == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    assert res.ref.files["model.pt"] == res.manifest["files"]["model.pt"]
+    ck_ = load_checkpoint(res.ref)
+    assert torch.equal(ck_["model"]["big"], big) and torch.equal(ck_["optimizer"]["state"][0]["exp_avg"], big * 2)
+    assert res.bytes == sum(f["bytes"] for f in res.manifest["files"].values())
+
+
+def _zip_records(data: bytes) -> dict[str, tuple[int, int, bytes]]:
+    """name -> (offset of the record's local header, CRC-32 as recorded, stored bytes), read
+    without zipfile's CRC check."""
+    import struct
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED
+            n, m = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+            start = info.header_offset + 30 + n + m
+            out[info.filename] = (info.header_offset, info.CRC, data[start:start + info.file_size])
+    return out
+
+
+def test_serialisation_is_torch_save_without_the_crc(monkeypatch):
+    """`_torch_save` is torch.save with the per-record CRC-32 left out (sha256 vouches for the
+    bytes), through torch's private writer API. On the pinned torch it must not fall back to
+    torch.save, and its file must be torch.save's record for record — same names, same offsets,
+    same bytes (but the random serialization id) — with every CRC 0; torch.load (weights_only)
+    reads it. A torch whose writer or `_save` behaves otherwise fails here."""
+    from trainguard.workers.runtime import checkpoint as ck
+
+    torch.manual_seed(0)
+    obj = {"w": torch.randn(300, 7), "tied": None, "n": 3, "rng": [torch.get_rng_state()],
+           "half": torch.randn(5).to(torch.bfloat16), "empty": torch.zeros(0)}
+    obj["tied"] = obj["w"]
+    ref = io.BytesIO()
+    torch.save(obj, ref)
+    assert ck._CRC_FREE_SAVE
+    monkeypatch.setattr(torch, "save", lambda *a, **k: pytest.fail("fell back to torch.save"))
+    buf = io.BytesIO()
+    ck._torch_save(obj, buf)
+    ours, theirs = _zip_records(buf.getvalue()), _zip_records(ref.getvalue())
+    assert len(buf.getvalue()) == len(ref.getvalue()) and list(ours) == list(theirs)
+    for name, (offset, crc, data) in ours.items():
+        assert offset == theirs[name][0] and crc == 0, name
+        if not name.endswith("serialization_id"):
+            assert data == theirs[name][2], name
+    got = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert torch.equal(got["w"], obj["w"]) and got["tied"] is got["w"] and got["n"] == 3
+    assert torch.equal(got["rng"][0], obj["rng"][0]) and torch.equal(got["half"], obj["half"])
+
+
+def test_serialisation_falls_back_to_torch_save(monkeypatch):
+    from trainguard.workers.runtime import checkpoint as ck
+
+    monkeypatch.setattr(ck, "_CRC_FREE_SAVE", False)
+    buf = io.BytesIO()
+    ck._torch_save({"w": torch.ones(3)}, buf)
+    assert all(crc != 0 for _, crc, _ in _zip_records(buf.getvalue()).values())
+    assert torch.equal(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["w"], torch.ones(3))
+
+
+def test_a_failed_serialisation_leaves_no_complete_checkpoint(tmp_path):
+    snap = _snap(6)
+    snap.model = {"w": torch.zeros(2), "bad": lambda: None}  # not picklable
+    with pytest.raises(Exception):
+        write_checkpoint(snap, tmp_path)
+    assert list_checkpoints(stage_root(tmp_path, "r1", "pretrain")) == []
+    assert list((tmp_path / "r1" / "pretrain").iterdir()) == []  # its temporary folder is gone too
+    root = "memory://tg-ckpt-failed"
+    with pytest.raises(Exception):
+        write_checkpoint(snap, root)
+    assert list_checkpoints(stage_root(root, "r1", "pretrain")) == []
+
+
+# -- staging: reused buffers, copies deferred until the optimizer's next step -------------------------
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[1].weight = model[0].weight  # tied: one buffer, as torch.save of the live state shares it
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_staging_reuses_its_buffers_and_keeps_tied_weights_shared():
+    from trainguard.workers.runtime.checkpoint import StagingBuffers
+
+    model, _ = _model_and_optimizer()
+    st = StagingBuffers()
+    a = st.copy(model.state_dict())
+    assert a["0.weight"] is a["1.weight"] and a["0.weight"].data_ptr() != model[0].weight.data_ptr()
+    ptrs = {k: v.data_ptr() for k, v in a.items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    b = st.copy(model.state_dict())
+    assert {k: v.data_ptr() for k, v in b.items()} == ptrs and st.allocated == 3  # weight, 2 biases
+    assert torch.equal(b["0.weight"], model[0].weight) and not b["0.weight"].requires_grad
+    c = st.copy({"0.weight": torch.zeros(3, 3)})  # a new shape: a new buffer
+    assert st.allocated == 4 and torch.equal(c["0.weight"], torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("submitted", [True, False])
+def test_a_deferred_staging_copy_finishes_before_the_optimizer_step(tmp_path, monkeypatch, submitted):
+    """`stage(..., until=opt)` returns before the copy is made; the writer thread makes it, and
+    the optimizer's next step waits for it (or makes it itself when nothing was submitted yet),
+    so the checkpoint holds the weights of the step it was taken at."""
+    import time
+
+    from trainguard.workers.runtime import checkpoint as ck
+
+    real = ck._copy_pairs
+
+    def slow(pairs):
+        time.sleep(0.2)
+        real(pairs)
+
+    monkeypatch.setattr(ck, "_copy_pairs", slow)
+    model, opt = _model_and_optimizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before_opt = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    w = CheckpointWriter(tmp_path, asynchronous=True, keep_last=5)
+    t0 = time.perf_counter()
+    model_sd = w.stage("model", model.state_dict(), until=opt)
+    optim_sd = w.stage("optimizer", opt.state_dict(), until=opt)
+    assert time.perf_counter() - t0 < 0.15, "stage() made the deferred copy itself"
+    snap = _snap(1)
+    snap.model, snap.optimizer = model_sd, optim_sd
+    if submitted:
+        w.submit(snap)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()  # waits until the staging copy is made, then changes the weights
+    assert w.staging_wait_s >= 0.1
+    if not submitted:
+        w.submit(snap)
+    res = w.wait()
+    assert res is not None
+    got = load_checkpoint(res.ref)
+    assert all(torch.equal(got["model"][k], before[k]) for k in before)
+    assert all(torch.equal(got["optimizer"]["state"][0][k], before_opt[k]) for k in before_opt)
+    assert not torch.equal(model[0].weight.detach(), before["0.weight"])
+
+
+def test_staging_without_an_optimizer_copies_before_it_returns(tmp_path):
+    model, opt = _model_and_optimizer()
+    w = CheckpointWriter(tmp_path)
+    sd = w.stage("model", model.state_dict())
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # changed right after: the copy must already be done
+    assert not torch.equal(sd["0.bias"], model[0].bias)
+    assert w.staging_wait_s == 0.0
+
+
+def test_a_failed_staging_copy_fails_its_write_not_the_training_step(tmp_path, monkeypatch):
+    from trainguard.workers.runtime import checkpoint as ck
+
+    def broken(pairs):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(ck, "_copy_pairs", broken)
+    model, opt = _model_and_optimizer()
+    w = CheckpointWriter(tmp_path)
+    snap = _snap(2)
+    snap.model = w.stage("model", model.state_dict(), until=opt)
+    w.submit(snap)
+    opt.step()  # not raised here
+    with pytest.raises(CheckpointError, match="copy failed"):
+        w.wait()
+    assert list_checkpoints(stage_root(tmp_path, "r1", "pretrain")) == []
+    monkeypatch.undo()
+    snap = _snap(3)
+    snap.model = w.stage("model", model.state_dict(), until=opt)  # the writer goes on
+    w.submit(snap)
+    assert w.wait() is not None and w.wait().step == 3
