@@ -53,6 +53,10 @@ def goodput_bench(ctx: Context) -> dict[str, Measurement]:
         return {"goodput": Measurement(o, f, "ratio", "smoke: the same run before its first fault (no Ray Train run)",
                                        higher_is_better=True, extra={"ours_wall_s": ow})}
     else:
+        from trainguard.workers.group import warm_pool
+
+        pool = warm_pool()  # sized as recovery_worker_crash's: a start's and a restart's worth
+        pool.size = max(pool.size, 4)
         steps = 300
         crashes = [(60, 1), (240, 0)]
         faults = [{"kind": "worker_crash", "at_step": 60, "rank": 1},
