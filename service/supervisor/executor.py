@@ -165,6 +165,12 @@ class RecoveryExecutor:
                 checkpoints, requested_step=ev.get("requested_checkpoint_step"), skip=bool(ev.get("skip", True)),
                 factor=None if factor is None else float(factor), last_step=active.last_step,
                 next_batch=batch_at.get(active.last_step, active.batch_cursor) + 1, cfg=self.config.recovery)
+        pend = active.pending
+        if pend is not None and pend.target_step is not None:
+            # a recovery decided and not yet in effect (a rollback that has not landed, a group
+            # not yet up) says the checkpoints after its target are not to be trained on: one
+            # decided meanwhile (a rank lost before the rollback landed) must not restart from them
+            checkpoints = [c for c in checkpoints if c.step <= pend.target_step]
         attempts = self.ledger.attempts(run_id, active.name, exclude=incident_id)
         used: dict[str, int] = {}
         for a in attempts:
@@ -289,9 +295,14 @@ class RecoveryExecutor:
         self.ledger.set_state(run_id, RunState.RECOVERING, actor=actor,
                               reason=f"{kind}: {'rollback' if rollback else 'restart worker group'}")
         ckpt = decision.checkpoint_ref
+        before = active.pending
         active.pending = PendingRecovery(incident=incident_id, kind=kind, detected_at=time.time(),
                                          target_step=decision.checkpoint_step, checkpoint=ckpt,
                                          from_step=active.last_step, restart=not rollback)
+        if before is not None and before.incident != incident_id:
+            # the recovery in flight is replaced (its target is no later: see `decide`); it is
+            # done when this one is
+            active.pending.replaces = {**before.replaces, before.incident: before.detected_at}
         self.metrics.rollbacks.labels(run=run_id, stage=active.name).inc()
         # an operator's rollback of a group shrunk below the stage's world_size (an elastic
         # restart) is carried out by a new group, which takes the full size again where the
@@ -334,10 +345,11 @@ class RecoveryExecutor:
         if pend is None:
             return
         secs = max(0.0, at - pend.detected_at)
-        inc = self.ledger.incident(pend.incident)
-        if inc is not None and inc.outcome == "recovering":
-            self.ledger.update_incident(pend.incident, outcome="resolved", recovery_seconds=secs,
-                                        resolved_at=self.ledger.now())
+        for incident, decided in {**pend.replaces, pend.incident: pend.detected_at}.items():
+            inc = self.ledger.incident(incident)
+            if inc is not None and inc.outcome == "recovering":
+                self.ledger.update_incident(incident, outcome="resolved", recovery_seconds=max(0.0, at - decided),
+                                            resolved_at=self.ledger.now())
         self.metrics.recovery_seconds.labels(kind=pend.kind).observe(secs)
         if self.ledger.run_state(active.run_id) == RunState.RECOVERING:
             self.ledger.set_state(active.run_id, RunState.RUNNING, actor="supervisor",

@@ -129,7 +129,7 @@ class Watch:
                     # the worker went back (rollback applied): drop what it left behind
                     while series and int(series[-1]["step"]) >= step:
                         series.pop()
-                    active.went_back()
+                    active.went_back(step - 1)
                 if active.group_first_step is None:
                     active.group_first_step = step
                 series.append(rec)

@@ -32,6 +32,8 @@ class PendingRecovery:
     restart: bool = False  # carried out by a new worker group (not a control to the live one)
     group_started: bool = False  # that new group is up: its first step completes the recovery
     start_failures: int = 0  # groups started for it that died or timed out before their first step
+    # incidents whose recovery in flight this one replaced -> the unix time each was decided
+    replaces: dict[int, float] = field(default_factory=dict)
 
     def taken_effect(self, step: int) -> bool:
         """Is rank 0's `step` the first one after this recovery was carried out?"""
@@ -97,9 +99,17 @@ class ActiveStage:
             buf = self.records[rank] = RecordBuffer(maxlen=BUFFER_STEPS)
         return buf
 
-    def went_back(self) -> None:
-        """The workers went back (rollback applied): episodes found before are gone from the buffers."""
-        self.handled_until.clear()
+    def went_back(self, kept_until: int | None = None) -> None:
+        """The workers went back (a rollback applied, a group restarted from a checkpoint): the
+        records after `kept_until` are gone from the buffers, and with them the episodes found
+        there. Those found in what the buffers keep stay handled — found again on every rollback,
+        an old trend would roll the run back further each time (a rollback spiral) — and
+        everything after `kept_until` is watched afresh. None: nothing was kept."""
+        if kept_until is None:
+            self.handled_until.clear()
+            return
+        for kind, step in list(self.handled_until.items()):
+            self.handled_until[kind] = min(step, kept_until)
 
     def new_group(self, group: Any, targets: list[Any], *, resumed_at_step: int | None = None) -> None:
         """A restarted worker group replaces the old one. The records up to the checkpoint it
@@ -112,7 +122,7 @@ class ActiveStage:
         self.heartbeat.clear()
         self.counter_series.clear()
         self.group_first_step = None
-        self.went_back()
+        self.went_back(resumed_at_step)
         self.started_at = time.time()
         if self.pending is not None:
             self.pending.group_started = True

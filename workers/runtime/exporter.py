@@ -92,13 +92,15 @@ class Exporter:
         self.anomalies = Counter(MetricName.ANOMALIES, "anomalies the in-step guard saw", L + ["kind"], registry=r)
         for kind in AnomalyKind:  # every kind exists from the start, so rate() works from 0
             self.anomalies.labels(*self.labels, kind.value)
-        # this rank's labelled children, looked up once: `labels()` costs a lock and a dict
-        # lookup per call, several times in every step
-        self._children: dict[str, Any] = {name: g.labels(*self.labels) for name, g in self._gauges.items()}
+        # this rank's labelled children, each looked up once, on its first `set` (`labels()` costs
+        # a lock and a dict lookup per call, several times in every step). Created lazily: a
+        # gauge this stage never sets exports no series (a PPO gauge at 0 on a pretrain stage
+        # would read as a collapsed policy ratio)
+        self._children: dict[str, Any] = {}
         for name in (MetricName.STEP, MetricName.WORKER_PAUSED, MetricName.LAST_STEP_TS):
-            self._children[name].set(0)
+            self.set(name, 0)
         self._tokens = self.tokens.labels(*self.labels)
-        self._step_seconds = self.step_seconds.labels(*self.labels)
+        self._step_seconds: Any = None  # on the first step: no series before it
         self.gpu = gpu
         if gpu is not None:
             r.register(_GpuCollector(gpu, self.labels))
@@ -111,7 +113,10 @@ class Exporter:
 
     # -- updates ---------------------------------------------------------------------
     def set(self, name: str, value: float) -> None:
-        self._children[name].set(value)
+        child = self._children.get(name)
+        if child is None:
+            child = self._children[name] = self._gauges[name].labels(*self.labels)
+        child.set(value)
 
     def set_stage_metrics(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -126,6 +131,8 @@ class Exporter:
         return self.anomalies.labels(*self.labels, AnomalyKind(kind).value)._value.get()
 
     def observe_step(self, seconds: float, tokens: int) -> None:
+        if self._step_seconds is None:
+            self._step_seconds = self.step_seconds.labels(*self.labels)
         self._step_seconds.observe(seconds)
         if tokens:
             self._tokens.inc(tokens)

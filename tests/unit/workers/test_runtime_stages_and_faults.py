@@ -113,3 +113,29 @@ def test_exporter_serves_metrics_and_history_over_http():
         assert e.value.code == 400
     finally:
         ex.close()
+
+
+def test_a_gauge_a_stage_never_sets_exports_no_series():
+    """Stage gauges appear on their first set: a PPO gauge at 0 on a pretrain stage would read
+    as a collapsed policy ratio (the TrainguardPolicyRatio alert)."""
+    from trainguard.workers.contract import MetricName
+
+    ex = Exporter("r", "pretrain", 0)
+    text = ex.text().decode()
+    assert 'trainguard_ppo_ratio_mean{' not in text and "trainguard_step_seconds_count{" not in text
+    assert 'trainguard_step{rank="0",run="r",stage="pretrain"} 0.0' in text
+    ex.set(MetricName.TRAIN_LOSS, 2.5)
+    ex.observe_step(0.1, 64)
+    text = ex.text().decode()
+    assert 'trainguard_train_loss{rank="0",run="r",stage="pretrain"} 2.5' in text
+    assert 'trainguard_step_seconds_count{rank="0",run="r",stage="pretrain"} 1.0' in text
+    assert 'trainguard_ppo_ratio_mean{' not in text
+
+
+def test_history_since_returns_only_newer_records_in_order():
+    ex = Exporter("r", "s", 0, history_size=5)
+    for step in range(1, 9):
+        ex.record({"step": step})
+    assert [r["step"] for r in ex.history(0)] == [4, 5, 6, 7, 8]  # the ring keeps the newest 5
+    assert [r["step"] for r in ex.history(6)] == [7, 8]
+    assert ex.history(8) == []

@@ -107,3 +107,37 @@ def test_a_lost_worker_restarts_the_group_from_the_newest_good_checkpoint(tmp_pa
     (inc,) = ledger.stage_incidents(run_id, "pretrain")
     assert (inc.kind, inc.action, inc.onset_step, inc.rollback_to_step) == ("worker_lost", "restart", 75, 60)
     assert len(restarter.requests) == 1 and active.group.controls == []
+
+
+def test_a_rank_lost_before_a_rollback_landed_restarts_from_the_rollbacks_checkpoint_and_both_resolve(tmp_path):
+    """The watch saw a spike late (onset 50, the workers already past the step-60 checkpoint) and
+    sent a rollback to 40; a rank died before it was applied. The restart must not start from
+    the newest checkpoint (60, after the spike): the in-flight rollback's target bounds it, its
+    skip goes with it, and the new group's first step resolves both incidents."""
+    ledger, executor, restarter, run_id, active = _setup(tmp_path)
+    spike = executor.handle(run_id, active, _spike(onset=50), source="watch")
+    assert active.pending.target_step == 40 and not active.pending.restart
+    status = {"state": "failed", "failed_rank": 1, "error": "rank 1: worker process died",
+              "ranks": [{"rank": 0, "step": 75, "state": "running", "alive": True},
+                        {"rank": 1, "step": None, "state": "failed", "alive": False}]}
+    executor.worker_lost(run_id, active, status)
+    lost = next(i for i in ledger.stage_incidents(run_id, "pretrain") if i.kind == "worker_lost")
+    assert (lost.action, lost.rollback_to_step) == ("restart", 40)
+    assert restarter.requests == [(run_id, str(tmp_path / "ck" / "step-00000040"), lost.id)]
+    assert ledger.incident(spike.incident).outcome == "recovering"
+    active.new_group(FakeWorkerGroup([{"state": "running"}]), [], resumed_at_step=active.pending.target_step)
+    executor.recovered(active, step=41, at=active.pending.detected_at + 1.0)
+    assert ledger.incident(lost.id).outcome == "resolved"
+    spiked = ledger.incident(spike.incident)
+    assert spiked.outcome == "resolved" and spiked.recovery_seconds >= 1.0
+
+
+def test_after_a_rollback_an_episode_left_in_the_kept_history_is_not_found_again(tmp_path):
+    """A rollback spiral: handled episodes in the history the buffers keep after the workers
+    go back stay handled; what comes after the rollback point is watched afresh."""
+    _, _, _, _, active = _setup(tmp_path)
+    active.handled_until.update({"divergence": 74, "loss_spike": 30})
+    active.went_back(60)  # the workers resumed at step 61: records after 60 are gone
+    assert active.handled_until == {"divergence": 60, "loss_spike": 30}
+    active.went_back(None)  # nothing kept (a group started without a checkpoint)
+    assert active.handled_until == {}
