@@ -29,6 +29,7 @@ Warm-pool actors have no GPU; they hide the GPUs they can see.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import socket
 import threading
@@ -47,6 +48,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from trainguard.workers.contract import CheckpointRef, CheckpointReport, Control, ControlKind, StageKind
 from trainguard.workers.spec import HF_OFFLINE_ENV, PipelineSpec
 from trainguard.workers.usercode import UserCode, load_entrypoint
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainWorker", "WorkerGroup", "WarmPool", "warm_pool", "group_state", "STATE_DIR_ENV", "plan_gpus",
            "reserve_gpus", "GpusUnavailable", "GPU_WAIT_ENV", "worker_env", "FORWARDED_ENV_PREFIXES",
@@ -557,6 +560,10 @@ class TrainWorker:
     def control(self, msg: dict[str, Any]) -> None:
         self.inbox.put(Control.from_dict(msg))
 
+    def skip_controls(self, seq: int) -> list[int]:
+        """See `ControlInbox.skip_to` (a supervisor re-attaching)."""
+        return self.inbox.skip_to(seq)
+
     def status(self, since: int = -1) -> dict[str, Any]:
         """`since`: the seq of the last checkpoint report the caller has (see Harness.status)."""
         h = self.harness
@@ -937,8 +944,17 @@ def attach_group(*, run_id: str, spec: PipelineSpec, stage_name: str, state_dir:
         pg_id = _named_pgs().get(group._name())
         group._pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))) if pg_id else None
         group.history_seqs = {int(i["rank"]): int(i["history_seq"]) for i in ids}
-        # the ranks dropped any control numbered at or below what they already saw
+        # the ranks dropped any control numbered at or below what they already saw; one the old
+        # supervisor delivered to only some ranks (killed mid-call) was applied by none and would
+        # hold the others' agreement forever: every rank takes the seqs up to there as dealt with
         group._seq = max(int(i.get("control_seq") or 0) for i in ids)
+        if len({int(i.get("control_seq") or 0) for i in ids}) > 1:
+            try:
+                dropped = ray.get([a.skip_controls.remote(group._seq) for a in group._actors], timeout=timeout)
+                log.warning("run %s stage %s: controls up to seq %d reached only some ranks; none applied them, "
+                            "dropped (per rank: %s)", run_id, stage_name, group._seq, dropped)
+            except (RayActorError, GetTimeoutError) as e:  # a rank died meanwhile: the poll reports it
+                log.warning("run %s stage %s: dropping partly delivered controls failed: %s", run_id, stage_name, e)
         group.identities = ids
     # every other generation (and the newest when it is not whole and alive) is a leftover
     for gen, members in gens.items():

@@ -31,6 +31,18 @@ class ControlInbox:
         with self._lock:
             return max([self._applied, *self._pending])
 
+    def skip_to(self, seq: int) -> list[int]:
+        """Take the seqs up to `seq` as dealt with without applying them: what a sender taking
+        over (a re-attaching supervisor) does with the messages its predecessor sent to only
+        some ranks. None of those was applied anywhere — a message applies once every rank has
+        it — and the ranks that lack one would wait for it forever. Returns the seqs dropped."""
+        with self._lock:
+            dropped = sorted(s for s in self._pending if s <= seq)
+            for s in dropped:
+                del self._pending[s]
+            self._applied = max(self._applied, seq)
+            return dropped
+
     def highest_contiguous(self) -> int:
         """Highest seq s such that every seq in (applied, s] has arrived (calls can race)."""
         with self._lock:

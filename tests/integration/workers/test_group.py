@@ -150,3 +150,40 @@ def test_pause_resume_lr_multiplier_rollback_and_stop_agree_across_ranks(ray_ses
     ckpts = list_checkpoints(stage_root(tmp_path / "checkpoints", "r1", "pretrain"))
     assert ckpts[-1]["step"] == at
     assert all(c["batch_cursor"] == c["step"] + 10 for c in ckpts if c["step"] > 10)  # written after the rollback
+
+
+def test_a_reattached_group_stops_although_its_old_supervisor_reached_only_one_rank(ray_session, tmp_path, groups):
+    """Detached ranks; the old supervisor's pause reached rank 1 only (killed mid-delivery). A new
+    `attach_group` finds the same actors, numbers its controls after every seq they saw, and has
+    the lone message dropped everywhere: its STOP is agreed and the group stops by itself."""
+    import ray
+
+    from tests.integration.supervisor.harness import reap_detached_actors
+    from trainguard.workers.contract import Control
+    from trainguard.workers.group import attach_group, use_detached_groups, warm_pool
+
+    pipeline = tiny_pipeline(steps=4000, world_size=2, step_delay=0.02)
+    warm_pool().close()  # the idle spares earlier tests left are not detached: a group must not take them
+    use_detached_groups(True)
+    try:
+        g = _group(groups, tmp_path, pipeline)
+        eps = g.endpoints()
+        step_of = lambda r: value(scrape(eps[r]["host"], eps[r]["port"]), MetricName.STEP, **_labels(r))  # noqa: E731
+        wait_for(lambda: step_of(0) >= 5, 120, what="step 5")
+        g.control(ControlKind.LR_MULTIPLIER, {"value": 0.5})  # seq 1, on both ranks
+        lone = Control(ControlKind.PAUSE, 2).to_dict()
+        ray.get(g._actors[1].control.remote(lone), timeout=10)  # seq 2 reaches rank 1 only
+        time.sleep(0.5)
+        assert step_of(0) > 5 and _poll(g)["state"] == "running", "a message on one rank applies nowhere"
+        again = attach_group(run_id="r1", spec=parse_pipeline(pipeline), stage_name="pretrain", state_dir=tmp_path)
+        pids = [ray.get(a.identity.remote(), timeout=10)["pid"] for a in g._actors]
+        assert again is not None and [i["pid"] for i in again.identities] == pids
+        assert sorted(i["control_seq"] for i in again.identities) == [1, 2]
+        groups.append(again)
+        assert again.control(ControlKind.STOP) == 3
+        stopped = _until(again, ("stopped", "failed"), timeout=60)
+        assert stopped["state"] == "stopped", stopped
+    finally:
+        use_detached_groups(False)
+        warm_pool().close()
+        reap_detached_actors()

@@ -88,3 +88,21 @@ def test_a_sender_taking_over_numbers_its_controls_after_the_highest_seen():
     assert inbox.highest_contiguous() == 2 and [m.kind for m in inbox.take_upto(2)] == [ControlKind.PAUSE]
     inbox.put(Control(ControlKind.STOP, inbox.highest_seen() + 1))
     assert [m.kind for m in inbox.take_upto(inbox.highest_contiguous())] == [ControlKind.STOP]
+
+
+def test_controls_a_dead_sender_delivered_to_only_some_ranks_are_skipped_by_every_rank():
+    """The old supervisor died while delivering seq 2: rank a has it, rank b not. No rank applied
+    it (agreement needs all); without a skip b's gap would hold the agreement forever."""
+    a, b = ControlInbox(), ControlInbox()
+    for inbox in (a, b):
+        inbox.put(Control(ControlKind.PAUSE, 1))
+        inbox.take_upto(1)
+    a.put(Control(ControlKind.ROLLBACK, 2, {}))
+    assert min(a.highest_contiguous(), b.highest_contiguous()) == 1  # stuck until skipped
+    top = max(a.highest_seen(), b.highest_seen())
+    assert a.skip_to(top) == [2] and b.skip_to(top) == []
+    for inbox in (a, b):
+        inbox.put(Control(ControlKind.STOP, top + 1))
+    agreed = min(a.highest_contiguous(), b.highest_contiguous())
+    assert agreed == 3
+    assert [m.kind for m in a.take_upto(agreed)] == [ControlKind.STOP] == [m.kind for m in b.take_upto(agreed)]
