@@ -4,8 +4,10 @@ stderr, and a summary at the end (`--json`: one JSON object on stdout)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -123,7 +125,6 @@ class LiveView(threading.Thread):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from trainguard.service.app import embedded_supervisor
     from trainguard.service.config import DEV_TOKENS, Settings
     from trainguard.workers.spec import load_pipeline
 
@@ -138,6 +139,30 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"trainguard demo: state in {state_dir}, API on http://{settings.host}:{settings.port}/api/v1 "
           f"(operator token: {token})", file=sys.stderr)
     t0 = time.time()
+    # Ray (raylet notices, worker output) writes to stdout, both through sys.stdout and to fd 1
+    # directly: with --json both point at stderr while the demo runs, so stdout carries the JSON
+    # summary first (`... --json | jq` works)
+    sys.stdout.flush()
+    real_stdout = os.dup(1) if args.json else None
+    if real_stdout is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            summary = _run(args, settings, spec, t0)
+    finally:
+        if real_stdout is not None:
+            sys.stdout.flush()
+            os.dup2(real_stdout, 1)
+            os.close(real_stdout)
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0 if summary["state"] == "completed" else 1
+
+
+def _run(args: argparse.Namespace, settings: Any, spec: Any, t0: float) -> dict:
+    from trainguard.service.app import embedded_supervisor
+
     with embedded_supervisor(settings) as ctl:
         server = _serve(settings, ctl)
         run_id = ctl.submit(spec, actor="demo")
@@ -153,10 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
             view.stop.set()
             summary = summarize(ctl, run_id, spec, time.time() - t0)
             server.should_exit = True
-    _print_summary(summary)
-    if args.json:
-        print(json.dumps(summary))
-    return 0 if summary["state"] == "completed" else 1
+    return summary
 
 
 def _wait_for_end(ctl: Any, run_id: str, deadline: float) -> None:

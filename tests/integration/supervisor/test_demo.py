@@ -18,8 +18,8 @@ INCIDENT_FIELDS = {"kind", "stage", "onset_step", "detected_at_step", "action", 
 
 def test_demo_json_summary_matches_every_injected_fault(ray_session, tmp_path, capsys):
     rc = demo.main(["--json", "--quiet", "--state-dir", str(tmp_path / "demo")])
-    out = capsys.readouterr().out.strip().splitlines()
-    summary = json.loads(out[-1])
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads(lines[0])  # stdout starts with the JSON object: nothing the run printed comes before
     assert rc == 0, summary
     assert {"run_id", "state", "stages", "faults_injected", "incidents", "goodput_ratio"} <= set(summary)
     assert summary["state"] == "completed"
