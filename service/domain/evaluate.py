@@ -180,7 +180,8 @@ def evaluate_stage(signals: StageSignals, cfg: WatchConfig, *, now: float,
 
 def _sample_findings(signals: StageSignals, cfg: WatchConfig, after: Mapping[str, int]) -> list[Finding]:
     """The detectors that read the buffered records; skipped when the stage's `eval_memo` (a dict,
-    where it has one) says they found nothing in exactly these buffers, with this `after`."""
+    where it has one) holds what they found in exactly these buffers, with this `after` (a paused
+    run's unhandled finding is not scanned for again every cycle)."""
     memo = getattr(signals, "eval_memo", None)
     ranks = sorted(signals.records)
     bufs = tuple(b for r in ranks if isinstance(b := signals.records[r], RecordBuffer))
@@ -189,12 +190,11 @@ def _sample_findings(signals: StageSignals, cfg: WatchConfig, after: Mapping[str
         key = (tuple(ranks), tuple(b.version for b in bufs), tuple(sorted(after.items())), signals.kind)
         if memo.get("key") == key and memo.get("cfg") is cfg and all(
                 a is b for a, b in zip(memo.get("bufs", ()), bufs)):
-            return []
+            return list(memo["found"])
     found = _scan(signals, cfg, after)
     if key is not None and isinstance(memo, dict):
         memo.clear()
-        if not found:  # only "nothing found" is remembered: a finding is always computed afresh
-            memo.update(key=key, cfg=cfg, bufs=bufs)
+        memo.update(key=key, cfg=cfg, bufs=bufs, found=list(found))  # the scan is a function of the key
     return found
 
 

@@ -202,29 +202,29 @@ class KeySeries:
         for t in self._trackers.values():
             t.append(value)
 
+    def _drop(self, at: int, *, last: bool) -> float | None:
+        """Forget the record at buffer position `at`, the first (or `last`) one held: its
+        sample's value, or None when it gave none."""
+        end = -1 if last else 0
+        if self._errors and self._errors[end] == at:
+            (self._errors.pop if last else self._errors.popleft)()
+        if not (self._index and self._index[end] == at):
+            return None
+        for d in (self._index, self.steps, self.times):
+            (d.pop if last else d.popleft)()
+        v = self.values.pop() if last else self.values.popleft()
+        if not math.isfinite(v):
+            self.nonfinite -= 1
+        return v
+
     def _drop_first(self, at: int) -> None:
-        if self._errors and self._errors[0] == at:
-            self._errors.popleft()
-        if self._index and self._index[0] == at:
-            self._index.popleft()
-            self.steps.popleft()
-            self.times.popleft()
-            v = self.values.popleft()
-            if not math.isfinite(v):
-                self.nonfinite -= 1
+        v = self._drop(at, last=False)
+        if v is not None:
             for t in self._trackers.values():
                 t.popleft(v)
 
     def _drop_last(self, at: int) -> None:
-        if self._errors and self._errors[-1] == at:
-            self._errors.pop()
-        if self._index and self._index[-1] == at:
-            self._index.pop()
-            self.steps.pop()
-            self.times.pop()
-            v = self.values.pop()
-            if not math.isfinite(v):
-                self.nonfinite -= 1
+        if self._drop(at, last=True) is not None:
             self._trackers.clear()  # they only go forward: rebuilt when next asked for
 
 

@@ -59,7 +59,7 @@ class ActiveStage:
     targets: list[Any] = field(default_factory=list)  # adapters.metrics.Target, one per rank
     started_at: float = field(default_factory=time.time)
     # rank -> per-step records, with each metric's samples kept beside them (series.py RecordBuffer)
-    records: dict[int, deque[dict[str, Any]]] = field(default_factory=dict)
+    records: dict[int, RecordBuffer] = field(default_factory=dict)
     counter_series: dict[tuple[int, str], list[Sample]] = field(default_factory=dict)  # (rank, name) -> changes
     heartbeat: dict[int, float] = field(default_factory=dict)  # rank -> unix time of its last step
     paused_ranks: set[int] = field(default_factory=set)

@@ -166,14 +166,18 @@ def inject(name: str, series: dict[str, list], smoke: bool) -> list[Case]:
     def onset_in(r: random.Random, lo: float, hi: float) -> int:
         return loss[r.randrange(max(200, int(lo * n)), max(201, int(hi * n)))].step
 
-    mags, durs = ((3.0,), (4,)) if smoke else ((2.0, 3.0, 5.0, 10.0), (2, 4, 10, 20))
-    for mag in mags:
-        for dur in durs:
-            tag = f"spike-x{mag:g}-{dur}"
-            at = onset_in(rng(tag), 0.1, 0.9)
-            i = _index(loss, at)
-            cases.append(Case(f"{name}+{tag}@{at}", _with(series, loss=_scaled(loss, i, [mag] * dur)),
-                              [Event(("loss_spike",), at, loss[min(i + dur, n) - 1].step, tag)]))
+    def pulses(key: str, kind: str, prefix: str, mags: tuple[float, ...], durs: tuple[int, ...]) -> None:
+        """`series[key]` multiplied by each magnitude for each duration, at a seeded onset."""
+        xs = series[key]
+        for mag in mags:
+            for dur in durs:
+                tag = f"{prefix}-x{mag:g}-{dur}"
+                at = onset_in(rng(tag), 0.1, 0.9)
+                i = _index(xs, at)
+                cases.append(Case(f"{name}+{tag}@{at}", _with(series, **{key: _scaled(xs, i, [mag] * dur)}),
+                                  [Event((kind,), at, xs[min(i + dur, len(xs)) - 1].step, tag)]))
+
+    pulses("loss", "loss_spike", "spike", *(((3.0,), (4,)) if smoke else ((2.0, 3.0, 5.0, 10.0), (2, 4, 10, 20))))
     tl, tg = bloom_template()
     for k in range(1 if smoke else 4):
         tag = f"bloom176b-{k}"
@@ -187,14 +191,8 @@ def inject(name: str, series: dict[str, list], smoke: bool) -> list[Case]:
         end = loss[min(i + BLOOM_END_OFFSET, n - 1)].step
         cases.append(Case(f"{name}+{tag}@{at}", _with(series, **changed), [Event(kinds, at, end, tag)]))
     if grad:
-        gm, gd = ((100.0,), (10,)) if smoke else ((10.0, 100.0, 1000.0), (3, 10, 30))
-        for mag in gm:
-            for dur in gd:
-                tag = f"grad-x{mag:g}-{dur}"
-                at = onset_in(rng(tag), 0.1, 0.9)
-                i = _index(grad, at)
-                cases.append(Case(f"{name}+{tag}@{at}", _with(series, grad_norm=_scaled(grad, i, [mag] * dur)),
-                                  [Event(("grad_explosion",), at, grad[min(i + dur, len(grad)) - 1].step, tag)]))
+        pulses("grad_norm", "grad_explosion", "grad",
+               *(((100.0,), (10,)) if smoke else ((10.0, 100.0, 1000.0), (3, 10, 30))))
     for metric in ("loss", "grad_norm"):
         xs = series.get(metric)
         if not xs:

@@ -29,32 +29,15 @@ from __future__ import annotations
 
 import random
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from tests.bench.core import Context, Measurement, benchmark, log
-from tests.bench.shared import BareLoop
+from tests.bench.shared import BareLoop, scraped
 from tests.bench.workload import pipeline
 
 CHUNK = 10
-
-# the scrape, from another process: /history since the last record it has, then /metrics
-_SCRAPER = """
-import json, sys, time, urllib.request
-port, seq = int(sys.argv[1]), -1
-while True:
-    time.sleep(0.5)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={seq}", timeout=2) as r:
-            seq = max([seq, *(int(x["seq"]) for x in json.loads(r.read()))])
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-    except OSError:
-        pass
-"""
-
 
 def _spec(smoke: bool, steps: int):
     return pipeline(size="tiny" if smoke else "small", steps=steps, world_size=1, batch_size=8 if smoke else 16,
@@ -79,14 +62,10 @@ def interleaved(spec, state_dir, warmup: int) -> tuple[list[float], list[float],
     h = Harness(stage, spec=spec, stage_name="pretrain", run_id="bench-overhead", state_dir=state_dir,
                 checkpoint_root=str(state_dir / "checkpoints"), on_step=on_step)
     port = h.exporter.start("127.0.0.1")
-    scraper = subprocess.Popen([sys.executable, "-c", _SCRAPER, str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)  # the scraper's interpreter started: its scrapes land in the timed steps
-        h.run()
+        with scraped(port):
+            h.run()
     finally:
-        scraper.kill()
-        scraper.wait()
         h.exporter.close()
     ours, base, off_thread = [], [], 0.0
     for prev, cur in zip(marks[warmup:], marks[warmup + 1:]):

@@ -1,8 +1,8 @@
 """train_throughput: tokens/s of a guarded stage vs the same model and data in a bare loop.
 
 Ours: the real `Harness` (workers/runtime/harness.py), one rank, in-process, as a worker
-runs it: the exporter's HTTP server serving /metrics and /history while a scraper thread
-reads both every 0.5 s (as the embedded supervisor does), the guard, the control inbox's
+runs it: the exporter's HTTP server serving /metrics and /history while a scraper reads
+both every 0.5 s from a process of its own (as the embedded supervisor does), the guard, the control inbox's
 agreement at every step boundary, fault hooks, per-step metrics, history ring buffer and
 JSONL log, and **checkpoints** (asynchronous writer, `every` steps, sha256 manifest,
 retention) — their stalls fall inside the timed window. Evaluation is pushed past the

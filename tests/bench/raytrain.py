@@ -93,8 +93,9 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def run_raytrain(spec: Any, workdir: Path, *, crashes: list[tuple[int, int]], every: int,
-                 max_failures: int) -> dict[str, Any]:
-    """Run the workload to completion under TorchTrainer; returns paths and timings."""
+                 max_failures: int, func: Any = None, placement_strategy: str = "PACK") -> dict[str, Any]:
+    """Run the workload to completion under TorchTrainer (`func`, default `train_func`; its ranks
+    placed with `placement_strategy`, one CPU each); returns paths and timings."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -103,9 +104,9 @@ def run_raytrain(spec: Any, workdir: Path, *, crashes: list[tuple[int, int]], ev
     cfg = {"spec": spec.model_dump(mode="json"), "log_dir": str(log_dir), "fired_dir": str(fired),
            "crashes": [list(c) for c in crashes], "every": every}
     trainer = TorchTrainer(
-        train_func, train_loop_config=cfg,
+        func or train_func, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=spec.stage("pretrain").world_size, use_gpu=False,
-                                     resources_per_worker={"CPU": 1}),
+                                     resources_per_worker={"CPU": 1}, placement_strategy=placement_strategy),
         run_config=RunConfig(name=f"bench-{workdir.name}", storage_path=str(workdir / "storage"),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3)),
@@ -113,7 +114,7 @@ def run_raytrain(spec: Any, workdir: Path, *, crashes: list[tuple[int, int]], ev
     t0 = time.time()
     result = trainer.fit()
     t1 = time.time()
-    return {"log": log_dir / "rank0.jsonl", "fired_dir": fired, "started": t0, "ended": t1,
+    return {"log": log_dir / "rank0.jsonl", "log_dir": log_dir, "fired_dir": fired, "started": t0, "ended": t1,
             "error": getattr(result, "error", None)}
 
 
@@ -144,24 +145,6 @@ def rank_nodes(log_dir: Path) -> list[dict[str, Any]]:
 def run_raytrain_on_cluster(spec: Any, workdir: Path, *, every: int, max_failures: int,
                             placement_strategy: str = "SPREAD") -> dict[str, Any]:
     """`run_raytrain` for a connected multi-node cluster: no injected crash, the ranks placed with
-    `placement_strategy` (one CPU each) and recording their nodes (`train_func_on_node`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    log_dir, fired = workdir / "logs", workdir / "fired"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cfg = {"spec": spec.model_dump(mode="json"), "log_dir": str(log_dir), "fired_dir": str(fired),
-           "crashes": [], "every": every}
-    trainer = TorchTrainer(
-        train_func_on_node, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=spec.stage("pretrain").world_size, use_gpu=False,
-                                     resources_per_worker={"CPU": 1}, placement_strategy=placement_strategy),
-        run_config=RunConfig(name=f"bench-{workdir.name}", storage_path=str(workdir / "storage"),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
-    )
-    t0 = time.time()
-    result = trainer.fit()
-    t1 = time.time()
-    return {"log": log_dir / "rank0.jsonl", "log_dir": log_dir, "started": t0, "ended": t1,
-            "error": getattr(result, "error", None)}
+    `placement_strategy` and recording their nodes (`train_func_on_node`)."""
+    return run_raytrain(spec, workdir, crashes=[], every=every, max_failures=max_failures,
+                        func=train_func_on_node, placement_strategy=placement_strategy)

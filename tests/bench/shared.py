@@ -148,35 +148,39 @@ def first_start_s(run: SupervisedRun) -> float:
     return first - run.submitted
 
 
+# what a supervisor's scrape does, from its own process: /history since the last record it has,
+# then /metrics, every `every_s` seconds
+_SCRAPER = """
+import json, sys, time, urllib.request
+port, every, seq = int(sys.argv[1]), float(sys.argv[2]), -1
+while True:
+    time.sleep(every)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={seq}", timeout=2) as r:
+            seq = max([seq, *(int(x["seq"]) for x in json.loads(r.read()))])
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        pass
+"""
+
+
 @contextlib.contextmanager
 def scraped(port: int, every_s: float = 0.5) -> Iterator[None]:
-    """A thread reading a worker exporter's /history (the records since the last one it has,
+    """A scraper reading a worker exporter's /history (the records since the last one it has,
     as the embedded supervisor's source does) and /metrics every `every_s` seconds while the
-    body runs: the load a guarded step really has."""
-    import json
-    import threading
-    import urllib.request
+    body runs: the load a guarded step really has. It runs in a process of its own, as the
+    supervisor does, so its client side is not counted as the worker's."""
+    import subprocess
+    import sys
 
-    stop = threading.Event()
-
-    def scrape() -> None:
-        seq = -1
-        while not stop.wait(every_s):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={seq}", timeout=2) as r:
-                    records = json.loads(r.read())
-                seq = max([seq, *(int(rec["seq"]) for rec in records)])
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-            except OSError:
-                pass
-
-    t = threading.Thread(target=scrape, daemon=True)
-    t.start()
+    proc = subprocess.Popen([sys.executable, "-c", _SCRAPER, str(port), str(every_s)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        time.sleep(0.3)  # its interpreter started: its scrapes land in the body's steps
         yield
     finally:
-        stop.set()
-        t.join(timeout=5)
+        proc.kill()
+        proc.wait()
 
 
 class BareLoop:

@@ -100,18 +100,10 @@ def _scan_excursions(kind: str, samples: Sequence[Sample], cfg: LossSpikeConfig,
         v = s.value
         if not math.isfinite(v):
             continue  # the nan detector's business; neither baseline nor evidence of a spike
-        over, med = False, 0.0
-        if len(base) >= cfg.min_history:
-            med = base.median()
-            jump = v - med
-            # cheap ratio test first: the MAD costs a sort, and most samples fail the ratio
-            if jump > 0 and jump >= (cfg.min_ratio - 1.0) * abs(med):
-                scale = max(MAD_TO_SIGMA * base.mad(med), cfg.rel_scale_floor * abs(med), cfg.abs_scale_floor)
-                over = jump / scale >= cfg.threshold
+        over, med = _test(v, base, cfg) if len(base) >= cfg.min_history else (False, 0.0)
         if over:
             if not run:
-                onset_med = med
-                onset_scale = max(MAD_TO_SIGMA * base.mad(med), cfg.rel_scale_floor * abs(med), cfg.abs_scale_floor)
+                onset_med, onset_scale = med, _scale(base, med, cfg)
             run.append(i)
             healthy_streak = 0
             if not in_episode and len(run) >= cfg.persistence:
@@ -133,14 +125,19 @@ def _scan_excursions(kind: str, samples: Sequence[Sample], cfg: LossSpikeConfig,
     return None
 
 
-def _is_over(v: float, base: RollingMedian, cfg: LossSpikeConfig) -> bool:
-    """`_scan_excursions`' test of a finite sample against a baseline of >= min_history values."""
+def _scale(base: RollingMedian, med: float, cfg: LossSpikeConfig) -> float:
+    return max(MAD_TO_SIGMA * base.mad(med), cfg.rel_scale_floor * abs(med), cfg.abs_scale_floor)
+
+
+def _test(v: float, base: RollingMedian, cfg: LossSpikeConfig) -> tuple[bool, float]:
+    """A finite sample against a baseline of >= min_history values: (over, the baseline's median).
+    The one test `_scan_excursions` and `ExcursionTrack` both make."""
     med = base.median()
     jump = v - med
+    # cheap ratio test first: the MAD costs a sort, and most samples fail the ratio
     if jump > 0 and jump >= (cfg.min_ratio - 1.0) * abs(med):
-        scale = max(MAD_TO_SIGMA * base.mad(med), cfg.rel_scale_floor * abs(med), cfg.abs_scale_floor)
-        return jump / scale >= cfg.threshold
-    return False
+        return jump / _scale(base, med, cfg) >= cfg.threshold, med
+    return False, med
 
 
 class ExcursionTrack:
@@ -154,25 +151,23 @@ class ExcursionTrack:
     predecessors whatever the window's start: tested once, as it arrives (`_over`). The first
     `cfg.window` ones are tested against the window's own first values, each time asked."""
 
-    __slots__ = ("cfg", "base", "values", "first", "count", "over", "_head_ok")
+    __slots__ = ("cfg", "base", "values", "first", "over", "_head_ok")
 
     def __init__(self, cfg: LossSpikeConfig) -> None:
         self.cfg = cfg
         self.base = RollingMedian(cfg.window)  # the last cfg.window finite values
         self.values: deque[float] = deque()  # the finite values held
         self.first = 0  # number of finite values dropped from the front: values[0]'s position
-        self.count = 0  # finite values seen: the next one's position
         self.over: deque[int] = deque()  # positions of held values over against their predecessors
         self._head_ok: tuple[int, int] | None = None  # (first, n) of the last head found quiet
 
     def append(self, v: float) -> None:
         if not math.isfinite(v):
             return
-        if len(self.base) >= self.cfg.window and _is_over(v, self.base, self.cfg):
-            self.over.append(self.count)
+        if len(self.base) >= self.cfg.window and _test(v, self.base, self.cfg)[0]:
+            self.over.append(self.first + len(self.values))  # its position: finite values seen before
         self.base.push(v)
         self.values.append(v)
-        self.count += 1
 
     def popleft(self, v: float) -> None:
         if not math.isfinite(v):
@@ -207,7 +202,7 @@ class ExcursionTrack:
             return True
         base = RollingMedian(cfg.window)
         for i, v in enumerate(head):
-            if i >= cfg.min_history and _is_over(v, base, cfg):
+            if i >= cfg.min_history and _test(v, base, cfg)[0]:
                 return False
             base.push(v)
         return True

@@ -207,7 +207,9 @@ def test_the_incremental_watch_finds_what_a_full_rescan_finds(seed, kind, nranks
                 if rng.random() < 0.003:
                     rec["anomaly"] = rng.choice(["nonfinite_loss", "loss_spike"])
                 if kind == "ppo":
-                    rec.update(kl=noise * 10, reward_mean=s.step / 100, ppo_ratio_mean=1 + noise,
+                    # a stretch of negative KL: the PPO detectors find something to compare
+                    kl = noise * 10 - (1.0 if 250 <= s.step < 300 else 0.0)
+                    rec.update(kl=kl, reward_mean=s.step / 100, ppo_ratio_mean=1 + noise,
                                ppo_clip_fraction=0.1, policy_entropy=2.0, response_length=100.0, value_loss=1.0)
                 if kind == "dpo":
                     rec.update(dpo_chosen_logprob=-1 - s.step / 1000, dpo_reward_margin=1 + noise)
@@ -234,4 +236,4 @@ def test_the_incremental_watch_finds_what_a_full_rescan_finds(seed, kind, nranks
             findings += 1
             plain.handled_until[f.kind] = active.handled_until[f.kind] = f.detected_at_step
         cycles += 1
-    assert cycles > 50
+    assert cycles > 50 and findings > 0, "both paths found something to compare"
