@@ -135,6 +135,11 @@ class CheckpointSpec(_Strict):
     keep_last: int = Field(3, ge=1, description="retention: keep the last K (plus any marked keep)")
     storage: str | None = Field(None, description="local folder or fsspec URL; default: <state>/checkpoints")
     asynchronous: bool = True
+    in_memory: int = Field(
+        2, ge=0, le=8, description="rollbacks: every rank keeps a host-memory copy of the newest N checkpoints "
+                                   "(torch format, unsharded) and rolls back to one of them without reading it "
+                                   "back; each copy costs the model's and optimizer's size in host memory per "
+                                   "rank; 0: off")
     format: Literal["auto", "torch", "dcp"] = Field(
         "auto", description="torch: whole .pt files written by rank 0; dcp: torch.distributed.checkpoint, "
                             "each rank writes its shards (local or shared filesystem only); auto: dcp for "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import collections
+import copy
 import io
 import json
 import math
@@ -217,6 +218,20 @@ def _set_rng_state(st: dict[str, Any], device: torch.device | None = None) -> No
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda, device)
 
 
+@dataclass
+class MemoryCopy:
+    """A checkpoint's training state as this rank staged it, kept in host memory for a rollback
+    (`Harness.rollback`): what loading the checkpoint's files would give this rank."""
+
+    step: int
+    path: str  # where rank 0 writes the same checkpoint
+    model: dict[str, Any]  # in the writer's staging buffers (complete once `writer.wait_staging()` returned)
+    optimizer: dict[str, Any]
+    extra: Any
+    rng: dict[str, Any]  # this rank's (the checkpoint's rng.pt holds every rank's)
+    state: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class StepStart:
     """A step under way (Harness.begin_step): when it began, which batch, what the faults do, the LR."""
@@ -272,6 +287,9 @@ class Harness:
         else:
             self.writer = CheckpointWriter(root, asynchronous=ck.asynchronous, keep_last=ck.keep_last,
                                            on_written=self._on_written)
+        # host-memory copies of the newest checkpoints for rollbacks, by slot (`_keeps_memory`)
+        self.in_memory = ck.in_memory
+        self._memory: dict[int, MemoryCopy] = {}
 
         # `parallel.strategy` (none|ddp|fsdp): wrapped in place, before the optimizer sees the
         # parameters (FSDP2 turns them into sharded DTensors); the stage keeps its own `model`
@@ -477,10 +495,18 @@ class Harness:
         """In-process rollback: load (verified against the recorded hashes), add skip ranges,
         set the LR multiplier."""
         keep_skip, keep_mult = list(self.cursor.skip), self.lr_multiplier
-        # rank 0's background write (and its retention) must finish before any rank reads
+        ref = self.ref_of(checkpoint)
+        # rank 0's background write (and its retention) must finish before any rank reads, and
+        # every rank's staging copies before one is restored
         self.writer.wait()
-        self.dist.barrier()
-        self.load(self.ref_of(checkpoint))
+        mem = self._memory_copy(ref)
+        # collective (every rank past its wait): from memory only if every rank holds the copy
+        if self.dist.min_int(int(mem is not None)) == 1:
+            assert mem is not None
+            self._restore(self._from_memory(mem))
+        else:
+            self.load(ref)
+        self._memory = {slot: m for slot, m in self._memory.items() if m.step <= self.step}
         self._discard_abandoned()
         self.cursor.add_skip([*keep_skip, *skip])
         self.lr_multiplier = keep_mult if lr_multiplier is None else float(lr_multiplier)
@@ -489,6 +515,25 @@ class Harness:
             self._healthy_written = [c for c in self._healthy_written if c <= self.step]
         self.faults.rewound()
         self.exporter.set(MetricName.STEP, self.step)
+
+    def _memory_copy(self, ref: CheckpointRef) -> MemoryCopy | None:
+        """This rank's copy of the checkpoint `ref` names, if it holds one. Rank 0 also checks that
+        `ref` names what it wrote (the same hashes): a path alone could name a checkpoint of an
+        abandoned timeline, and the other ranks go by rank 0's answer (`rollback`)."""
+        m = next((m for m in self._memory.values() if m.path == ref.path), None)
+        if m is not None and self.rank == 0:
+            with self._written_lock:
+                own = self.own.get(ref.path)
+            if own is None or own.files != ref.files:
+                return None
+        return m
+
+    def _from_memory(self, m: MemoryCopy) -> dict[str, Any]:
+        """What `load_checkpoint` would give for `m`'s checkpoint, from memory. The model's state is
+        copied into the parameters by `load_state_dict`; everything else is copied here, since
+        the optimizer and the stage would otherwise keep (and change) the kept copy's tensors."""
+        return {"model": m.model, "optimizer": copy.deepcopy(m.optimizer), "extra": copy.deepcopy(m.extra),
+                "rng": {self.rank: copy.deepcopy(m.rng)}, "state": copy.deepcopy(m.state)}
 
     def _discard_abandoned(self) -> None:
         if self.rank == 0:
@@ -658,6 +703,11 @@ class Harness:
         # torch format under FSDP2: the full model and optimizer state, gathered onto rank 0's CPU
         # (collective); DCP: every rank writes its own shards below
         full = full_state_dicts(self.stage.model, self.optimizer) if self.sharded and not dcp else None
+        keep = self._keeps_memory()
+        slot = self._memory_slot() if keep else None
+        state = self._state_dict()
+        if "best" in tags:  # this checkpoint becomes the best one once it lands
+            state["best_path"] = checkpoint_path(self.writer.root, self.run_id, self.stage_name, self.step)
         if self.rank != 0:
             if dcp:  # only rank 0's description of the checkpoint is written
                 snap = Snapshot(run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
@@ -665,6 +715,8 @@ class Harness:
                 self.writer.submit(snap, frozenset(), self._train_state())
                 if sync or final:
                     self.writer.wait()
+            elif slot is not None:  # the same state as rank 0's (replicated), for a rollback
+                self._remember(slot, *self._stage_state(slot), extra={}, rng=rng, state=state)
             return
         window_lo = self.step - self.health_window
         anomalies = sum(1 for s in self.anomaly_steps if window_lo < s <= self.step)
@@ -673,29 +725,20 @@ class Harness:
             metrics["val_loss"] = self.last_eval["val_loss"]
         if metric is not None and metric in self.last_eval:
             metrics[metric] = self.last_eval[metric]
-        state = self._state_dict()
-        if "best" in tags:  # this checkpoint becomes the best one once it lands
-            state["best_path"] = checkpoint_path(self.writer.root, self.run_id, self.stage_name, self.step)
         if dcp:
             model_sd: dict[str, Any] = {}
             optim_sd: dict[str, Any] = {}
         elif full is not None:
             model_sd, optim_sd = full
         else:
-            assert isinstance(self.writer, CheckpointWriter)
-            # into the writer's reused CPU buffers. For the built-in stages the weights' and
-            # optimizer state's copy runs in the writer thread beside the next forward/backward,
-            # and the optimizer's next step waits for it: nothing else changes them in place
-            # before (`rollback` and `load` wait for the writer first). User code (custom stages,
-            # own loops) may change parameters in place outside the optimizer (a clamp, a
-            # weight-tying fix-up): its copy is made here, before the step loop goes on.
-            until = None if self.sspec.kind in USER_CODE_KINDS else self.optimizer
-            model_sd = self.writer.stage("model", self.stage.model.state_dict(), until=until)
-            optim_sd = self.writer.stage("optimizer", self.optimizer.state_dict(), until=until)
+            model_sd, optim_sd = self._stage_state(slot)
+        extra = to_cpu(self.stage.extra_state())
+        if slot is not None:
+            self._remember(slot, model_sd, optim_sd, extra=extra, rng=rng, state=state)
         snap = Snapshot(
             run=self.run_id, stage=self.stage_name, stage_kind=self.sspec.kind, step=self.step,
             batch_cursor=self.cursor.next_index, model=model_sd, optimizer=optim_sd,
-            extra=to_cpu(self.stage.extra_state()), rng={r: s for r, s in enumerate(gathered or [])},
+            extra=extra, rng={r: s for r, s in enumerate(gathered or [])},
             state=state, metrics=metrics,
             healthy=anomalies == 0 and all(math.isfinite(v) for v in metrics.values()),
             anomalies_in_window=anomalies, model_config=self.spec.model.model_dump(), tags=tags)
@@ -707,6 +750,42 @@ class Harness:
         if sync or final:
             self.writer.wait()
         self.exporter.set(CHECKPOINT_STALL, time.perf_counter() - t0)
+
+    def _stage_state(self, slot: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's and optimizer's state in the writer's reused CPU buffers (those of memory
+        slot `slot` when kept for rollbacks). For the built-in stages the copy runs in the writer
+        thread beside the next forward/backward, and the optimizer's next step waits for it:
+        nothing else changes them in place before (`rollback` and `load` wait for the writer
+        first). User code (custom stages, own loops) may change parameters in place outside the
+        optimizer (a clamp, a weight-tying fix-up): its copy is made here, before the step loop
+        goes on."""
+        assert isinstance(self.writer, CheckpointWriter)
+        until = None if self.sspec.kind in USER_CODE_KINDS else self.optimizer
+        suffix = "" if slot is None else f".{slot}"
+        return (self.writer.stage("model" + suffix, self.stage.model.state_dict(), until=until),
+                self.writer.stage("optimizer" + suffix, self.optimizer.state_dict(), until=until))
+
+    def _keeps_memory(self) -> bool:
+        """Whether this checkpoint's state stays in host memory for a rollback (`in_memory` > 0):
+        only where every rank holds what loading the files would give it — the torch format,
+        unsharded, and, with several ranks, a stage without extra state (the files hold rank 0's,
+        which all ranks load)."""
+        return (self.in_memory > 0 and not isinstance(self.writer, ShardedCheckpointWriter) and not self.sharded
+                and (self.dist.world_size == 1 or type(self.stage).extra_state is Stage.extra_state))
+
+    def _memory_slot(self) -> int:
+        """The slot the next copy takes (a free one, else the oldest copy's), emptied: its buffers
+        are about to be refilled."""
+        free = [i for i in range(self.in_memory) if i not in self._memory]
+        slot = free[0] if free else min(self._memory, key=lambda i: self._memory[i].step)
+        self._memory.pop(slot, None)
+        return slot
+
+    def _remember(self, slot: int, model: dict[str, Any], optimizer: dict[str, Any], *, extra: Any,
+                  rng: dict[str, Any], state: dict[str, Any]) -> None:
+        self._memory[slot] = MemoryCopy(
+            step=self.step, path=checkpoint_path(self.writer.root, self.run_id, self.stage_name, self.step),
+            model=model, optimizer=optimizer, extra=extra, rng=rng, state=copy.deepcopy(state))
 
     def _checkpoint_group(self) -> Any:
         """DCP saves and loads run on a gloo group of their own: an async save's collectives run
@@ -778,9 +857,15 @@ class Harness:
             ck = load_checkpoint(ref, map_location="cpu")
             if self.sharded:  # collective: each rank keeps its shard of the full state
                 load_full_state_dicts(self.stage.model, self.optimizer, ck["model"], ck["optimizer"])
-            else:
-                self.stage.model.load_state_dict(ck["model"])
-                self.optimizer.load_state_dict(ck["optimizer"])
+                ck = {k: v for k, v in ck.items() if k not in ("model", "optimizer")}
+        self._restore(ck)
+
+    def _restore(self, ck: dict[str, Any]) -> None:
+        """Set the training state from a loaded checkpoint: {"model", "optimizer" (both absent when
+        already loaded), "extra", "rng" (by rank), "state"}."""
+        if "model" in ck:
+            self.stage.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
         self.stage.load_extra_state(ck["extra"])
         st = ck["state"]
         self.step = int(st["step"])

@@ -35,9 +35,12 @@ def test_micro_steps_train_like_one_step_over_the_share(tmp_path):
     micro = _harness(_spec(micro_batch_size=3), tmp_path / "micro")  # 3 + 3 + 2: uneven parts weigh by size
     assert micro.run()["state"] == "finished"
     assert _losses(micro) == pytest.approx(_losses(whole), rel=1e-4)
+    # the weights only to float noise: summing the parts' gradients reorders the reductions, and
+    # AdamW's normalised update turns that into up to ~1.3e-5 after 8 steps (measured on an AMD
+    # EPYC for micro sizes 1-5, even splits included); a mis-weighted part moves the losses above
     a, b = whole.stage.model.state_dict(), micro.stage.model.state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
 
 
 def test_resume_with_micro_steps_is_bitwise_equal_to_uninterrupted(tmp_path):

@@ -233,3 +233,64 @@ def test_async_checkpoints_hold_their_steps_state_while_the_next_step_runs(tmp_p
     resumed.run()
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rollback_run(tmp_path, in_memory: int, target: int, monkeypatch) -> tuple[Harness, list[str]]:
+    """30 steps, checkpoints every 5; at step 17 a ROLLBACK to the checkpoint of `target`
+    (skipping batches 10-12, LR halved). Returns the harness and the paths loaded from files."""
+    import trainguard.workers.runtime.harness as harness_mod
+
+    loaded: list[str] = []
+    real = harness_mod.load_checkpoint
+
+    def counting(ref, **kw):
+        loaded.append(ref.path)
+        return real(ref, **kw)
+
+    monkeypatch.setattr(harness_mod, "load_checkpoint", counting)
+    spec = _in(tiny_spec(steps=30), "torch", in_memory=in_memory)
+    sent = []
+
+    def hook(h: Harness) -> None:
+        if h.step == 17 and not sent:
+            sent.append(True)
+            h.writer.wait()
+            path = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / str(in_memory) / "checkpoints",
+                                                                              "run1", "pretrain"))}[target]
+            h.inbox.put(Control(ControlKind.ROLLBACK, 1, {"checkpoint": h.own[path].to_dict(), "skip": [[10, 13]],
+                                                          "lr_multiplier": 0.5}))
+
+    h = _harness(spec, tmp_path / str(in_memory), on_step=hook)
+    assert h.run()["state"] == "finished"
+    return h, loaded
+
+
+def test_a_rollback_from_the_memory_copy_trains_exactly_as_one_from_the_files(tmp_path, monkeypatch):
+    disk, loaded_disk = _rollback_run(tmp_path, 0, 10, monkeypatch)
+    mem, loaded_mem = _rollback_run(tmp_path, 2, 10, monkeypatch)  # copies of 10 and 15: the older one
+    assert len(loaded_disk) == 1 and loaded_mem == []  # the memory copy was used, no file read
+    a, b = weights(disk), weights(mem)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = disk.optimizer.state_dict()["state"], mem.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert [r["loss"] for r in disk.exporter.history(0)] == [r["loss"] for r in mem.exporter.history(0)]
+    assert disk.cursor.skip == mem.cursor.skip == [[10, 13]]
+
+
+def test_a_rollback_past_the_memory_copies_reads_the_files(tmp_path, monkeypatch):
+    h, loaded = _rollback_run(tmp_path, 2, 5, monkeypatch)  # copies of 10 and 15 only
+    assert [p.rsplit("/", 1)[-1] for p in loaded] == ["step-00000005"]
+    assert h.step == 30
+
+
+def test_a_reference_naming_other_bytes_is_never_served_from_memory(tmp_path):
+    spec = _in(tiny_spec(steps=12), "torch", in_memory=2)
+    h = _harness(spec, tmp_path)
+    h.run()
+    path = {c["step"]: c["path"] for c in list_checkpoints(stage_root(tmp_path / "checkpoints", "run1", "pretrain"))}[10]
+    ref = h.own[path].to_dict()
+    ref["files"]["model.pt"] = {**ref["files"]["model.pt"], "bytes": ref["files"]["model.pt"]["bytes"] + 1}
+    before = weights(h)
+    with pytest.raises(CheckpointCorrupt, match="model.pt"):  # read from the files, which do not match it
+        h.rollback(ref, [], None)
+    assert all(torch.equal(before[k], weights(h)[k]) for k in before)
