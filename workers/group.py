@@ -425,6 +425,7 @@ class TrainWorker:
         self._lock = threading.Lock()
         self._ended = threading.Event()  # run() returned or raised (`outcome` waits on it)
         self._result: dict[str, Any] | None = None
+        self._store: Any = None  # rank 0: the process group's store (`rendezvous`)
 
     def warm(self) -> int:
         """Pay the one-time costs every stage has; called on pool spares: the default corpora,
@@ -473,18 +474,22 @@ class TrainWorker:
         return {"rank": self.rank, "host": host, "port": self.port, "node": node_id()}
 
     def rendezvous(self, world_size: int) -> tuple[str, int]:
-        """Rank 0: the tcp:// address of the process group (this node, a free port)."""
-        from trainguard.workers.runtime.distributed import free_port
+        """Rank 0: the address of the process group's store, already listening (this node, a
+        free port), so every rank's `run()` connects at once (`Dist.init`)."""
+        from trainguard.workers.runtime.distributed import free_port, serve_store
 
-        host = "127.0.0.1" if world_size == 1 else ray.util.get_node_ip_address()
-        return host, free_port(host)
+        if world_size == 1:
+            return "127.0.0.1", free_port()
+        host = ray.util.get_node_ip_address()
+        self._store = serve_store(host, world_size)
+        return host, int(self._store.port)
 
     def run(self, addr: tuple[str, int], configured: dict[str, Any]) -> dict[str, Any]:
         """`configured` is `configure`'s result: passing its ObjectRef orders run() after it
         (a threaded actor may otherwise run the two calls concurrently)."""
         import torch
 
-        from trainguard.workers.runtime.distributed import Dist, group_backend
+        from trainguard.workers.runtime.distributed import Dist, connect_store, group_backend
         from trainguard.workers.runtime.harness import Harness, make_context
         from trainguard.workers.spec import parse_pipeline
         from trainguard.workers.stages import STAGES
@@ -497,8 +502,10 @@ class TrainWorker:
             device = self.device  # chosen in configure(): the GPU Ray assigned, or the CPU
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # this thread's current device (nccl, autocast, RNG)
+            store = (self._store if a["rank"] == 0
+                     else connect_store(addr[0], addr[1], a["world_size"]) if a["world_size"] > 1 else None)
             dist = Dist.init(rank=a["rank"], world_size=a["world_size"], addr=addr[0], port=addr[1], device=device,
-                             backend=group_backend(a["use_gpu"]))
+                             backend=group_backend(a["use_gpu"]), store=store)
             inputs = {k: CheckpointRef.from_dict(v) for k, v in a["inputs"].items()}
             resume = CheckpointRef.from_dict(a["resume_from"]) if a["resume_from"] else None
             ctx = make_context(spec, a["stage_name"], run_id=a["run_id"], rank=a["rank"],
