@@ -174,7 +174,7 @@ MANIFEST_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class CheckpointRef:
-    """A checkpoint a worker may load: where it is, and the sha256 and size of every file
+    """A checkpoint a worker may load: where it is, and the digest and size of every file
     (the manifest included) as recorded *outside* the folder when a worker reported it.
 
     Write access to checkpoint storage is not code execution: a worker reads a file, checks
@@ -183,7 +183,9 @@ class CheckpointRef:
     only names files and their hashes, so sharded formats keep it."""
 
     path: str
-    files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": int}
+    # file name -> {"blake3": hex, "bytes": int}; checkpoints written before BLAKE3 recorded
+    # {"sha256": hex, "bytes": int}, which still verifies (workers/runtime/checkpoint.digest_mismatch)
+    files: dict[str, dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "files": {k: dict(v) for k, v in self.files.items()}}

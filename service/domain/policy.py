@@ -142,7 +142,9 @@ class CheckpointInfo:
     batch_cursor: int
     """Next batch index at this checkpoint (state.json / manifest `batch_cursor`)."""
     verified: bool = True
-    """Manifest present and every sha256 matches."""
+    """Trusted as far as the supervisor knows: rank 0 reported it with the digest of every file,
+    and no verification since (the catalog's scans, a check before a use) found a recorded file
+    missing or different. Not a fresh check: the caller verifies again right before a use."""
     healthy: bool = True
     """The manifest's `healthy` flag."""
     anomalies_in_window: int = 0

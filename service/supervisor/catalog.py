@@ -1,11 +1,11 @@
 """The checkpoint catalog: which checkpoints a run has, whether they still hold the bytes their
 worker wrote, and which one a stage resumes from.
 
-The only checkpoints registered are the ones rank 0 reported (path + the sha256 of every file),
-so a folder nobody reported is never trusted. They are re-verified against those recorded
-hashes: a missing manifest, or another checkpoint's, means deleted (retention, a rollback, a
-step rewritten), never corrupt; only bytes that differ under the recorded manifest are
-corruption, and are quarantined with an incident.
+The only checkpoints registered are the ones rank 0 reported (path + the digest of every file:
+BLAKE3, or sha256 for checkpoints written before it), so a folder nobody reported is never
+trusted. They are re-verified against those recorded hashes: a missing manifest, or another
+checkpoint's, means deleted (retention, a rollback, a step rewritten), never corrupt; only bytes
+that differ under the recorded manifest are corruption, and are quarantined with an incident.
 
 Scans work from listings (`checkpoint_listing`: each file's size and ETag or mtime, local folders
 and object stores alike) and read only what changed; a use reads everything (`verify`).

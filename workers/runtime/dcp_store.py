@@ -6,8 +6,8 @@ initial weights and `trainguard export` read the model alone (`load_model_state_
 routed by `workers.model.load_model_state`). Layout and trust are
 those of docs/internals.md ("Checkpoint format", "Trust"): the folder is written as
 `.tmp-<name>-<token>/` beside its final place and renamed into place, `manifest.json`
-(schema 1, `"format": "dcp"`) is written last and lists the sha256 and size of every file
-DCP wrote (`.metadata`, `__<rank>_<n>.distcp`), and the result carries a `CheckpointRef`
+(schema 1, `"format": "dcp"`) is written last and lists the digest (BLAKE3; `checkpoint.DIGEST`)
+and size of every file DCP wrote (`.metadata`, `__<rank>_<n>.distcp`), and the result carries a `CheckpointRef`
 with every file's hash, the manifest's included: what rank 0 reports to the supervisor.
 
 Why a reader of our own. `dcp.load` with torch's `FileSystemReader` trusts the files:
@@ -34,7 +34,6 @@ Multi-rank assumptions.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -67,7 +66,10 @@ from trainguard.workers.runtime.checkpoint import (
     WriteResult,
     apply_retention,
     checkpoint_path,
+    digest_record,
+    file_digest,
     manifest_fields,
+    new_hasher,
     read_verified,
     side_payloads,
     stage_root,
@@ -176,12 +178,13 @@ def _broadcast(value: Any, group: Any) -> Any:
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
-    h, n = hashlib.sha256(), 0
+    """The recorded entry of a file DCP wrote ({"blake3": hex, "bytes": n}), read back in chunks."""
+    h, n = new_hasher(), 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             n += len(chunk)
-    return {"sha256": h.hexdigest(), "bytes": n}
+    return digest_record(h, n)
 
 
 @overload
@@ -316,8 +319,7 @@ def _publish_rank0(tmp: Path, final: Path, extra: dict[str, Any], side: dict[str
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    digest = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
-    ref = CheckpointRef(str(final), {**files, MANIFEST_NAME: digest})
+    ref = CheckpointRef(str(final), {**files, MANIFEST_NAME: file_digest(raw)})
     step = extra.get("step")
     return SaveResult(str(final), int(step) if step is not None else None, time.perf_counter() - t0,
                       sum(int(f["bytes"]) for f in files.values()), manifest, ref)

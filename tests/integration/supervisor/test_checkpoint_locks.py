@@ -1,7 +1,6 @@
 """Lock order: quarantining a corrupt checkpoint never waits for the run's lock (no Ray needed)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 
@@ -14,8 +13,10 @@ from trainguard.service.db import crud
 pytestmark = pytest.mark.integration
 
 
-def _sha(b: bytes) -> dict:
-    return {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
+def _sha(b: bytes) -> dict:  # a file's recorded entry, as a worker reports it
+    from trainguard.workers.runtime.checkpoint import file_digest
+
+    return file_digest(b)
 
 
 def test_quarantine_while_a_decision_holds_the_run_lock_does_not_wait_for_it(tmp_state):

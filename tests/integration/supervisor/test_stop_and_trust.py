@@ -2,7 +2,6 @@
 workers reported; retention never looks like corruption. Real Ray workers, real SQLite."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -16,6 +15,7 @@ from trainguard.service import errors
 from trainguard.service.controller import Controller
 from trainguard.service.supervisor.ingest import Watch
 from trainguard.service.db import crud
+from trainguard.workers.runtime.checkpoint import file_digest
 from tests.conftest import wait_for
 from tests.integration.supervisor.harness import (assert_nothing_survives, incidents, run_state, running_controller,
                                                   tiny_pipeline, wait_state)
@@ -89,7 +89,7 @@ def _plant_pickle(ckpt: Path, marker: Path) -> None:
     data = pickle.dumps({"kl_coef": _Payload(str(marker))})
     (forged / "extra.pt").write_bytes(data)
     m = json.loads((forged / "manifest.json").read_text())
-    m["files"]["extra.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    m["files"]["extra.pt"] = file_digest(data)  # what the writer records (BLAKE3)
     (forged / "manifest.json").write_text(json.dumps(m))
     os.rename(ckpt, ckpt.with_name(".orig-" + ckpt.name))
     os.rename(forged, ckpt)

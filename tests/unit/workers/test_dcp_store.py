@@ -74,6 +74,10 @@ def test_round_trip_is_bitwise_and_manifest_lists_every_file(tmp_path):
     assert manifest["format"] == "dcp" and manifest["step"] == 3 and manifest["healthy"] is True
     assert set(manifest["files"]) == set(on_disk) - {MANIFEST_NAME}  # "files" is not the caller's
     assert res.step == 3 and res.bytes == sum(f["bytes"] for f in manifest["files"].values())
+    import blake3  # every file, the manifest included, recorded with its BLAKE3 digest
+
+    assert all(res.ref.files[n] == {"blake3": blake3.blake3((folder / n).read_bytes()).hexdigest(),
+                                    "bytes": (folder / n).stat().st_size} for n in on_disk)
     # the generic verifier and listing accept the format (same schema, same reference shape)
     assert verify_checkpoint(res.ref)["step"] == 3 and [m["step"] for m in list_checkpoints(folder.parent)] == [3]
 
@@ -225,7 +229,8 @@ def test_unrecorded_or_missing_files_are_refused(tmp_path):
 def test_a_refused_file_leaves_every_target_untouched_even_after_good_files(tmp_path):
     """Every file a rank reads is verified before the first one is deserialized: with one file
     per tensor and the last one flipped, no tensor is loaded (torch's reader would have loaded
-    the first two before reaching the third)."""
+    the first two before reaching the third). Recorded with sha256, as checkpoints written before
+    BLAKE3 were: those still load, and a flip is still caught."""
     import hashlib
 
     import torch.distributed.checkpoint as dcp
@@ -303,6 +308,16 @@ def test_a_model_key_missing_from_the_checkpoint_is_refused_by_name(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4))
     with pytest.raises(CheckpointCorrupt, match=r"train\.model\.3\.weight is not in the checkpoint"):
         load_sharded(res.ref, {"train": TrainState(other, torch.optim.AdamW(other.parameters()))})
+
+
+def test_a_recorded_entry_without_a_digest_we_check_is_refused_before_loading(tmp_path):
+    res = _save(tmp_path, *_trained())
+    shard = next(n for n in res.ref.files if n.endswith(".distcp"))
+    ref = CheckpointRef(res.path, {**res.ref.files, shard: {"bytes": res.ref.files[shard]["bytes"]}})
+    state, before, m, o = _target()
+    with pytest.raises(CheckpointError, match=rf"{shard}: the recorded entry carries no digest this version can check"):
+        load_sharded(ref, state)
+    _assert_bitwise(before, flat_state(m, o))  # nothing loaded
 
 
 def test_side_files_are_hashed_with_the_shards_and_read_back_verified(tmp_path):

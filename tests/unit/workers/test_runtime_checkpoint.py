@@ -124,16 +124,17 @@ class _Payload:
 def _plant(path, name: str, marker) -> None:
     """What someone with write access to the storage does: replace a file with a pickle that runs
     code, and recompute the folder's manifest so the folder vouches for it."""
-    import hashlib
     import io
     import pickle
+
+    import blake3
 
     buf = io.BytesIO()
     pickle.dump({"kl_coef": _Payload(str(marker))}, buf)
     data = buf.getvalue()
     (path / name).write_bytes(data)
     m = json.loads((path / "manifest.json").read_text())
-    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    m["files"][name] = {"blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}
     (path / "manifest.json").write_text(json.dumps(m))
 
 
@@ -164,11 +165,74 @@ def test_a_reference_without_recorded_hashes_is_refused():
         CheckpointRef.from_dict({"path": "/tmp/x", "files": {}})
 
 
+# -- digests: BLAKE3 recorded, sha256 (older checkpoints) still verified, anything else refused ---------
+def _as_sha256(res) -> CheckpointRef:
+    """The checkpoint of `res` as one written before BLAKE3 would be recorded: its folder's manifest
+    and the reference carry {"sha256", "bytes"} for every file."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(res.path)
+    old = lambda data: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}  # noqa: E731
+    m = json.loads((folder / "manifest.json").read_bytes())
+    m["files"] = {name: old((folder / name).read_bytes()) for name in m["files"]}
+    raw = json.dumps(m, indent=1, sort_keys=True).encode()
+    (folder / "manifest.json").write_bytes(raw)
+    return CheckpointRef(res.path, {**m["files"], "manifest.json": old(raw)})
+
+
+def test_new_checkpoints_record_blake3_and_a_flipped_byte_is_caught_by_it(tmp_path):
+    import blake3
+
+    res = write_checkpoint(_snap(10), tmp_path)
+    for name, entry in res.ref.files.items():
+        data = (tmp_path / "r1" / "pretrain" / "step-00000010" / name).read_bytes()
+        assert entry == {"blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}, name
+    corrupt_file(f"{res.path}/model.pt")  # same size, one byte different: only the digest tells
+    with pytest.raises(CheckpointCorrupt, match=r"model\.pt: checksum mismatch \(blake3 "):
+        load_checkpoint(res.ref)
+
+
+def test_a_checkpoint_recorded_with_sha256_still_verifies_loads_and_catches_a_flip(tmp_path):
+    res = write_checkpoint(_snap(10), tmp_path)
+    old = _as_sha256(res)
+    assert all(set(e) == {"sha256", "bytes"} for e in old.files.values())
+    assert verify_checkpoint(old)["step"] == 10
+    assert torch.equal(load_checkpoint(old)["model"]["w"], _snap(10).model["w"])
+    assert ref_from_own_manifest(res.path).files["model.pt"] == old.files["model.pt"]
+    corrupt_file(f"{res.path}/optimizer.pt")
+    with pytest.raises(CheckpointCorrupt, match=r"optimizer\.pt: checksum mismatch \(sha256 "):
+        load_checkpoint(old)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "manifest.json"])
+@pytest.mark.parametrize("entry", [{"bytes": 5}, {"md5": "0" * 32, "bytes": 5}, {"blake3": None, "bytes": 5}, "x"])
+def test_a_recorded_entry_without_a_digest_we_check_is_refused_clearly(tmp_path, name, entry):
+    res = write_checkpoint(_snap(10), tmp_path)
+    ref = CheckpointRef(res.path, {**res.ref.files, name: entry})
+    with pytest.raises(CheckpointError, match=rf"{name}: the recorded entry carries no digest this version can "
+                                              r"check \(.*expected one of blake3, sha256\); refused") as e:
+        load_checkpoint(ref)
+    assert not isinstance(e.value, (CheckpointCorrupt, CheckpointIncomplete))  # the record, not the files
+
+
+def test_digest_mismatch_names_what_differs():
+    from trainguard.workers.runtime.checkpoint import digest_mismatch, file_digest
+
+    want = file_digest(b"abc")
+    assert digest_mismatch(b"abc", want) is None
+    assert digest_mismatch(b"abd", want).startswith("blake3 ")
+    assert digest_mismatch(b"abcd", want) == "size 4 bytes, recorded 3"
+    assert digest_mismatch(b"abc", {"sha256": __import__("hashlib").sha256(b"abc").hexdigest()}) is None
+    with pytest.raises(ValueError, match="no digest"):
+        digest_mismatch(b"abc", {"bytes": 3})
+
+
 # -- the write path: streamed, hashed in the same pass, no CRC ---------------------------------------
 def test_files_are_hashed_as_written_large_tensors_included(tmp_path):
     """Tensors above the overlap threshold are hashed beside their write: the recorded hashes
-    are those of the bytes on disk, and the checkpoint loads back exactly."""
-    import hashlib
+    are those of the bytes on disk (BLAKE3), and the checkpoint loads back exactly."""
+    import blake3
 
     from trainguard.workers.runtime import checkpoint as ck
 
@@ -179,7 +243,7 @@ def test_files_are_hashed_as_written_large_tensors_included(tmp_path):
     res = write_checkpoint(snap, tmp_path)
     for name, want in res.manifest["files"].items():
         data = (tmp_path / "r1" / "pretrain" / "step-00000004" / name).read_bytes()
-        assert want == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+        assert want == {"blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}, name
     assert res.ref.files["model.pt"] == res.manifest["files"]["model.pt"]
     ck_ = load_checkpoint(res.ref)
     assert torch.equal(ck_["model"]["big"], big) and torch.equal(ck_["optimizer"]["state"][0]["exp_avg"], big * 2)
@@ -203,7 +267,7 @@ def _zip_records(data: bytes) -> dict[str, tuple[int, int, bytes]]:
 
 
 def test_serialisation_is_torch_save_without_the_crc(monkeypatch):
-    """`_torch_save` is torch.save with the per-record CRC-32 left out (sha256 vouches for the
+    """`_torch_save` is torch.save with the per-record CRC-32 left out (BLAKE3 vouches for the
     bytes), through torch's private writer API. On the pinned torch it must not fall back to
     torch.save, and its file must be torch.save's record for record — same names, same offsets,
     same bytes (but the random serialization id) — with every CRC 0; torch.load (weights_only)

@@ -33,20 +33,24 @@ def new_run(ledger: Ledger, *, steps: int = 100) -> str:
     return ledger.create_run(name=spec.name, spec_json=spec.model_dump_json(), actor="test")
 
 
-def _digest(b: bytes) -> dict[str, Any]:
-    return {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
+def _digest(b: bytes, algo: str = "blake3") -> dict[str, Any]:
+    """A file's recorded entry: BLAKE3 as written now, or sha256 as checkpoints written before it."""
+    from trainguard.workers.runtime.checkpoint import file_digest
+
+    return file_digest(b) if algo == "blake3" else {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
 
 
 def checkpoint_folder(root: Path, step: int, *, healthy: bool = True, batch_cursor: int | None = None,
-                      lr_multiplier: float = 1.0) -> CheckpointReport:
-    """A checkpoint on disk (manifest + one weights file) and the report rank 0 would make of it."""
+                      lr_multiplier: float = 1.0, digest: str = "blake3") -> CheckpointReport:
+    """A checkpoint on disk (manifest + one weights file) and the report rank 0 would make of it
+    (`digest="sha256"`: as a worker from before BLAKE3 reported it)."""
     folder = root / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     weights = f"weights of step {step}".encode()
     manifest = json.dumps({"step": step, "healthy": healthy}).encode()
     (folder / "model.pt").write_bytes(weights)
     (folder / "manifest.json").write_bytes(manifest)
-    ref = CheckpointRef(str(folder), {"manifest.json": _digest(manifest), "model.pt": _digest(weights)})
+    ref = CheckpointRef(str(folder), {"manifest.json": _digest(manifest, digest), "model.pt": _digest(weights, digest)})
     return CheckpointReport(seq=step, ref=ref, step=step, batch_cursor=step if batch_cursor is None else batch_cursor,
                             healthy=healthy, metrics={"train_loss": 2.0, "lr_multiplier": lr_multiplier}, tags=[])
 
