@@ -972,14 +972,32 @@ class CheckpointWriter:
         t0 = time.perf_counter()
         self._join()
         stalled = time.perf_counter() - t0
+        self._background(lambda: self._write(snap, protect))
+        return stalled
+
+    def copy_staged(self) -> None:
+        """Make the deferred copies of the last `stage` calls in the writer thread, with no write
+        after them, while the loop goes on (a rank keeping its own copy of a checkpoint another
+        rank writes). A failed copy is raised by the next `stage`, `submit` or `wait`."""
+        self._join()
+        self._background(self._copy)
+
+    def _copy(self) -> None:
+        try:
+            self._await_staging(raise_errors=True)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the step loop on the next call
+            self._error = e
+
+    def _background(self, job: Callable[[], None]) -> None:
+        """Run `job` in the writer thread (after the previous one: call `_join` first), or here
+        when this writer is synchronous."""
         if self.asynchronous:
             if self._worker is None or not self._worker.usable():
                 self._worker = _WriteThread()
-            self._worker.run(lambda: self._write(snap, protect))
+            self._worker.run(job)
         else:
-            self._write(snap, protect)
+            job()
             self._raise_pending()
-        return stalled
 
     def _join(self) -> None:
         if self._worker is not None:

@@ -717,6 +717,7 @@ class Harness:
                     self.writer.wait()
             elif slot is not None:  # the same state as rank 0's (replicated), for a rollback
                 self._remember(slot, *self._stage_state(slot), extra={}, rng=rng, state=state)
+                self.writer.copy_staged()  # in the writer thread, as rank 0's copy for its write
             return
         window_lo = self.step - self.health_window
         anomalies = sum(1 for s in self.anomaly_steps if window_lo < s <= self.step)

@@ -418,3 +418,44 @@ def test_a_failed_staging_copy_fails_its_write_not_the_training_step(tmp_path, m
     snap.model = w.stage("model", model.state_dict(), until=opt)  # the writer goes on
     w.submit(snap)
     assert w.wait() is not None and w.wait().step == 3
+
+
+def test_copy_staged_makes_the_deferred_copy_in_the_writer_thread_without_a_write(tmp_path, monkeypatch):
+    """A rank that keeps its own copy of a checkpoint another rank writes: the copy runs in the
+    writer thread (the optimizer's step finds it done), holds the staged state, and nothing is
+    written; a failed copy is raised by the next wait."""
+    import threading
+    import time
+
+    from trainguard.workers.runtime import checkpoint as ck
+
+    real, threads = ck._copy_pairs, []
+
+    def recording(pairs):
+        threads.append(threading.current_thread().name)
+        real(pairs)
+
+    monkeypatch.setattr(ck, "_copy_pairs", recording)
+    model, opt = _model_and_optimizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = CheckpointWriter(tmp_path, asynchronous=True, keep_last=5)
+    kept = w.stage("model", model.state_dict(), until=opt)
+    w.copy_staged()
+    deadline = time.monotonic() + 10
+    while not threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert threads == ["ckpt-write"]  # not the training thread (its pre-step hook would have made it)
+    assert all(torch.equal(kept[k], before[k]) for k in before)
+    assert not torch.equal(model[0].weight.detach(), before["0.weight"])
+    assert w.wait() is None and list_checkpoints(stage_root(tmp_path, "r1", "pretrain")) == []
+
+    def broken(pairs):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(ck, "_copy_pairs", broken)
+    w.stage("model", model.state_dict(), until=opt)
+    w.copy_staged()
+    with pytest.raises(CheckpointError, match="copy failed"):
+        w.wait()
