@@ -134,7 +134,7 @@ def _spike_pair(ctx: Context, at: int) -> tuple[tuple[float, int], tuple[float, 
         for g in groups:
             g.shutdown()
     # the budget's parts, from this run: its step time before the spike, and a verified load of
-    # the same checkpoint (read, sha256 of every file against the reported hashes, torch.load)
+    # the same checkpoint (read, BLAKE3 of every file against the reported hashes, torch.load)
     step_s = statistics.median(float(r["step_seconds"]) for r in steps() if int(r["step"]) < at and "step_seconds" in r)
     loads = []
     for _ in range(3):

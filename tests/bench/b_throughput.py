@@ -4,7 +4,7 @@ Ours: the real `Harness` (workers/runtime/harness.py), one rank, in-process, as 
 runs it: the exporter's HTTP server serving /metrics and /history while a scraper reads
 both every 0.5 s from a process of its own (as the embedded supervisor does), the guard, the control inbox's
 agreement at every step boundary, fault hooks, per-step metrics, history ring buffer and
-JSONL log, and **checkpoints** (asynchronous writer, `every` steps, sha256 manifest,
+JSONL log, and **checkpoints** (asynchronous writer, `every` steps, BLAKE3 manifest,
 retention) — their stalls fall inside the timed window. Evaluation is pushed past the
 measured steps (a bare loop has none to compare with); the stage's final evaluation and
 final checkpoint, after the last step, are outside the window.
