@@ -1,5 +1,9 @@
 """Annotated dependencies: the session, the controller, the caller's role, the run in the path.
 
+The settings, controller and role checks are `async def`: they only compare tokens and read
+app state, so they run on the event loop instead of costing a threadpool hop each per request.
+The session stays a sync dependency (closing it may wait on the database).
+
 Roles: viewer < operator (operator may also read). The webhook token is valid
 for POST /alerts only. A missing or unknown token is 401 (with
 WWW-Authenticate); a known token without the role is 403.
@@ -46,7 +50,7 @@ class Principal:
         return self.role
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -55,7 +59,7 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_controller(request: Request) -> ControllerPort:
+async def get_controller(request: Request) -> ControllerPort:
     return request.app.state.controller
 
 
@@ -90,22 +94,22 @@ def _authorize(settings: Settings, creds: HTTPAuthorizationCredentials | None, a
     return Principal(role)
 
 
-def require_viewer(settings: SettingsDep, creds: Credentials) -> Principal:
+async def require_viewer(settings: SettingsDep, creds: Credentials) -> Principal:
     return _authorize(settings, creds, ("viewer", "operator"))
 
 
-def require_operator(settings: SettingsDep, creds: Credentials) -> Principal:
+async def require_operator(settings: SettingsDep, creds: Credentials) -> Principal:
     return _authorize(settings, creds, ("operator",))
 
 
-def require_webhook(settings: SettingsDep, creds: Credentials) -> Principal:
+async def require_webhook(settings: SettingsDep, creds: Credentials) -> Principal:
     return _authorize(settings, creds, ("webhook",))
 
 
 def require_viewer_for(setting: str):
     """A dependency asking for the viewer token only while `settings.<setting>` is true."""
 
-    def dep(settings: SettingsDep, creds: Credentials) -> Principal | None:
+    async def dep(settings: SettingsDep, creds: Credentials) -> Principal | None:
         if not getattr(settings, setting):
             return None
         return _authorize(settings, creds, ("viewer", "operator"))

@@ -24,6 +24,7 @@ from trainguard.service.db.models import (
     OPEN_OUTCOMES,
     PROPOSAL_STATES,
     RECOVERY_MODES,
+    RUN_LIST_VERSION_ID,
     RUN_STATES,
     STAGE_STATES,
     Checkpoint,
@@ -31,6 +32,7 @@ from trainguard.service.db.models import (
     Incident,
     Proposal,
     Run,
+    RunListVersion,
     RunStage,
     utcnow,
 )
@@ -41,7 +43,9 @@ __all__ = [
     "create_run",
     "get_run",
     "list_runs",
+    "list_run_rows",
     "count_runs",
+    "run_list_version",
     "set_run_state",
     "update_run",
     "get_stage",
@@ -153,6 +157,20 @@ def count_runs(session: Session, *, state: str | None = None) -> int:
     if state is not None:
         q = q.where(Run.state == _value(state))
     return session.exec(q).one()
+
+
+_RUN_LIST_VERSION = sa.select(RunListVersion.__table__.c.epoch, RunListVersion.__table__.c.version).where(  # type: ignore[attr-defined]
+    RunListVersion.__table__.c.id == RUN_LIST_VERSION_ID  # type: ignore[attr-defined]
+)
+
+
+def run_list_version(connection: sa.Connection) -> tuple[str, int] | None:
+    """(epoch, version) of the `run` table: it changes with every committed write to `run`, by
+    any process (database triggers, migration 0005, bump it in the writer's own transaction), so
+    two reads that return the same pair saw the same runs. None when the row is missing: then
+    nothing may be cached. Read it before the rows it vouches for."""
+    row = connection.execute(_RUN_LIST_VERSION).first()
+    return None if row is None else (str(row[0]), int(row[1]))
 
 
 def set_run_state(session: Session, *, run: Run, state: str, actor: str, reason: str | None = None) -> Run:

@@ -141,6 +141,29 @@ class RunsPublic(SQLModel):
     count: int
 
 
+RUN_LIST_VERSION_ID = 1  # the one row of run_list_version
+
+
+class RunListVersion(SQLModel, table=True):
+    """One row: a version of the `run` table, for GET /runs' page cache (service/api/routes/runs.py).
+
+    Database triggers (migration 0005; SQLite and PostgreSQL) add 1 to `version` in the same
+    transaction as every INSERT, UPDATE or DELETE on `run`, whoever makes it (any process, any
+    code path, hand-written SQL), so a reader that sees a version also sees every run write
+    committed before it. `epoch` is random, set when the row is created: a store rebuilt under a
+    running API (downgrade + upgrade) never repeats an (epoch, version) pair it served.
+
+    A later migration that recreates `run` (SQLite batch mode copies the table) drops its
+    triggers and must create them again; tests/integration/store/test_run_list_version.py
+    fails if they are gone."""
+
+    __tablename__ = "run_list_version"
+
+    id: int = Field(primary_key=True)
+    epoch: str
+    version: int = Field(sa_type=sa.BigInteger)
+
+
 # --- stages ---------------------------------------------------------------------------
 
 
@@ -206,7 +229,8 @@ class Checkpoint(CheckpointBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(foreign_key="run.id", index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    # What the worker reported when it wrote the checkpoint: {file: {"sha256", "bytes"}}. The trust
+    # What the worker reported when it wrote the checkpoint: {file: {"blake3", "bytes"}} ("sha256"
+    # instead of "blake3" for checkpoints written before BLAKE3; both verify). The trust
     # anchor: bytes read back are checked against these, never against the manifest in the folder.
     files: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
 

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response, status
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from trainguard.service.access import check_pipeline_access
 from trainguard.service.api.deps import ControllerDep, OperatorDep, RunDep, SessionDep, SettingsDep, ViewerDep
@@ -78,28 +84,117 @@ def submit_run(
     return _detail(session, run)
 
 
-@router.get("", response_model=RunsPublic)
-def list_runs(
-    _: ViewerDep,
-    session: SessionDep,
-    limit: Limit = 100,
-    offset: Offset = 0,
-    state: RunStateName | None = None,
-):
-    """Newest first. Answered as RunsPublic, built without parsing any run's stored spec: each
-    row's fields are serialised by RunPublic's own serialiser, the spec text spliced in as stored
-    (the validated PipelineSpec's JSON). A page of 100 runs costs a few milliseconds instead of
-    a parse and a re-serialisation of every spec (tests/bench api_latency)."""
-    rows = crud.list_run_rows(session, limit=limit, offset=offset, state=state)
+PageKey = tuple[int, int, str | None]  # limit, offset, state: everything a page depends on
+
+
+class RunPageCache:
+    """Serialised GET /runs pages of one store, valid while the store's run-list version
+    (crud.run_list_version: (epoch, version), bumped by database triggers with every committed
+    write to `run`, from any process) is the one they were built under.
+
+    A page is keyed by its query (limit, offset, state); the answer depends on nothing else: every
+    caller allowed to list runs (viewer or operator) sees every run, and the auth dependency has
+    answered before the cache is asked. Entries built under another version are dropped when a
+    page of a new version is stored. At most `max_bytes` of bodies are kept (least recently used
+    dropped first). Thread-safe: pages are read and built in the threadpool."""
+
+    def __init__(self, engine: Engine, *, max_bytes: int = 32 << 20) -> None:
+        self.engine = engine
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._version: tuple[str, int] | None = None
+        self._pages: OrderedDict[PageKey, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, version: tuple[str, int], key: PageKey) -> bytes | None:
+        with self._lock:
+            if version != self._version:
+                return None
+            body = self._pages.get(key)
+            if body is not None:
+                self._pages.move_to_end(key)
+            return body
+
+    def put(self, version: tuple[str, int], key: PageKey, body: bytes) -> None:
+        """Store `body`, built from rows read after `version` was read (so it is that version's
+        page or a newer one's: never older)."""
+        if len(body) > self.max_bytes:
+            return
+        with self._lock:
+            if version != self._version:
+                current = self._version
+                if current is not None and current[0] == version[0] and current[1] > version[1]:
+                    return  # built under an older version than the entries kept: keep those
+                self._version, self._bytes = version, 0
+                self._pages.clear()
+            old = self._pages.pop(key, None)
+            self._bytes += len(body) - (len(old) if old is not None else 0)
+            self._pages[key] = body
+            while self._bytes > self.max_bytes:
+                _, dropped = self._pages.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+def _page_cache(request: Request) -> RunPageCache | None:
+    """The app's page cache (made on first use; event-loop thread only), or None for a store whose
+    one connection every session shares (in-memory SQLite): there a reader can see a writer's
+    uncommitted rows and version, and a rollback would leave them cached."""
+    state = request.app.state
+    engine: Engine = state.engine
+    if isinstance(engine.pool, (StaticPool, SingletonThreadPool)):
+        return None
+    cache: RunPageCache | None = getattr(state, "run_page_cache", None)
+    if cache is None or cache.engine is not engine:
+        cache = state.run_page_cache = RunPageCache(engine)
+    return cache
+
+
+def _serialise_page(rows: list[dict[str, object]], count: int) -> bytes:
+    """RunsPublic's JSON without parsing any run's stored spec: each row's fields are serialised by
+    RunPublic's own serialiser, the spec text spliced in as stored (the validated PipelineSpec's
+    JSON)."""
     items = []
     for row in rows:
-        spec = row.pop("spec").encode()
+        spec = str(row.pop("spec")).encode()
         # store rows: constructed without validation; the spec (excluded here) is spliced in
         head = RunPublic.model_construct(**row).model_dump_json(exclude={"spec"}).encode()
         items.append(head[:-1] + b',"spec":' + spec + b"}")
-    count = crud.count_runs(session, state=state)
-    return Response(b'{"data":[' + b",".join(items) + b'],"count":' + str(count).encode() + b"}",
-                    media_type="application/json")
+    return b'{"data":[' + b",".join(items) + b'],"count":' + str(count).encode() + b"}"
+
+
+def _runs_page(engine: Engine, cache: RunPageCache | None, key: PageKey) -> bytes:
+    limit, offset, state = key
+    with engine.connect() as conn:
+        version = crud.run_list_version(conn) if cache is not None else None
+        if cache is not None and version is not None:
+            body = cache.get(version, key)
+            if body is not None:
+                return body
+        # the rows are read after the version: the page is that version's or newer
+        with Session(bind=conn) as session:
+            rows = crud.list_run_rows(session, limit=limit, offset=offset, state=state)
+            count = crud.count_runs(session, state=state)
+    body = _serialise_page(rows, count)
+    if cache is not None and version is not None:
+        cache.put(version, key, body)
+    return body
+
+
+@router.get("", response_model=RunsPublic)
+async def list_runs(
+    _: ViewerDep,
+    request: Request,
+    limit: Limit = 100,
+    offset: Offset = 0,
+    state: RunStateName | None = None,
+) -> Response:
+    """Newest first. Answered as RunsPublic (the body is built without parsing any run's stored
+    spec) from a cache of serialised pages keyed by the query and by a version of the `run` table
+    that every committed write to it changes, from any process (RunPageCache): a page costs one
+    version query while no run changed, a few milliseconds otherwise (tests/bench api_latency)."""
+    key: PageKey = (limit, offset, state)
+    body = await run_in_threadpool(_runs_page, request.app.state.engine, _page_cache(request), key)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{run_id}", response_model=RunDetailPublic)

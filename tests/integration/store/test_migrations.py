@@ -15,7 +15,7 @@ from trainguard.service.db.engine import alembic_config
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"run", "run_stage", "checkpoint", "incident", "event", "proposal"}
+TABLES = {"run", "run_stage", "checkpoint", "incident", "event", "proposal", "run_list_version"}
 
 
 def test_upgrade_head_on_empty_db_creates_the_models_tables(database_url):
