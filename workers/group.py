@@ -1005,18 +1005,10 @@ class WarmPool:
     Each spare is pinned (hard node affinity) to a node with CPUs, spread over those nodes, so
     its node is known from the start: a gang-scheduled group takes, for each of its bundles, a
     spare on that bundle's node (`take_on_nodes`).
-
-    Spares taken are replaced `refill_delay_s` later ($TRAINGUARD_WARM_REFILL_DELAY_S, default
-    5): a new spare's process start, imports and warm-up take ~2 s of CPU, which a replacement
-    started at once took from the group that had just taken the spares, during its start (on
-    this project's 2-core machine, its checkpoint load went from 15 ms to ~0.9 s).
     """
 
-    def __init__(self, size: int, refill_delay_s: float | None = None) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
-        self.refill_delay_s = (float(os.environ.get("TRAINGUARD_WARM_REFILL_DELAY_S", "5"))
-                               if refill_delay_s is None else refill_delay_s)
-        self._timer: threading.Timer | None = None
         # (actor, its warm() ref: resolves to its node id, the node it was pinned to or None)
         self._idle: list[tuple[Any, Any, str | None]] = []
         self._lock = threading.Lock()
@@ -1043,7 +1035,7 @@ class WarmPool:
         self._put_back(rest)
         out: list[tuple[Any, str | None]] = [(a, node) for a, _, node in got]
         out += [(TrainWorker.remote(), None) for _ in range(n - len(out))]
-        self.refill_later()
+        self.refill()
         return out
 
     def take_on_nodes(self, nodes: list[str | None]) -> list[tuple[Any | None, str | None]]:
@@ -1055,27 +1047,8 @@ class WarmPool:
             i = next((k for k, (_, _, node) in enumerate(usable) if want is not None and node == want), None)
             out.append((usable.pop(i)[0], want) if i is not None else (None, want))
         self._put_back(usable)
-        self.refill_later()
+        self.refill()
         return out
-
-    def refill_later(self) -> None:
-        """`refill` once `refill_delay_s` passed (at once when it is 0); one pending at a time."""
-        if self.refill_delay_s <= 0:
-            self.refill()
-            return
-        with self._lock:
-            if self._timer is not None and self._timer.is_alive():
-                return
-            self._timer = threading.Timer(self.refill_delay_s, self._refill_quietly)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _refill_quietly(self) -> None:
-        try:
-            if ray.is_initialized():
-                self.refill()
-        except Exception as e:  # noqa: BLE001 - Ray going down: the next take refills
-            log.warning("warm pool: refill failed: %s", e)
 
     def refill(self) -> None:
         with self._lock:
@@ -1094,9 +1067,6 @@ class WarmPool:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = [a for a, _, _ in self._idle], []
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
         for a in idle:
             try:
                 ray.kill(a, no_restart=True)
