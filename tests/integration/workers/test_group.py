@@ -187,3 +187,20 @@ def test_a_reattached_group_stops_although_its_old_supervisor_reached_only_one_r
         use_detached_groups(False)
         warm_pool().close()
         reap_detached_actors()
+
+
+def test_the_pool_replaces_the_spares_a_group_took_once_every_rank_is_past_its_start(ray_session, tmp_path, groups):
+    """Replacements started at once took the CPU from the group starting beside them: the pool
+    refills when the group's poll finds every rank has trained a step, not when spares are taken."""
+    from trainguard.workers.group import warm_pool
+
+    pool = warm_pool()
+    pool.refill()
+    wait_for(lambda: pool.idle() == pool.size, 120, what="the pool full")
+    g = _group(groups, tmp_path, tiny_pipeline(steps=400, world_size=2, step_delay=0.02))
+    assert pool.idle() == pool.size - 2  # taken, not yet replaced
+    p = _until(g, ("running",))
+    wait_for(lambda: pool.idle() == pool.size, 120, what="the pool refilled")
+    assert all(r["state"] == "running" and r["step"] >= 1 for r in _poll(g)["ranks"]), p
+    g.control(ControlKind.STOP)
+    _until(g, ("stopped",))

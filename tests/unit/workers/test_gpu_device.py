@@ -90,7 +90,7 @@ class FakePool:
     def take(self, n: int) -> list[FakeActor]:
         return [FakeActor() for _ in range(n)]
 
-    def take_on_nodes(self, nodes: list) -> list:
+    def take_on_nodes(self, nodes: list, *, refill: bool = True) -> list:
         return [(FakeActor(), n) for n in nodes]  # a warm spare on every bundle's node
 
 

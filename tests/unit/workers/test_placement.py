@@ -49,11 +49,15 @@ class FakePool:
     def __init__(self, spares: dict[str, int]) -> None:
         self.spares = dict(spares)
         self.asked: list[list[str | None]] = []
+        self.refills = 0
 
     def __call__(self) -> "FakePool":
         return self
 
-    def take_on_nodes(self, nodes):
+    def refill(self) -> None:
+        self.refills += 1
+
+    def take_on_nodes(self, nodes, *, refill=True):
         self.asked.append(list(nodes))
         out = []
         for n in nodes:
@@ -93,7 +97,9 @@ def test_a_cpu_group_reserves_a_bundle_per_rank_and_takes_the_spares_on_the_bund
     assert g._spare_nodes == {0: "n1", 1: "n2"}
     assert [kw["use_gpu"] for a in g._actors for name, _, kw in a.calls if name == "configure"] == [False, False]
     pg = g._pg
+    assert pool.refills == 0  # not while the group starts: once it is up, or (here) when it ends first
     g.shutdown()
+    assert pool.refills == 1
     assert removed == [pg]  # the CPUs go back when the group ends
 
 
@@ -102,7 +108,7 @@ def test_zero_cpus_per_rank_turns_gang_scheduling_off(tmp_path, monkeypatch):
         def __call__(self):
             return self
 
-        def take_with_nodes(self, n):
+        def take_with_nodes(self, n, *, refill=True):
             return [(FakeActor(), None) for _ in range(n)]
 
     FakeTrainWorker.created = []
