@@ -662,11 +662,16 @@ class Harness:
         return rec
 
     def _finish_step(self, rec: dict[str, Any]) -> None:
-        self.exporter.record(rec)
+        text = self.exporter.record_json(rec)  # the record's JSON, as /history serves it
         if self._log is not None:
             # the log also names the global samples this rank trained on (a pure function of the
-            # batch index; written out so a reader needs no trainguard to check what was trained)
-            self._log.write(json.dumps({**rec, "samples": self.sample_range(rec["batch_index"])}) + "\n")
+            # batch index; written out so a reader needs no trainguard to check what was trained):
+            # json.dumps({**rec, "samples": ...}), from the record's JSON text
+            samples = self.sample_range(rec["batch_index"])
+            if "samples" in rec:
+                self._log.write(json.dumps({**rec, "samples": samples}) + "\n")
+            else:
+                self._log.write(f'{text[:-1]}, "samples": {json.dumps(samples)}}}\n')
         # the heartbeat goes last: a step counts as finished once its record is out
         self.exporter.set(MetricName.LAST_STEP_TS, time.time())
 
