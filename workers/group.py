@@ -1231,7 +1231,7 @@ def _kill(actor: Any) -> None:
 
 
 _POOL: WarmPool | None = None
-REFILL_FALLBACK_S = 30.0  # a group that took spares refills the pool once up; this, at the latest
+REFILL_FALLBACK_S = 5.0  # a group that took spares refills the pool once up; this, at the latest (an unpolled one)
 
 
 def warm_pool() -> WarmPool:
