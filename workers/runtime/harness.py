@@ -223,8 +223,7 @@ class MemoryCopy:
     """A checkpoint's training state as this rank staged it, kept in host memory for a rollback
     (`Harness.rollback`): what loading the checkpoint's files would give this rank."""
 
-    step: int
-    path: str  # where rank 0 writes the same checkpoint
+    step: int  # rank 0 writes the same checkpoint to checkpoint_path(root, run, stage, step)
     model: dict[str, Any]  # in the writer's staging buffers (complete once `writer.wait_staging()` returned)
     optimizer: dict[str, Any]
     extra: Any
@@ -520,7 +519,8 @@ class Harness:
         """This rank's copy of the checkpoint `ref` names, if it holds one. Rank 0 also checks that
         `ref` names what it wrote (the same hashes): a path alone could name a checkpoint of an
         abandoned timeline, and the other ranks go by rank 0's answer (`rollback`)."""
-        m = next((m for m in self._memory.values() if m.path == ref.path), None)
+        m = next((m for m in self._memory.values()
+                  if checkpoint_path(self.writer.root, self.run_id, self.stage_name, m.step) == ref.path), None)
         if m is not None and self.rank == 0:
             with self._written_lock:
                 own = self.own.get(ref.path)
@@ -789,9 +789,8 @@ class Harness:
 
     def _remember(self, slot: int, model: dict[str, Any], optimizer: dict[str, Any], *, extra: Any,
                   rng: dict[str, Any], state: dict[str, Any]) -> None:
-        self._memory[slot] = MemoryCopy(
-            step=self.step, path=checkpoint_path(self.writer.root, self.run_id, self.stage_name, self.step),
-            model=model, optimizer=optimizer, extra=extra, rng=rng, state=copy.deepcopy(state))
+        self._memory[slot] = MemoryCopy(step=self.step, model=model, optimizer=optimizer, extra=extra, rng=rng,
+                                        state=copy.deepcopy(state))
 
     def _checkpoint_group(self) -> Any:
         """DCP saves and loads run on a gloo group of their own: an async save's collectives run
