@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     """Caps the hang detector's floor: a rank counts as hung when its last finished step (not
     paused) is older than max(floor, 5 x the longest recent step gap, 10 x the median gap), with
     floor = min(this, max(10 s, 100 x the median gap)) (docs/internals.md, "Liveness detectors")."""
+    hang_idle_floor: float = Field(HangConfig().idle_floor_s, ge=0.0, le=86400.0)
+    """The floor instead, while every rank's worker process has been idle (neither running nor
+    waiting to run: workers/runtime/busy.py) for a second: a hung step loop and its peers blocked
+    in a collective are found within ~1-2 s instead of the 10 s least floor. Embedded path only
+    (Prometheus does not carry the reading). 0: off."""
     startup_grace: float = Field(DEFAULT_STARTUP_GRACE_S, gt=0.0, le=86400.0)
     """Seconds a freshly started worker group may take to its first step before a hang is declared."""
 

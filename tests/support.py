@@ -101,4 +101,6 @@ class StageSignalsStub:
         self.last_step = records[-1]["step"] if records else 0
         self.started_at = self.resumed_at = 0.0
         self.ranks = [0]
+        self.steps = max((int(r["step"]) for r in records), default=0)
+        self.idle: dict[int, float] = {}
 

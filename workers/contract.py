@@ -66,6 +66,10 @@ class MetricName:
     GPU_XID = "trainguard_gpu_xid_errors"  # counter: trainguard_gpu_xid_errors_total, from 0 at the worker's start
     GPU_ECC = "trainguard_gpu_ecc_errors"  # counter: trainguard_gpu_ecc_errors_total, from 0 at the worker's start
     WORKER_PAUSED = "trainguard_worker_paused"
+    # counter: trainguard_process_busy_seconds_total, seconds the worker process's threads ran or
+    # waited to run (Linux schedstat, summed over threads; workers/runtime/busy.py). Absent
+    # where the kernel gives no schedstat
+    PROCESS_BUSY = "trainguard_process_busy_seconds"
     # supervisor side
     INCIDENTS = "trainguard_incidents"  # counter{run,stage,kind}
     ROLLBACKS = "trainguard_rollbacks"  # counter{run,stage}

@@ -9,6 +9,7 @@ Two implementations behind one Protocol, so the detectors see the same series:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,7 @@ _GPU_XID_TOTAL = MetricName.GPU_XID + "_total"
 _GPU_ECC_TOTAL = MetricName.GPU_ECC + "_total"
 _STEP_SECONDS_SUM = MetricName.STEP_SECONDS + "_sum"
 _STEP_SECONDS_COUNT = MetricName.STEP_SECONDS + "_count"
+_PROCESS_BUSY_TOTAL = MetricName.PROCESS_BUSY + "_total"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class Snapshot:
     last_step_time: float | None = None  # heartbeat (unix seconds)
     step: int | None = None
     paused: bool = False
+    # the worker process's busy counter (ran or waited to run, workers/runtime/busy.py) and when
+    # it was read (unix seconds); None where it was not read live (Prometheus) or is not exported
+    busy_seconds: float | None = None
+    read_at: float | None = None
 
 
 class MetricsSource(Protocol):
@@ -76,6 +82,8 @@ def _counters_from_samples(samples: list[tuple[str, dict[str, str], float]], sna
             snap.step = int(value)
         elif name == MetricName.WORKER_PAUSED:
             snap.paused = value >= 1
+        elif name == _PROCESS_BUSY_TOTAL:
+            snap.busy_seconds = value
 
 
 class DirectScrapeSource:
@@ -97,7 +105,7 @@ class DirectScrapeSource:
         except (httpx.HTTPError, ValueError) as e:
             log.debug("scrape of %s failed: %s", t, e)
             return Snapshot(reachable=False)
-        snap = Snapshot(reachable=True)
+        snap = Snapshot(reachable=True, read_at=time.time())
         records = hist.json()
         if records:
             self._seq[t] = max(int(r["seq"]) for r in records)

@@ -72,9 +72,10 @@ class WatchConfig:
 
     @classmethod
     def from_settings(cls, settings: Any) -> "WatchConfig":
-        """The deployment's overrides (service/config.py `Settings`): hang timeout, start-up grace,
+        """The deployment's overrides (service/config.py `Settings`): hang timeout and idle floor, start-up grace,
         Prometheus as the source. Every other threshold keeps its documented default."""
-        return cls(hang=replace(detectors.HangConfig(), timeout_s=float(settings.hang_timeout)),
+        return cls(hang=replace(detectors.HangConfig(), timeout_s=float(settings.hang_timeout),
+                                idle_floor_s=float(settings.hang_idle_floor)),
                    startup_grace=float(settings.startup_grace), sparse=bool(settings.prometheus_url))
 
 
@@ -101,6 +102,10 @@ class StageSignals(Protocol):
     def resumed_at(self) -> float: ...
     @property
     def ranks(self) -> Sequence[int]: ...
+    @property
+    def steps(self) -> int: ...  # the stage's last step
+    @property
+    def idle(self) -> Mapping[int, float]: ...  # rank -> seconds its process has been idle (only ranks idle now)
 
 
 def _samples(records: Sequence[Record], key: str) -> list[Sample]:
@@ -369,9 +374,11 @@ def _hang(signals: StageSignals, cfg: WatchConfig, now: float) -> Finding | None
             beats[rank] = Sample(0, signals.started_at, signals.started_at)
     if not beats:
         return None
+    # the idle signal only while steps remain: a group past its last step waits for its driver
+    idle = signals.idle if all(b.step < signals.steps for b in beats.values()) else None
     # the threshold comes from the gaps between rank 0's steps, never across a group start or a resume
     return detectors.detect_hang(beats, now, cfg.hang, gaps=lambda: detectors.step_gaps(
-        signals.records.get(0, ()), breaks=(signals.started_at, signals.resumed_at)))
+        signals.records.get(0, ()), breaks=(signals.started_at, signals.resumed_at)), idle=idle)
 
 
 def alert_finding(signals: StageSignals, kind: str, labels: Mapping[str, str], cfg: WatchConfig) -> Finding | None:

@@ -138,6 +138,9 @@ class Watch:
             self._counters(active, t.rank, snap, series)
             if snap.last_step_time is not None:
                 active.heartbeat[t.rank] = snap.last_step_time
+            if snap.busy_seconds is not None and snap.read_at is not None:
+                active.observe_busy(t.rank, snap.last_step_time, snap.read_at, snap.busy_seconds,
+                                    self.config.hang.idle_fraction)
             (active.paused_ranks.add if snap.paused else active.paused_ranks.discard)(t.rank)
 
     @staticmethod

@@ -78,6 +78,10 @@ class ActiveStage:
     held_by_proposal: bool = False  # its group finished while an approve-mode proposal waited
     world_size: int | None = None  # ranks of its current worker group (an elastic stage's may be fewer)
     declared_world_size: int | None = None  # the stage's world_size in the spec
+    # rank -> (heartbeat, read at, busy seconds) of its process's latest busy reading, and the
+    # time since which it has been idle (workers/runtime/busy.py; the hang rule's second signal)
+    busy: dict[int, tuple[float | None, float, float]] = field(default_factory=dict)
+    idle_since: dict[int, float] = field(default_factory=dict)
     # what the last evaluation of these buffers found nothing in (evaluate.py `_sample_findings`)
     eval_memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -90,6 +94,22 @@ class ActiveStage:
     @property
     def ranks(self) -> list[int]:
         return [t.rank for t in self.targets]
+
+    @property
+    def idle(self) -> dict[int, float]:
+        """Rank -> seconds its worker process has been idle, by its latest reading (ranks idle now)."""
+        return {r: self.busy[r][1] - since for r, since in self.idle_since.items() if r in self.busy}
+
+    def observe_busy(self, rank: int, heartbeat: float | None, at: float, busy: float, fraction: float) -> None:
+        """A reading of the rank's busy counter at `at` (unix seconds): idle since the previous
+        reading when the process was busy for at most `fraction` of the interval between them
+        and no step finished meanwhile (the heartbeat did not move)."""
+        prev = self.busy.get(rank)
+        self.busy[rank] = (heartbeat, at, busy)
+        if prev is None or prev[0] != heartbeat or at <= prev[1] or busy - prev[2] > fraction * (at - prev[1]):
+            self.idle_since.pop(rank, None)
+        else:
+            self.idle_since.setdefault(rank, prev[1])
 
     def series(self, rank: int) -> deque[dict[str, Any]]:
         """The rank's record buffer (a RecordBuffer: its metrics' samples are kept as records
@@ -120,6 +140,8 @@ class ActiveStage:
             while series and (resumed_at_step is None or int(series[-1]["step"]) > resumed_at_step):
                 series.pop()
         self.heartbeat.clear()
+        self.busy.clear()
+        self.idle_since.clear()
         self.counter_series.clear()
         self.group_first_step = None
         self.went_back(resumed_at_step)

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
@@ -23,6 +24,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from trainguard.workers.contract import STAGE_METRIC_NAMES, WORKER_LABELS, AnomalyKind, MetricName
+from trainguard.workers.runtime.busy import ProcessBusy
+from trainguard.workers.runtime.busy import available as busy_available
 from trainguard.workers.runtime.gpu import GpuHealth
 
 __all__ = ["Exporter", "STAGE_GAUGES", "CHECKPOINT_STALL"]
@@ -60,6 +63,30 @@ class _GpuCollector:
         ecc = CounterMetricFamily(MetricName.GPU_ECC, "GPU uncorrected ECC errors", labels=names)
         ecc.add_metric(values, s.ecc_errors)
         return [util, mem, xid, ecc]
+
+
+# the busy counter is read afresh only this long after the last step: while steps come the
+# heartbeat says enough, and a read (two small files per thread) is not worth its CPU then
+BUSY_AFTER_S = 0.2
+
+
+class _BusyCollector:
+    """trainguard_process_busy_seconds_total (workers/runtime/busy.py), read at scrape time
+    once the step loop has been quiet for BUSY_AFTER_S; before that the previous reading (a
+    counter that lags while steps come, never one that runs ahead)."""
+
+    def __init__(self, exporter: "Exporter") -> None:
+        self.exporter = exporter
+        self.busy = ProcessBusy()
+        self.value: float | None = None
+
+    def collect(self) -> Iterable[Any]:
+        if self.value is None or time.time() - self.exporter.last_step_time() >= BUSY_AFTER_S:
+            self.value = self.busy.seconds()
+        c = CounterMetricFamily(MetricName.PROCESS_BUSY, "seconds the worker process's threads ran or waited to run",
+                                labels=list(WORKER_LABELS))
+        c.add_metric(list(self.exporter.labels), self.value)
+        return [c]
 
 
 class _Registry(CollectorRegistry):
@@ -216,6 +243,8 @@ class Exporter:
         self.gpu = gpu
         if gpu is not None:
             r.register(_GpuCollector(gpu, self.labels))
+        if busy_available():
+            r.register(_BusyCollector(self))
         # [seq, record, its JSON text or None until first needed]: a record is final once recorded
         self._history: deque[list[Any]] = deque(maxlen=history_size)
         self._hlock = threading.Lock()
@@ -231,6 +260,10 @@ class Exporter:
             child = self._children[name] = self._gauges[name].labels(*self.labels)
         child.set(value)
         self._changed[name] = next(self._tick)
+
+    def last_step_time(self) -> float:
+        """The heartbeat: unix time of the last finished step (0 before the first)."""
+        return float(self._children[MetricName.LAST_STEP_TS]._value.get())
 
     def set_stage_metrics(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

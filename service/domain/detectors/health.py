@@ -58,12 +58,28 @@ class HangConfig:
     ten of its steps)."""
     window: int = 400
     """Most recent gaps the statistics use (the supervisor buffers 400 steps per rank)."""
+    idle_floor_s: float = 1.0
+    """The floor instead of min_timeout_s while every rank of the group is idle (the second
+    signal: its worker process neither runs nor waits to run, workers/runtime/busy.py) for at
+    least `idle_window_s`. A loaded machine's stalls leave threads runnable (waiting in the run
+    queue counts as busy), so they never satisfy it; a hung step loop and its peers blocked in
+    the next collective do. The gap and step-time terms still apply. 0: off (the heartbeat
+    alone, as on the Prometheus path, which has no such reading)."""
+    idle_window_s: float = 1.0
+    """How long every rank must have been idle before `idle_floor_s` applies."""
+    idle_fraction: float = 0.5
+    """A rank is idle over an interval between two readings when its process was busy (ran or
+    waited to run) for at most this fraction of it. One runnable thread alone counts 1.0 however
+    loaded the machine (its run-queue wait counts); a hung worker's own background threads (Ray's
+    core worker, gloo's loop, the scrapes) measured 0.05-0.2 on the 2-core CI machine under load."""
 
     def __post_init__(self) -> None:
         if min(self.timeout_s, self.min_timeout_s, self.floor_factor, self.gap_factor, self.step_time_factor) <= 0:
             raise ValueError("timeout_s, min_timeout_s and the factors must be > 0")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.idle_floor_s < 0 or self.idle_window_s < 0 or not 0 < self.idle_fraction < 1:
+            raise ValueError("idle_floor_s, idle_window_s must be >= 0 and 0 < idle_fraction < 1")
 
 
 def step_gaps(records: Iterable[Mapping[str, Any]], breaks: Iterable[float] = ()) -> list[float]:
@@ -99,20 +115,25 @@ def _break_between(cuts: Sequence[float], a: float, b: float) -> bool:
     return i < len(cuts) and cuts[i] <= b
 
 
-def hang_threshold(gaps: Sequence[float], cfg: HangConfig = HangConfig()) -> float:
+def hang_threshold(gaps: Sequence[float], cfg: HangConfig = HangConfig(), *, idle: bool = False) -> float:
     """Seconds without a step before a rank counts as hung, given the group's recent step gaps
-    (`step_gaps`); `cfg.timeout_s` when there are none yet."""
+    (`step_gaps`); `cfg.timeout_s` when there are none yet. `idle`: every rank of the group has
+    been idle for `cfg.idle_window_s` (the floor is then `cfg.idle_floor_s`)."""
     recent = sorted(g for g in gaps[-cfg.window :] if math.isfinite(g) and g > 0)
     if not recent:
         return cfg.timeout_s
     median = statistics.median(recent)
-    floor = min(cfg.timeout_s, max(cfg.min_timeout_s, cfg.floor_factor * median))
+    if idle and cfg.idle_floor_s > 0:
+        floor = min(cfg.timeout_s, cfg.idle_floor_s)
+    else:
+        floor = min(cfg.timeout_s, max(cfg.min_timeout_s, cfg.floor_factor * median))
     return max(floor, cfg.gap_factor * recent[-1], cfg.step_time_factor * median)
 
 
 def detect_hang(
     heartbeats: Mapping[int, Sample], now: float, cfg: HangConfig = HangConfig(), *,
     gaps: Sequence[float] | Callable[[], Sequence[float]] | None = None, step_seconds: float | None = None,
+    idle: Mapping[int, float] | None = None,
 ) -> Finding | None:
     """Ranks whose heartbeat is stale at `now` (unix seconds, the caller's clock).
     `heartbeats[rank]` = Sample(step=last finished step, value=its unix time — the gauge
@@ -120,15 +141,20 @@ def detect_hang(
     (`step_gaps`), or a function giving them, called only when a heartbeat is older than the
     least threshold there can be (the watch's usual cycle then reads no history); without
     them a typical `step_seconds` stands for every gap; with neither, the threshold is
-    `cfg.timeout_s`. Do not call for paused runs."""
+    `cfg.timeout_s`. `idle`: rank -> seconds its process has been idle by the latest reading
+    (ranks busy now, or without a reading, absent); when every rank of `heartbeats` has been
+    idle for `cfg.idle_window_s`, the floor is `cfg.idle_floor_s`. Do not call for paused runs."""
     ages = {rank: now - hb.value for rank, hb in heartbeats.items()}
-    if not ages or max(ages.values()) <= min(cfg.timeout_s, cfg.min_timeout_s):
+    all_idle = (idle is not None and cfg.idle_floor_s > 0 and bool(ages)
+                and all(idle.get(r, -1.0) >= cfg.idle_window_s for r in ages))
+    least = min(cfg.timeout_s, cfg.min_timeout_s, *([cfg.idle_floor_s] if all_idle else []))
+    if not ages or max(ages.values()) <= least:
         return None
     if callable(gaps):
         gaps = gaps()
     elif gaps is None:
         gaps = [step_seconds] if step_seconds is not None else []
-    timeout = hang_threshold(gaps, cfg)
+    timeout = hang_threshold(gaps, cfg, idle=all_idle)
     hung = sorted(r for r, age in ages.items() if age > timeout)
     if not hung:
         return None
@@ -141,6 +167,7 @@ def detect_hang(
             "ranks": hung,
             "age_seconds": {str(r): ages[r] for r in hung},
             "threshold": timeout,
+            "idle_seconds": {str(r): idle[r] for r in hung} if all_idle and idle is not None else None,
             "score": max(ages[r] for r in hung),
             "gaps": len(gaps),
             "window": [[heartbeats[r].step, heartbeats[r].value] for r in hung],

@@ -72,12 +72,17 @@ def test_worker_crash_restarts_group_from_newest_good_checkpoint(ray_session, tm
 
 
 def test_hang_is_detected_by_heartbeat_and_restarts(ray_session, tmp_state):
-    spec = tiny_pipeline(steps=70, faults=[{"kind": "hang", "at_step": 35}])
+    """Rank 0 blocks for ever; rank 1 blocks in the next all-reduce. Both processes go idle
+    (workers/runtime/busy.py), so the hang is declared at the idle floor (1 s), not at the
+    heartbeat's floor (hang_timeout 3 s)."""
+    spec = tiny_pipeline(steps=70, world_size=2, faults=[{"kind": "hang", "at_step": 35, "rank": 0}])
     with running_controller(tmp_state, hang_timeout=3.0) as ctl:
         run_id = ctl.submit(spec, actor="test")
         assert wait_state(ctl, run_id) == "completed"
         inc = _only(incidents(ctl, run_id), "hang")[0]
     assert inc.action == "restart" and inc.rollback_to_step == 30
+    assert sorted(inc.evidence["ranks"]) == [0, 1]
+    assert inc.evidence["threshold"] < 3.0 and min(inc.evidence["idle_seconds"].values()) >= 1.0
 
 
 def test_gpu_xid_restarts_group(ray_session, tmp_state):

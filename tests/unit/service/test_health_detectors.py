@@ -9,6 +9,7 @@ a CPU hog: per step and rank, log-normal jitter plus, on ~12% of steps, a rank p
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import random
 
 import pytest
@@ -252,3 +253,64 @@ def test_the_watch_compares_the_ranks_compute_time_step_by_step():
     reported(400)
     (f,) = [f for f in evaluate_stage(active, WatchConfig(), now=1400.5) if f.kind == "straggler"]
     assert f.evidence["rank"] == 1 and f.onset_step >= 348
+
+
+def test_a_hang_with_every_rank_idle_is_found_at_the_idle_floor():
+    """The second signal: every rank's process idle (neither running nor waiting to run) for
+    idle_window_s lowers the floor from min_timeout_s to idle_floor_s; the gap and step-time
+    terms still apply, and one busy rank, a short idle spell or the floor off keep the old rule."""
+    cfg = d.HangConfig(timeout_s=5.0)
+    gaps = [0.06] * 200 + [0.15]  # 60 ms steps, a checkpoint's longer gap
+    beats = {0: Sample(180, 100.0), 1: Sample(180, 100.0)}
+    assert d.hang_threshold(gaps, cfg, idle=True) == pytest.approx(1.0)  # the idle floor (5 x 0.15 s = 0.75 s)
+    assert d.hang_threshold(gaps, cfg) == pytest.approx(5.0)  # min(timeout_s, 10 s)
+    f = d.detect_hang(beats, 101.2, cfg, gaps=gaps, idle={0: 1.1, 1: 1.0})
+    assert f is not None and f.evidence["ranks"] == [0, 1] and f.evidence["threshold"] == pytest.approx(1.0)
+    assert f.evidence["idle_seconds"] == {"0": 1.1, "1": 1.0}
+    assert d.detect_hang(beats, 100.9, cfg, gaps=gaps, idle={0: 1.1, 1: 1.0}) is None  # under the floor
+    assert d.detect_hang(beats, 101.2, cfg, gaps=gaps, idle={0: 1.1}) is None  # rank 1 busy (or unread)
+    assert d.detect_hang(beats, 101.2, cfg, gaps=gaps, idle={0: 1.1, 1: 0.5}) is None  # idle too briefly
+    assert d.detect_hang(beats, 101.2, replace(cfg, idle_floor_s=0.0), gaps=gaps, idle={0: 2.0, 1: 2.0}) is None
+    assert d.detect_hang(beats, 101.2, cfg, gaps=gaps) is None  # no reading: the heartbeat alone
+    assert d.detect_hang(beats, 105.1, cfg, gaps=gaps) is not None
+    # slow steps keep their ten-step allowance, idle or not (a GPU waiting with blocking sync)
+    assert d.detect_hang(beats, 110.0, cfg, gaps=[2.0] * 50, idle={0: 9.0, 1: 9.0}) is None
+    with pytest.raises(ValueError):
+        d.HangConfig(idle_fraction=0.0)
+
+
+def test_the_watch_reads_idleness_from_successive_busy_readings():
+    """ActiveStage.observe_busy: a rank is idle since the first of two readings between which
+    its process stayed under idle_fraction busy with the heartbeat still; a step, a busy
+    interval or a new group clear it. Through evaluate_stage the idle group is hung at the idle
+    floor, and a group past its stage's last step (waiting for its driver) is not."""
+    recs = [{"step": s, "seq": s, "time": 1000.0 + 0.06 * s, "step_seconds": 0.06} for s in range(1, 201)]
+    active = _stage(recs, ranks=2)
+    last = recs[-1]["time"]
+    active.heartbeat = {0: last, 1: last}
+    frac = d.HangConfig().idle_fraction
+    for rank in (0, 1):
+        active.observe_busy(rank, last, last + 0.1, 10.0, frac)
+        active.observe_busy(rank, last, last + 0.6, 10.4, frac)  # 0.4 s busy of 0.5 s: working
+    assert active.idle == {}
+    for rank in (0, 1):
+        active.observe_busy(rank, last, last + 1.1, 10.41, frac)  # 2 %: idle since the reading at +0.6
+    assert active.idle == pytest.approx({0: 0.5, 1: 0.5})
+    cfg = WatchConfig(hang=d.HangConfig(timeout_s=5.0))
+    assert evaluate_stage(active, cfg, now=last + 1.2) == []  # idle only 0.5 s: the 5 s floor holds
+    for rank in (0, 1):
+        active.observe_busy(rank, last, last + 1.7, 10.42, frac)
+    assert active.idle == pytest.approx({0: 1.1, 1: 1.1})
+    (f,) = evaluate_stage(active, cfg, now=last + 1.7)
+    assert f.kind == "hang" and f.evidence["threshold"] == pytest.approx(1.0) and f.evidence["ranks"] == [0, 1]
+    active.steps = 200  # its last step: the group is done, not hung
+    assert evaluate_stage(active, cfg, now=last + 1.7) == []
+    active.steps = 10_000
+    active.observe_busy(1, last, last + 2.2, 11.0, frac)  # rank 1 busy again: no longer all idle
+    assert 1 not in active.idle and evaluate_stage(active, cfg, now=last + 2.2) == []
+    active.observe_busy(0, last + 2.3, last + 2.4, 10.43, frac)  # a step: rank 0's clock starts again
+    assert 0 not in active.idle
+    active.observe_busy(0, last + 2.3, last + 2.9, 10.43, frac)
+    assert active.idle == pytest.approx({0: 0.5})
+    active.new_group(group=None, targets=active.targets, resumed_at_step=200)
+    assert active.idle == {} and active.busy == {}

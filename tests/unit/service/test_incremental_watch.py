@@ -168,6 +168,8 @@ class _Plain:
     last_step: int = -1
     started_at: float = 0.0
     resumed_at: float = 0.0
+    steps: int = 10**9
+    idle: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

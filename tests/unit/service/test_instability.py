@@ -131,6 +131,8 @@ class _Signals:
     paused_ranks: set = set()
     started_at = resumed_at = 0.0
     ranks = [0]
+    steps = 10**9
+    idle: dict = {}
 
     def __init__(self, loss: list[Sample], lr: list[Sample]) -> None:
         self.records = {0: [{"step": s.step, "loss": s.value, "lr": l.value, "batch_index": s.step}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -24,9 +25,14 @@ from trainguard.workers.runtime.harness import Harness
 ODD_VALUES = [2.5, float("nan"), float("inf"), float("-inf"), 1e22, 1234567.0, -0.0, 5e-324, 0.1]
 
 
+def steady(text: bytes) -> bytes:
+    """The text without the busy counter's value: it is read live, and moves between two reads."""
+    return re.sub(rb"(\ntrainguard_process_busy_seconds_total\{[^\n]*\}) [^\n]*\n", rb"\1 _\n", text)
+
+
 def same_as_library(ex: Exporter) -> str:
     text = ex.text()
-    assert text == generate_latest(ex.registry)
+    assert steady(text) == steady(generate_latest(ex.registry))
     return text.decode()
 
 
@@ -95,7 +101,7 @@ def test_collectors_registered_later_and_outside_registries_are_exported() -> No
     own = CollectorRegistry()
     ex2 = Exporter("r", "s", 0, registry=own)
     ex2.set(MetricName.TRAIN_LOSS, 1.5)
-    assert ex2.text() == generate_latest(own)
+    assert steady(ex2.text()) == steady(generate_latest(own))
 
 
 def test_history_json_is_json_dumps_of_the_history() -> None:
@@ -147,7 +153,7 @@ def test_http_endpoints_and_a_stalled_client(monkeypatch) -> None:
         assert _get(f"{base}/nothing") == (404, b"not found")
         assert _get(f"{base}/healthz") == (200, b"ok")
         code, body = _get(f"{base}/metrics")
-        assert code == 200 and body == generate_latest(ex.registry)
+        assert code == 200 and steady(body) == steady(generate_latest(ex.registry))
         with socket.create_connection(("127.0.0.1", port)) as stalled:  # connects, sends half a line
             stalled.sendall(b"GET /metr")
             # answered while the stalled one waits (one thread serving in turn: _get's 5 s timeout)
