@@ -34,6 +34,9 @@ class HangConfig:
         threshold = max(floor, gap_factor x longest gap, step_time_factor x median gap)
         floor     = min(timeout_s, max(min_timeout_s, floor_factor x median gap))
 
+    With the second signal — every rank's process idle (neither running nor waiting to run)
+    for idle_window_s — floor = min(timeout_s, idle_floor_s) and gap_factor = idle_gap_factor.
+
     A gap is the time between two consecutive steps' records (evaluation, checkpoint
     snapshots, control rounds and the machine's load included). Fast steps get a small floor
     (100 steps of 0.1 s: 10 s), slow ones the configured `timeout_s`; a loaded machine raises
@@ -67,6 +70,12 @@ class HangConfig:
     alone, as on the Prometheus path, which has no such reading)."""
     idle_window_s: float = 1.0
     """How long every rank must have been idle before `idle_floor_s` applies."""
+    idle_gap_factor: float = 1.5
+    """...and the longest gap counts this many times instead of `gap_factor`: the 5x margin is
+    for what load and collector pauses can stretch a gap to, and they leave processes busy. A
+    wait that looks idle and came before (a storage stall, a slow data fetch) still gets its
+    margin. The goodput benchmark's slow steps beside a warm pool's refill (0.9 s at a 70 ms
+    step, the process busy) put the 5x threshold at 4.4 s."""
     idle_fraction: float = 0.5
     """A rank is idle over an interval between two readings when its process was busy (ran or
     waited to run) for at most this fraction of it. One runnable thread alone counts 1.0 however
@@ -78,8 +87,8 @@ class HangConfig:
             raise ValueError("timeout_s, min_timeout_s and the factors must be > 0")
         if self.window < 1:
             raise ValueError("window must be >= 1")
-        if self.idle_floor_s < 0 or self.idle_window_s < 0 or not 0 < self.idle_fraction < 1:
-            raise ValueError("idle_floor_s, idle_window_s must be >= 0 and 0 < idle_fraction < 1")
+        if self.idle_floor_s < 0 or self.idle_window_s < 0 or not 0 < self.idle_fraction < 1 or self.idle_gap_factor < 1:
+            raise ValueError("idle_floor_s, idle_window_s must be >= 0, 0 < idle_fraction < 1, idle_gap_factor >= 1")
 
 
 def step_gaps(records: Iterable[Mapping[str, Any]], breaks: Iterable[float] = ()) -> list[float]:
@@ -124,10 +133,10 @@ def hang_threshold(gaps: Sequence[float], cfg: HangConfig = HangConfig(), *, idl
         return cfg.timeout_s
     median = statistics.median(recent)
     if idle and cfg.idle_floor_s > 0:
-        floor = min(cfg.timeout_s, cfg.idle_floor_s)
+        floor, gap_factor = min(cfg.timeout_s, cfg.idle_floor_s), cfg.idle_gap_factor
     else:
-        floor = min(cfg.timeout_s, max(cfg.min_timeout_s, cfg.floor_factor * median))
-    return max(floor, cfg.gap_factor * recent[-1], cfg.step_time_factor * median)
+        floor, gap_factor = min(cfg.timeout_s, max(cfg.min_timeout_s, cfg.floor_factor * median)), cfg.gap_factor
+    return max(floor, gap_factor * recent[-1], cfg.step_time_factor * median)
 
 
 def detect_hang(

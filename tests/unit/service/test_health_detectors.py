@@ -275,6 +275,10 @@ def test_a_hang_with_every_rank_idle_is_found_at_the_idle_floor():
     assert d.detect_hang(beats, 105.1, cfg, gaps=gaps) is not None
     # slow steps keep their ten-step allowance, idle or not (a GPU waiting with blocking sync)
     assert d.detect_hang(beats, 110.0, cfg, gaps=[2.0] * 50, idle={0: 9.0, 1: 9.0}) is None
+    # a slow step seen before (0.9 s): 1.5x it while idle, 5x it on the heartbeat alone
+    slow = gaps + [0.9]
+    assert d.hang_threshold(slow, cfg, idle=True) == pytest.approx(1.35)
+    assert d.hang_threshold(slow, cfg) == pytest.approx(5.0)
     with pytest.raises(ValueError):
         d.HangConfig(idle_fraction=0.0)
 
