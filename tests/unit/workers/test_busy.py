@@ -30,12 +30,14 @@ def test_computing_counts_its_wall_time_and_sleeping_counts_nothing() -> None:
     busy = ProcessBusy()
     b0 = busy.seconds()
     assert b0 == 0.0  # counts from the first read
-    time.sleep(0.5)
+    time.sleep(0.3)
     idle = busy.seconds() - b0
-    assert idle < 0.05 * 0.5
+    # the process's other threads still wake now and then (a Ray driver's, when the suite
+    # started one): well under the half-busy line the supervisor draws
+    assert idle < 0.25 * 0.3
     b1 = busy.seconds()
-    _spin(0.5)
-    assert busy.seconds() - b1 >= 0.45
+    _spin(0.3)
+    assert busy.seconds() - b1 >= 0.27
 
 
 def test_a_runnable_thread_starved_of_cpu_still_counts_as_busy() -> None:
@@ -43,14 +45,16 @@ def test_a_runnable_thread_starved_of_cpu_still_counts_as_busy() -> None:
     the counter (CPU time + run-queue wait) still advances at wall speed."""
     cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
-    hog = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    hog = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(flush=True)\n"
+                            "while True: pass"], stdout=subprocess.PIPE)
     try:
+        assert hog.stdout is not None
+        hog.stdout.readline()  # pinned, and spinning from now on
         os.sched_setaffinity(0, {cpu})
-        time.sleep(0.3)  # the hog is spinning
         busy = ProcessBusy()
         b0 = busy.seconds()
         t0 = time.monotonic()
-        cpu_s = _spin(1.0)
+        cpu_s = _spin(0.6)
         wall = time.monotonic() - t0
         counted = busy.seconds() - b0
     finally:
@@ -65,7 +69,7 @@ def test_threads_that_start_and_end_never_turn_the_counter_back() -> None:
     busy = ProcessBusy()
     busy.seconds()
     seen = [busy.seconds()]
-    for _ in range(5):
+    for _ in range(3):
         t = threading.Thread(target=_spin, args=(0.2,))
         t.start()
         time.sleep(0.1)
@@ -73,7 +77,7 @@ def test_threads_that_start_and_end_never_turn_the_counter_back() -> None:
         t.join()
         seen.append(busy.seconds())  # its last interval ended with it: lost, not subtracted
     assert seen == sorted(seen)
-    assert seen[-1] - seen[0] >= 0.3  # about 0.1 s of each thread's 0.2 s
+    assert seen[-1] - seen[0] >= 0.2  # about 0.1 s of each thread's 0.2 s
 
 
 def test_the_exporter_reads_it_afresh_only_when_the_step_loop_is_quiet() -> None:
