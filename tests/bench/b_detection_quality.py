@@ -284,6 +284,8 @@ class _Signals:
     started_at: float = 0.0
     resumed_at: float = 0.0
     ranks: tuple = (0,)
+    steps: int = 10**9
+    idle: dict = field(default_factory=dict)  # no busy readings: the heartbeat rule alone
 
 
 def watch_replay(case: Case, every: int = WATCH_EVERY) -> list[dict]:
