@@ -1148,6 +1148,9 @@ class WarmPool:
 
     def refill(self) -> None:
         with self._lock:
+            if self._timer is not None:  # refilled: the fallback a take scheduled is moot
+                self._timer.cancel()
+                self._timer = None
             missing = self.size - len(self._idle)
             if missing <= 0:
                 return
