@@ -11,8 +11,8 @@ wall speed per runnable thread however loaded the machine is (one computing thre
 it at >= 1 s per second), and nearly stands still while every thread sleeps: what remains is
 the process's own background threads waking up (Ray's core worker polls, gloo's loop, the
 scrapes themselves), measured at 5-20 % of a second per second on this 2-core machine under
-load, their run-queue waits included. A thread in uninterruptible sleep (state D: disk I/O, a checkpoint written to a
-slow disk) counts as busy for the interval it is seen in.
+load, their run-queue waits included. A thread in uninterruptible sleep (state D: disk I/O, a
+checkpoint written to a slow disk) counts as busy for the interval it is seen in.
 
 GPUs: a rank waiting on a GPU usually spins in the CUDA driver (busy); one that blocks in a
 hung NCCL collective with blocking sync sleeps (idle), which is right. Where schedstat does
@@ -28,6 +28,7 @@ import time
 __all__ = ["ProcessBusy", "available"]
 
 _TASKS = "/proc/self/task"
+
 
 def available() -> bool:
     """schedstat can be read for this process's threads."""

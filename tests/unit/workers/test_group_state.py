@@ -102,21 +102,21 @@ def test_a_group_is_up_once_every_rank_trained_a_step_after_all_were_set_up():
 def test_a_refill_cancels_the_fallback_a_take_scheduled(monkeypatch):
     """Once the pool was refilled (the taker's group came up), the take's fallback is moot; left
     pending it would also keep later takes from scheduling theirs (one timer at a time)."""
-    import time
+    import threading
 
     import trainguard.workers.group as group_mod
 
     monkeypatch.setattr(group_mod, "REFILL_FALLBACK_S", 0.2)
     pool = group_mod.WarmPool(0)  # full with none: refill() itself starts nothing
-    fired: list[float] = []
-    monkeypatch.setattr(pool, "_refill_quietly", lambda: fired.append(time.monotonic()))
+    fired = threading.Event()
+    monkeypatch.setattr(pool, "_refill_quietly", fired.set)
     pool._replace_taken(False)
     timer = pool._timer
     assert timer is not None and timer.is_alive()
     pool.refill()
-    time.sleep(0.4)
-    assert fired == [] and pool._timer is None and not timer.is_alive()
+    timer.join(10)  # a cancelled timer's thread ends without calling its function
+    assert not timer.is_alive() and not fired.is_set() and pool._timer is None
     pool._replace_taken(False)  # a later take schedules its own
-    time.sleep(0.4)
-    assert len(fired) == 1
+    assert pool._timer is not None and pool._timer is not timer
+    assert fired.wait(10)
     pool.close()
